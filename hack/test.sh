@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: build the control-plane binaries if a Go toolchain exists, then pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if command -v go >/dev/null 2>&1 && [ -f hack/k8s/build.sh ]; then
+  bash hack/k8s/build.sh
+fi
+exec .venv/bin/pytest -q "$@"

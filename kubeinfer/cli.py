@@ -1,0 +1,52 @@
+"""The `kubeinfer` command: `serve`, `bench` and `operator`.
+
+Each subcommand imports its own stack lazily, so `kubeinfer operator` never pulls in torch
+and `kubeinfer serve` never pulls in kopf.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: kubeinfer <command> [options]
+
+commands:
+  serve      run the OpenAI-compatible inference server (like `vllm serve`)
+  bench      benchmarks: `kubeinfer bench offline` | `kubeinfer bench serve`
+  operator   run the Kubernetes operator for InferenceModel resources
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        from kubeinfer.engine.server.cli import main as serve_main
+
+        return serve_main(rest) or 0
+    if command == "bench":
+        return _bench(rest)
+    if command == "operator":
+        from kubeinfer.operator.main import main as operator_main
+
+        return operator_main(rest) or 0
+    print(f"kubeinfer: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _bench(args: list[str]) -> int:
+    if not args or args[0] not in ("offline", "serve"):
+        print("usage: kubeinfer bench {offline,serve} [options]", file=sys.stderr)
+        return 2
+    if args[0] == "offline":
+        from kubeinfer.engine.bench.offline import main as bench_main
+    else:
+        from kubeinfer.engine.bench.serve import main as bench_main
+    return bench_main(args[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

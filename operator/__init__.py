@@ -1,0 +1,1 @@
+"""The kubeinfer operator: reconciles InferenceModel resources into engine pods."""
