@@ -1,0 +1,446 @@
+"""Triton attention backend vs a naive per-sequence torch reference written here.
+
+On the CPU the kernels run in Triton's interpreter: the module is loaded as a private copy
+with ``TRITON_INTERPRET=1`` set while its kernels are decorated, so the check exercises the
+real kernel code (asserted below) and never leaks interpreter mode into other tests. With a
+CUDA GPU, the compiled kernels are also checked on larger fp16/bf16 shapes.
+
+Tolerances (vs a float64 reference): fp32 inputs 2e-5 abs/rel (the interpreter's fp32 dot is
+exact up to summation order); fp16 inputs 3e-3 (one fp16 rounding of the probabilities and of
+the output); bf16 on GPU 2e-2 (8-bit mantissa).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import multiprocessing
+import os
+import random
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import pytest
+import torch
+from kubeinfer.engine.attention_metadata import AttentionMetadata
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def interp() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """One worker process whose Triton runs in interpreter mode.
+
+    ``TRITON_INTERPRET`` must be set before triton is imported (its own helpers such as
+    ``tl.zeros`` are jit functions decorated at import), so the kernels run in a fresh
+    spawned process that inherits the variable; this process's triton stays untouched.
+    """
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+        pool.submit(int).result()  # start the worker now, while the variable is set
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    yield pool
+    pool.shutdown()
+
+
+def in_interpreter(pool: concurrent.futures.ProcessPoolExecutor, check: Callable[..., object], *args: object):
+    """Run ``check(backend, *args)`` in the interpreter worker; assertion errors come back here."""
+    return pool.submit(_call_with_interpreted_backend, check, args).result(timeout=300)
+
+
+def _call_with_interpreted_backend(check: Callable[..., object], args: tuple) -> object:
+    from kubeinfer.engine.layers import triton_attention as backend
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernels = (backend._store_kv_kernel, backend._paged_attention_kernel, backend._reduce_splits_kernel)
+    assert all(isinstance(k, InterpretedFunction) for k in kernels), (
+        "kernels must run in the Triton interpreter"
+    )
+    return check(backend, *args)
+
+
+# --------------------------------------------------------------------------- batch building
+
+
+def make_batch(
+    query_lens: list[int],
+    seq_lens: list[int],
+    *,
+    block_size: int,
+    num_kv_heads: int,
+    queries_per_kv: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Random caches (context already filled), shuffled non-contiguous block tables, new Q/K/V."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) * 2 + 3  # spare blocks that no sequence owns
+    block_ids = list(range(1, num_blocks))  # block 0 is the block-table padding value: keep it unowned
+    rng.shuffle(block_ids)
+    tables, taken = [], 0
+    for n in blocks_per_seq:
+        tables.append(block_ids[taken : taken + n])
+        taken += n
+    width = max(blocks_per_seq) + 1
+    block_tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    for i, ids in enumerate(tables):
+        block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
+
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    num_tokens = sum(query_lens)
+    heads = num_kv_heads * queries_per_kv
+    query = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
+
+    slots = []
+    for ids, q_len, s_len in zip(tables, query_lens, seq_lens, strict=True):
+        for pos in range(s_len - q_len, s_len):
+            slots.append(ids[pos // block_size] * block_size + pos % block_size)
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=block_tables.to(device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        block_size=block_size,
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
+    to = {"device": device}
+    return {
+        "query": query.to(**to),
+        "key": key.to(**to),
+        "value": value.to(**to),
+        "k_cache": k_cache.to(**to),
+        "v_cache": v_cache.to(**to),
+        "metadata": metadata,
+        "scale": head_dim**-0.5,
+    }
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_store(key, value, k_cache, v_cache, slot_mapping) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep]
+
+
+def reference_attention(query, k_cache, v_cache, md: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Per sequence: gather its context token by token, causal softmax in float64."""
+    block_size = k_cache.shape[1]
+    qpk = query.shape[1] // k_cache.shape[2]
+    out = torch.empty(query.shape, dtype=torch.float64, device=query.device)
+    start = 0
+    for i, (q_len, s_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
+        positions = torch.arange(s_len, device=query.device)
+        blocks = md.block_tables[i].long()[positions // block_size]
+        keys = k_cache[blocks, positions % block_size].double().repeat_interleave(qpk, dim=1)
+        values = v_cache[blocks, positions % block_size].double().repeat_interleave(qpk, dim=1)
+        q = query[start : start + q_len].double()
+        scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+        limit = (s_len - q_len) + torch.arange(q_len, device=query.device)
+        scores = scores.masked_fill(positions[None, :] > limit[:, None], float("-inf"))
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+        start += q_len
+    return out
+
+
+def run_backend(
+    backend: ModuleType, batch: dict, config=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k_cache, v_cache = batch["k_cache"].clone(), batch["v_cache"].clone()
+    md = batch["metadata"]
+    backend.store_kv_cache(batch["key"], batch["value"], k_cache, v_cache, md.slot_mapping)
+    if config is None:
+        out = backend.paged_attention(batch["query"], k_cache, v_cache, md, batch["scale"])
+    else:
+        out = backend.paged_attention_with_config(
+            batch["query"], k_cache, v_cache, md, batch["scale"], config
+        )
+    return out, k_cache, v_cache
+
+
+def check_against_reference(backend: ModuleType, batch: dict, config=None) -> None:
+    out, k_cache, v_cache = run_backend(backend, batch, config)
+    ref_k, ref_v = batch["k_cache"].clone(), batch["v_cache"].clone()
+    md = batch["metadata"]
+    reference_store(batch["key"], batch["value"], ref_k, ref_v, md.slot_mapping)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v), "store_kv_cache wrote wrong slots"
+    expected = reference_attention(batch["query"], ref_k, ref_v, md, batch["scale"])
+    assert out.dtype == batch["query"].dtype and out.shape == batch["query"].shape
+    tol = TOLERANCE[out.dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------- interpreter tests
+# Each check_* function runs inside the interpreter worker with the backend module as first argument.
+
+# (query_lens, seq_lens): decode, prefill, chunked prefill over a cached prefix, mixed batch.
+SHAPES = {
+    "decode": ([1, 1, 1], [1, 17, 40]),
+    "prefill": ([5, 19], [5, 19]),
+    "chunked_prefill": ([7], [30]),
+    "mixed": ([1, 9, 1, 4], [33, 9, 5, 20]),
+}
+
+
+def check_case(backend: ModuleType, batch_kwargs: dict, config: dict | None = None) -> None:
+    batch = make_batch(**batch_kwargs)
+    check_against_reference(backend, batch, backend.LaunchConfig(**config) if config else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("queries_per_kv", [1, 3], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+def test_matches_reference(interp, shape, queries_per_kv, dtype):
+    query_lens, seq_lens = SHAPES[shape]
+    batch = dict(
+        query_lens=query_lens,
+        seq_lens=seq_lens,
+        block_size=16,
+        num_kv_heads=2,
+        queries_per_kv=queries_per_kv,
+        head_dim=64,
+        dtype=dtype,
+    )
+    in_interpreter(interp, check_case, batch)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_other_block_sizes_and_head_dim_128(interp, block_size):
+    query_lens, seq_lens = SHAPES["mixed"]
+    batch = dict(
+        query_lens=query_lens,
+        seq_lens=seq_lens,
+        block_size=block_size,
+        num_kv_heads=1,
+        queries_per_kv=3,
+        head_dim=128,
+        dtype=torch.float16,
+    )
+    in_interpreter(interp, check_case, batch)
+
+
+def test_non_power_of_two_head_dim(interp):
+    batch = dict(
+        query_lens=[1, 6],
+        seq_lens=[21, 6],
+        block_size=8,
+        num_kv_heads=1,
+        queries_per_kv=2,
+        head_dim=80,
+        dtype=torch.float32,
+    )
+    in_interpreter(interp, check_case, batch)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_split_context_flash_decoding(interp, shape, num_splits):
+    """Split mode is correct even when some splits get no tiles (short contexts)."""
+    query_lens, seq_lens = SHAPES[shape]
+    batch = dict(
+        query_lens=query_lens,
+        seq_lens=seq_lens,
+        block_size=8,
+        num_kv_heads=2,
+        queries_per_kv=3,
+        head_dim=64,
+        dtype=torch.float32,
+    )
+    config = dict(block_m=16, tile_n=16, num_splits=num_splits, num_warps=4, num_stages=1)
+    in_interpreter(interp, check_case, batch, config)
+
+
+def test_prefill_config_with_small_tiles(interp):
+    """Several q blocks per sequence and many KV tiles, so causal edges fall inside tiles."""
+    batch = dict(
+        query_lens=[13, 1, 6],
+        seq_lens=[29, 12, 6],
+        block_size=8,
+        num_kv_heads=2,
+        queries_per_kv=1,
+        head_dim=64,
+        dtype=torch.float16,
+    )
+    config = dict(block_m=16, tile_n=16, num_splits=1, num_warps=4, num_stages=1)
+    in_interpreter(interp, check_case, batch, config)
+
+
+def check_store_skips_negative_slots(backend: ModuleType) -> None:
+    num_blocks, block_size, kv_heads, head_dim = 4, 8, 2, 64
+    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(4, kv_heads, head_dim)
+    value = torch.randn(4, kv_heads, head_dim)
+    backend.store_kv_cache(key, value, k_cache, v_cache, torch.tensor([9, -1, 30, -1]))
+    flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+    assert torch.equal(flat_k[9], key[0]) and torch.equal(flat_k[30], key[2])
+    assert torch.equal(flat_v[9], value[0]) and torch.equal(flat_v[30], value[2])
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[[9, 30]] = True
+    assert flat_k[~written].abs().sum() == 0 and flat_v[~written].abs().sum() == 0, (
+        "a skipped slot was written"
+    )
+
+
+def test_store_skips_negative_slots(interp):
+    in_interpreter(interp, check_store_skips_negative_slots)
+
+
+def check_store_from_non_contiguous_views(backend: ModuleType) -> None:
+    kv_heads, head_dim = 2, 64
+    qkv = torch.randn(3, 3 * kv_heads * head_dim)
+    key = qkv[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(3, kv_heads, head_dim)
+    value = qkv[:, 2 * kv_heads * head_dim :].view(3, kv_heads, head_dim)
+    k_cache = torch.zeros(2, 8, kv_heads, head_dim, dtype=torch.float16)
+    v_cache = torch.zeros_like(k_cache)
+    backend.store_kv_cache(key, value, k_cache, v_cache, torch.tensor([0, 15, 3]))
+    assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[[0, 15, 3]], key.half())
+    assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[[0, 15, 3]], value.half())
+
+
+def test_store_from_non_contiguous_views_with_cast(interp):
+    """K/V usually arrive as slices of one fused qkv projection."""
+    in_interpreter(interp, check_store_from_non_contiguous_views)
+
+
+def check_bad_shapes_raise_clear_errors(backend: ModuleType) -> None:
+    batch = make_batch(
+        [1], [5], block_size=8, num_kv_heads=2, queries_per_kv=1, head_dim=64, dtype=torch.float32
+    )
+    md = batch["metadata"]
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        backend.paged_attention(torch.zeros(1, 3, 64), batch["k_cache"], batch["v_cache"], md, 1.0)
+    odd_cache = torch.zeros(4, 12, 2, 64)
+    with pytest.raises(ValueError, match="power of two"):
+        backend.store_kv_cache(batch["key"], batch["value"], odd_cache, odd_cache.clone(), md.slot_mapping)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        backend.store_kv_cache(
+            batch["key"], batch["value"], batch["k_cache"], batch["v_cache"], torch.zeros(2)
+        )
+
+
+def test_bad_shapes_raise_clear_errors(interp):
+    in_interpreter(interp, check_bad_shapes_raise_clear_errors)
+
+
+def check_reference_detects_a_wrong_answer(backend: ModuleType) -> None:
+    batch = make_batch(
+        [1, 4], [20, 4], block_size=8, num_kv_heads=1, queries_per_kv=1, head_dim=64, dtype=torch.float32
+    )
+    out, k_cache, v_cache = run_backend(backend, batch)
+    md = batch["metadata"]
+    expected = reference_attention(batch["query"], k_cache, v_cache, md, batch["scale"])
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    v_cache[md.block_tables[0, 0]] += 1.0  # the reference now sees a different context
+    expected = reference_attention(batch["query"], k_cache, v_cache, md, batch["scale"])
+    assert not torch.allclose(out.double(), expected, atol=1e-3)
+
+
+def test_reference_detects_a_wrong_answer(interp):
+    """Guard that the comparison can fail: a perturbed cache must not pass."""
+    in_interpreter(interp, check_reference_detects_a_wrong_answer)
+
+
+def check_agrees_with_torch_backend(backend: ModuleType, torch_backend_name: str) -> None:
+    torch_backend = importlib.import_module(torch_backend_name)
+    query_lens, seq_lens = SHAPES["mixed"]
+    batch = make_batch(
+        query_lens, seq_lens, block_size=8, num_kv_heads=2, queries_per_kv=3, head_dim=64, dtype=torch.float32
+    )
+    out, k_cache, v_cache = run_backend(backend, batch)
+    expected, ref_k, ref_v = run_backend(torch_backend, batch)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_agrees_with_production_torch_backend(interp):
+    """Both backends implement one contract; compare them directly on a mixed batch."""
+    name = "kubeinfer.engine.layers.attention"
+    pytest.importorskip(name, reason="torch backend (engine/layers/attention.py) not landed yet")
+    in_interpreter(interp, check_agrees_with_torch_backend, name)
+
+
+# --------------------------------------------------------------------------- GPU tests
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled Triton kernels cannot run on the CPU"
+)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"]
+)
+@pytest.mark.parametrize(
+    "query_lens,seq_lens",
+    [
+        ([1] * 4, [4096, 1000, 17, 2500]),  # decode, long contexts: the split (flash-decoding) path
+        ([1] * 64, [random.Random(i).randint(1, 3000) for i in range(64)]),  # decode, large batch
+        ([300, 1, 77, 1], [300, 2048, 900, 33]),  # mixed: prefill, chunk over a prefix, decodes
+        ([1024], [1024]),  # long prefill
+    ],
+    ids=["decode_long", "decode_batch", "mixed", "prefill"],
+)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cuda_matches_reference(query_lens, seq_lens, dtype, block_size):
+    from kubeinfer.engine.layers import triton_attention
+
+    batch = make_batch(
+        query_lens,
+        seq_lens,
+        block_size=block_size,
+        num_kv_heads=4,
+        queries_per_kv=4,
+        head_dim=128,
+        dtype=dtype,
+        device="cuda",
+    )
+    check_against_reference(triton_attention, batch)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_cuda_smollm_shape(num_splits):
+    """SmolLM2-135M: 9 query heads over 3 KV heads, head_dim 64."""
+    from kubeinfer.engine.layers import triton_attention
+
+    batch = make_batch(
+        [1, 1, 40],
+        [700, 3, 128],
+        block_size=16,
+        num_kv_heads=3,
+        queries_per_kv=3,
+        head_dim=64,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    config = triton_attention.LaunchConfig(
+        block_m=16, tile_n=64, num_splits=num_splits, num_warps=4, num_stages=3
+    )
+    check_against_reference(triton_attention, batch, config)
