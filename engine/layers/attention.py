@@ -1,0 +1,128 @@
+"""Paged attention: the Attention layer and the pure-torch backend.
+
+A backend is two functions with one signature (see ``store_kv_cache`` and ``paged_attention``
+below). This torch backend runs on the CPU and is the reference for the Triton kernels in
+``triton_attention.py``. The layer picks ``torch`` on CPU and ``triton`` on CUDA when it imports;
+``KUBEINFER_ATTENTION_BACKEND=torch|triton`` overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from kubeinfer.engine.attention_metadata import AttentionMetadata
+from torch import nn
+
+BACKEND_ENV = "KUBEINFER_ATTENTION_BACKEND"
+_BACKEND_MODULES = {"torch": __name__, "triton": "kubeinfer.engine.layers.triton_attention"}
+
+
+def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Write each token's K/V ``[T, kv_heads, head_dim]`` at its slot; slots < 0 are skipped."""
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence: a single batched gather of the blocks and one masked SDPA."""
+    n, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-max_seq_len // block_size)
+    blocks = block_tables[:, :num_blocks]
+    length = num_blocks * block_size
+    k = k_cache[blocks].view(n, length, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[blocks].view(n, length, num_kv_heads, head_dim).transpose(1, 2)
+    mask = torch.arange(length, device=query.device) < seq_lens.unsqueeze(1)
+    # The query heads that share a KV head become query rows of that head: no K/V repeat.
+    q = query.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(n, num_heads, head_dim)
+
+
+def _prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """One sequence's new tokens ``[q_len, heads, head_dim]`` over its whole context, causally."""
+    q_len, _, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    blocks = block_table[: -(-seq_len // block_size)]
+    k = k_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+    v = v_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+    q = query.transpose(0, 1)
+    if q_len == seq_len:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:  # query j sees context positions <= seq_len - q_len + j
+        pos = torch.arange(seq_len, device=query.device)
+        mask = pos.unsqueeze(0) <= pos[seq_len - q_len:].unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    attn_metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of the flat batch's queries ``[T, heads, head_dim]`` over each sequence's cached context."""
+    md = attn_metadata
+    if md.is_pure_decode:
+        return _decode_attention(query, k_cache, v_cache, md.block_tables, md.seq_lens, md.max_seq_len, scale)
+    out = torch.empty_like(query)
+    decodes: list[int] = []
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
+        if q_len == 1:
+            decodes.append(i)
+        else:
+            out[start:start + q_len] = _prefill_attention(
+                query[start:start + q_len], k_cache, v_cache, md.block_tables[i], seq_len, scale)
+        start += q_len
+    if decodes:  # decodes inside a mixed batch still run as one batched call
+        idx = torch.tensor(decodes, device=query.device)
+        rows = md.query_start_loc[idx].long()
+        max_len = max(md.seq_lens_cpu[i] for i in decodes)
+        out[rows] = _decode_attention(query[rows], k_cache, v_cache, md.block_tables[idx], md.seq_lens[idx],
+                                      max_len, scale)
+    return out
+
+
+def select_backend(device: torch.device) -> ModuleType:
+    """The backend module for ``device``: env override, else triton on CUDA when it imports, else torch."""
+    name = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if name:
+        if name not in _BACKEND_MODULES:
+            raise ValueError(f"{BACKEND_ENV}={name!r}: expected one of {', '.join(_BACKEND_MODULES)}")
+        return importlib.import_module(_BACKEND_MODULES[name])
+    if device.type == "cuda":
+        try:
+            return importlib.import_module(_BACKEND_MODULES["triton"])
+        except ImportError:
+            pass
+    return importlib.import_module(__name__)
+
+
+class Attention(nn.Module):
+    """Stores the new tokens' K/V in the paged cache, then attends over each sequence's context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self._backend: ModuleType | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self._backend is None:
+            self._backend = select_backend(q.device)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        self._backend.store_kv_cache(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
+        out = self._backend.paged_attention(q, k_cache, v_cache, attn_metadata, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,108 @@
+"""GGUF files (llama.cpp's format): dequantised to full precision at load with the ``gguf`` package.
+
+llama.cpp's converter permutes the rows of Q and K of ``llama`` models for its interleaved RoPE;
+we undo that so the weights match the Hugging Face layout our rotary embedding expects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from kubeinfer.engine.models.config import ModelConfig
+from kubeinfer.engine.models.dtype import resolve_dtype
+from kubeinfer.engine.tokenizer import end_of_generation_ids, load_tokenizer
+
+# GGUF general.architecture -> HF architecture
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_model_config(reader, dtype: torch.dtype, eos_token_ids: list[int]) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    hidden = _field(reader, f"{arch}.embedding_length")
+    heads = _field(reader, f"{arch}.attention.head_count")
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[arch], vocab_size=vocab, hidden_size=hidden,
+        num_layers=_field(reader, f"{arch}.block_count"), num_heads=heads,
+        num_kv_heads=_field(reader, f"{arch}.attention.head_count_kv", heads),
+        head_dim=_field(reader, f"{arch}.attention.key_length") or hidden // heads,
+        max_position_embeddings=_field(reader, f"{arch}.context_length"),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"), eos_token_ids=eos_token_ids, dtype=dtype,
+        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names, o_bias="blk.0.attn_output.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+    )
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert permutation of Q/K rows (interleaved → rotate-half RoPE layout)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor dequantised to float32, renamed to the Hugging Face name."""
+    from gguf.quants import dequantize
+
+    permute = reader.fields["general.architecture"].contents() == "llama"
+    for tensor in reader.tensors:
+        stem, kind = tensor.name.rsplit(".", 1)
+        if match := _LAYER.match(tensor.name):
+            layer, part, kind = match.groups()
+            if part not in _LAYER_NAMES:
+                raise ValueError(f"unexpected tensor {tensor.name!r} in GGUF file")
+            name = f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        elif stem in _GLOBAL_NAMES:
+            part, name = stem, f"{_GLOBAL_NAMES[stem]}.{kind}"
+        else:
+            continue  # e.g. rope_freqs: recomputed from the config
+        shape = tuple(reversed([int(d) for d in tensor.shape]))  # ggml lists dimensions fastest-first
+        w = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if permute and part in ("attn_q", "attn_k"):
+            w = unpermute_qk(w, cfg.num_heads if part == "attn_q" else cfg.num_kv_heads)
+        yield name, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+
+
+def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "auto",
+              device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1):
+    """A ``.gguf`` file → LoadedModel (weights dequantised; tokenizer and chat template from the file)."""
+    import gguf
+    from kubeinfer.engine.models.loader import LoadedModel, build_model
+
+    path, device = Path(path), torch.device(device)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+    if getattr(tokenizer, "chat_template", None) is None and "tokenizer.chat_template" in reader.fields:
+        tokenizer.chat_template = _field(reader, "tokenizer.chat_template")
+    eos = end_of_generation_ids(tokenizer, _field(reader, "tokenizer.ggml.eos_token_id"),
+                                _field(reader, "tokenizer.ggml.eot_token_id"),
+                                _field(reader, "tokenizer.ggml.eom_token_id"))
+    cfg = gguf_model_config(reader, resolve_dtype(dtype, None, device), eos)
+    model = build_model(cfg, device, tp_rank, tp_size)
+    model.load_weights(iter_gguf_weights(reader, cfg))
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id)

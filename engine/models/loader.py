@@ -1,0 +1,108 @@
+"""``load_model()``: a checkpoint folder, a ``.gguf`` file or a Hub repo id → a ready LoadedModel."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from kubeinfer.engine.models.config import ModelConfig, check_architecture
+from kubeinfer.engine.models.dtype import resolve_dtype
+from kubeinfer.engine.models.llama import LlamaForCausalLM
+from kubeinfer.engine.tokenizer import end_of_generation_ids, load_tokenizer
+from safetensors import safe_open
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """The model is neither a local path nor a downloadable Hub repo."""
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM  # eval mode, on device, in dtype
+    config: ModelConfig
+    tokenizer: PreTrainedTokenizerBase
+    model_id: str  # the default served model name
+
+
+def load_model(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "cpu", revision: str | None = None, tp_rank: int = 0,
+               tp_size: int = 1) -> LoadedModel:
+    """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id."""
+    from kubeinfer.engine.models.gguf_loader import load_gguf
+
+    device = torch.device(device)
+    opts = {"dtype": dtype, "device": device, "tp_rank": tp_rank, "tp_size": tp_size}
+    if model is None:
+        from kubeinfer.engine.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
+
+        return load_gguf(bundled_model_path(), model_id=BUNDLED_MODEL_ID, **opts)
+    path = Path(model).expanduser()
+    if path.exists():
+        model_id = path.stem if path.is_file() else path.resolve().name
+    elif isinstance(model, str) and _REPO_ID.match(model) and not model.endswith(".gguf"):
+        from kubeinfer.engine.models.hub import download_model
+
+        path, model_id = download_model(model, revision), model
+    else:
+        raise ModelNotFoundError(f"model path {str(model)!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"unsupported model file {path}: expected a .gguf file or a checkpoint directory")
+        return load_gguf(path, model_id=model_id, **opts)
+    if (path / "config.json").is_file():
+        return load_hf_checkpoint(path, model_id=model_id, revision=None, **opts)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return load_gguf(ggufs[0], model_id=model_id, **opts)
+    raise ValueError(f"{path} holds no config.json and no single .gguf file: not a model checkpoint")
+
+
+def build_model(cfg: ModelConfig, device: torch.device, tp_rank: int = 0, tp_size: int = 1) -> LlamaForCausalLM:
+    """An uninitialised model with its parameters already in ``cfg.dtype`` on ``device``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg, tp_rank, tp_size)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, device: torch.device,
+                       revision: str | None = None, tp_rank: int = 0, tp_size: int = 1) -> LoadedModel:
+    """A Hugging Face checkpoint folder: config.json + *.safetensors + tokenizer files."""
+    raw = json.loads((path / "config.json").read_text())
+    check_architecture((raw.get("architectures") or [None])[0])
+    hf_config = AutoConfig.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path, revision=revision)
+    generation = path / "generation_config.json"
+    generation_eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
+    torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None) or raw.get("torch_dtype"), device)
+    eos = end_of_generation_ids(tokenizer, raw.get("eos_token_id"), generation_eos)
+    cfg = ModelConfig.from_hf(hf_config, torch_dtype, eos)
+    model = build_model(cfg, device, tp_rank, tp_size)
+    model.load_weights(iter_safetensors(path))
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id)
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, read lazily one at a time."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:  # skip Mistral-style duplicate "consolidated" files
+        files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("consolidated"))
+    if not files:
+        raise ValueError(f"{path} holds no *.safetensors weights (other weight formats are not supported)")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                yield name, f.get_tensor(name)
