@@ -1,0 +1,249 @@
+"""LLMEngine: requests in, one scheduler step at a time, RequestOutputs out (vLLM's shape).
+
+Not thread-safe: one owner thread (the async engine's loop, or ``LLM``) calls everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.core.block_manager import BlockManager
+from kubeinfer.engine.core.scheduler import Scheduler, SchedulerOutput
+from kubeinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from kubeinfer.engine.layers.sampler import SamplerOutput, record_token
+from kubeinfer.engine.model_runner import ModelRunner
+from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.sampling_params import SamplingParams
+from kubeinfer.engine.sequence import Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float  # 0..1, blocks held by live sequences
+    num_gpu_blocks: int
+    block_size: int
+    num_preemptions_total: int
+    prefix_cache_queries_total: int  # tokens
+    prefix_cache_hits_total: int  # tokens
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_prefill_chunks_total: int = 0  # prefill steps that stopped before the prompt's end
+    num_steps_total: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.model_config = self.runner.model_config
+        self.tokenizer = self.runner.tokenizer
+        self.served_model_name = config.served_model_name or self.runner.model_id
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._pending_outputs: list[RequestOutput] = []  # aborted requests, handed out by the next step()
+        self._eos_token_ids = set(self.model_config.eos_token_ids)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("engine ready: %s", self.runner.describe())
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ValueError (clear message) for anything that could never run."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = dataclasses.replace(params) if params is not None else SamplingParams()  # re-validates
+        prompt_text: str | None = None
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            prompt_text, token_ids = prompt, self.tokenize(prompt)
+        else:
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size}); "
+                                 f"got {bad[:5]}")
+        if not token_ids:
+            raise ValueError("the prompt is empty (it has no tokens)")
+        num_prompt = len(token_ids)
+        if num_prompt + max(1, params.min_tokens) > self.max_model_len:
+            raise ValueError(f"the prompt has {num_prompt} tokens; with at least {max(1, params.min_tokens)} "
+                             f"output token(s) it exceeds max_model_len={self.max_model_len}")
+        limit = self.max_model_len - num_prompt
+        params.max_tokens = limit if params.max_tokens is None else min(params.max_tokens, limit)
+        blocks = self.block_manager.blocks_needed(num_prompt + params.max_tokens)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the request needs up to {blocks} KV cache blocks ({num_prompt} prompt + {params.max_tokens} "
+                f"output tokens) but the cache holds only {self.block_manager.num_blocks}; "
+                "lower max_tokens or give the KV cache more memory")
+        params.all_stop_token_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            params.all_stop_token_ids |= self._eos_token_ids
+
+        request = Request(request_id, prompt_text, token_ids, params, arrival_time)
+        self._init_sequence(request.seqs[0])
+        self.requests[request_id] = request
+        self.prompt_tokens_total += num_prompt
+        self.scheduler.add(request.seqs[0])
+
+    def _init_sequence(self, seq: Sequence) -> None:
+        params = seq.params
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.request.prompt_token_ids,
+                                                 params.skip_special_tokens)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device)
+            seq.generator.manual_seed(params.seed + seq.index)
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests now and free all their blocks; unknown or finished ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        now = time.time()
+        for rid in ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            request.aborted = True
+            self.scheduler.abort(request.seqs)
+            for seq in request.seqs:
+                if seq.finish_reason is None:
+                    seq.finish_reason = "abort"
+            request.metrics.finished_time = now
+            self._pending_outputs.append(request.make_output())
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        now = time.time()
+        sample_rows, sample_seqs = self._plan_sampling(sched, now)
+        result = self.runner.execute(sched.scheduled, sched.block_copies, sample_rows, sample_seqs)
+        if result is not None:
+            outputs.extend(self._process_samples(sample_seqs, result))
+        return outputs
+
+    def _plan_sampling(self, sched: SchedulerOutput, now: float) -> tuple[list[int], list[Sequence]]:
+        """Which sequences sample this step; an ``n > 1`` request forks here, after its prefill."""
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, item in enumerate(sched.scheduled):
+            request = item.seq.request
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if not item.samples:
+                continue
+            rows.append(row)
+            seqs.append(item.seq)
+            if not request.forked:
+                request.forked = True
+                for index in range(1, request.params.n):
+                    child = item.seq.fork(index)
+                    self._init_sequence(child)
+                    self.scheduler.add_forked(item.seq, child)
+                    request.seqs.append(child)
+                    rows.append(row)
+                    seqs.append(child)
+        return rows, seqs
+
+    def _process_samples(self, seqs: list[Sequence], result: SamplerOutput) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for i, (seq, token_id) in enumerate(zip(seqs, result.token_ids, strict=True)):
+            seq.token_ids.append(token_id)
+            record_token(seq, token_id)
+            self.generation_tokens_total += 1
+            if seq.logprobs is not None:
+                self._append_logprobs(seq, i, token_id, result)
+            request = seq.request
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            request.metrics.last_token_time = now
+            self._check_stop(seq, token_id)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.is_finished:
+                request.metrics.finished_time = now
+                self.requests.pop(request.request_id, None)
+            outputs.append(request.make_output())
+        return outputs
+
+    def _append_logprobs(self, seq: Sequence, row: int, token_id: int, result: SamplerOutput) -> None:
+        assert seq.logprobs is not None and result.sampled_logprobs is not None and result.sampled_ranks is not None
+        decode = self._decode_token
+        sampled = result.sampled_logprobs[row]
+        seq.cumulative_logprob += sampled
+        entry = {token_id: Logprob(sampled, result.sampled_ranks[row], decode(token_id))}
+        k = seq.params.logprobs or 0
+        if k and result.top_ids is not None and result.top_logprobs is not None:
+            for rank, (tid, value) in enumerate(zip(result.top_ids[row][:k], result.top_logprobs[row][:k],
+                                                    strict=True), start=1):
+                if tid not in entry:
+                    entry[tid] = Logprob(value, rank, decode(tid))
+        seq.logprobs.append(entry)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        params = seq.params
+        delta = seq.detokenizer.step(token_id)
+        min_tokens_done = seq.num_output_tokens >= params.min_tokens
+        if min_tokens_done and token_id in params.all_stop_token_ids:
+            seq.finish_reason = "stop"
+            seq.stop_reason = None if token_id in self._eos_token_ids and token_id not in params.stop_token_ids \
+                else token_id
+            if params.include_stop_str_in_output:
+                seq.output_text += delta
+            return
+        seq.output_text += delta
+        if min_tokens_done and params.stop and delta:
+            hit = find_stop_string(seq.output_text, len(delta), params.stop, params.include_stop_str_in_output)
+            if hit is not None:
+                seq.stop_reason, cut = hit
+                seq.output_text = seq.output_text[:cut]
+                seq.finish_reason = "stop"
+                return
+        if seq.num_output_tokens >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    # ---- stats ----------------------------------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        bm, sch = self.block_manager, self.scheduler
+        return EngineStats(
+            num_waiting=len(sch.waiting), num_running=len(sch.running), kv_cache_usage=bm.usage,
+            num_gpu_blocks=bm.num_blocks, block_size=bm.block_size,
+            num_preemptions_total=sch.num_preemptions_total,
+            prefix_cache_queries_total=bm.prefix_cache_queries, prefix_cache_hits_total=bm.prefix_cache_hits,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            num_prefill_chunks_total=sch.num_prefill_chunks_total, num_steps_total=self.runner.num_steps)
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer

@@ -1,0 +1,255 @@
+"""The model runner: loads the model, owns the KV cache, turns a scheduled step into tokens.
+
+Each step's sequences become one flat batch with no padding (input ids, positions, slot
+mapping, block tables, context lengths). Python work per step is O(number of sequences) plus
+O(new tokens): every sequence keeps a numpy copy of its block table that only ever receives its
+new blocks, and decode rows are a couple of list appends. Logits are computed only for the last
+token of each sequence that samples this step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from kubeinfer.engine.attention_metadata import AttentionMetadata
+from kubeinfer.engine.config import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    DEFAULT_CPU_MAX_MODEL_LEN,
+    DEFAULT_GPU_MAX_MODEL_LEN,
+    EngineConfig,
+)
+from kubeinfer.engine.core.scheduler import ScheduledSeq
+from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from kubeinfer.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _BlockTableMirror:
+    """A sequence's block table as a growing int32 array (only new entries are copied in)."""
+
+    array: np.ndarray
+    synced: int = 0
+    block_ids: list[int] | None = None  # the list object last mirrored (a new list = start over)
+
+    def sync(self, table: list[int]) -> np.ndarray:
+        if table is not self.block_ids:
+            self.block_ids, self.synced = table, 0
+        n = len(table)
+        if n > self.array.shape[0]:
+            grown = np.zeros(max(n, 2 * self.array.shape[0]), dtype=np.int32)
+            grown[: self.synced] = self.array[: self.synced]
+            self.array = grown
+        if n > self.synced:
+            self.array[self.synced:n] = table[self.synced:n]
+            self.synced = n
+        return self.array
+
+
+def _mirror(seq: Sequence) -> np.ndarray:
+    mirror: _BlockTableMirror | None = seq.runner_state
+    if mirror is None:
+        mirror = seq.runner_state = _BlockTableMirror(np.zeros(max(16, len(seq.block_table)), dtype=np.int32))
+    return mirror.sync(seq.block_table)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        from kubeinfer.engine.models.loader import load_model
+
+        if config.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported by this engine build yet")
+        self.config = config
+        self.device = torch.device(config.resolved_device())
+        loaded = load_model(config.model, dtype=config.dtype, device=self.device, revision=config.revision)
+        self.model = loaded.model
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        self.block_size = config.block_size
+        self.vocab_size = self.model_config.vocab_size
+        self.max_model_len = self._resolve_max_model_len()
+        self.sampler = Sampler()
+        self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, summed over steps
+        self.num_steps = 0
+        torch.manual_seed(config.seed)
+        self.num_blocks = self._determine_num_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+
+    # ---- sizing ---------------------------------------------------------------------------
+    def _resolve_max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        if self.config.max_model_len is None:
+            cap = DEFAULT_CPU_MAX_MODEL_LEN if self.device.type == "cpu" else DEFAULT_GPU_MAX_MODEL_LEN
+            return min(limit, cap)
+        if self.config.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.config.max_model_len} is larger than the model's "
+                             f"max_position_embeddings={limit}")
+        return self.config.max_model_len
+
+    @property
+    def bytes_per_block(self) -> int:
+        cfg = self.model_config
+        element = torch.empty((), dtype=cfg.dtype).element_size()
+        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * element
+
+    def _determine_num_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override is not None:
+            return self.config.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            budget = self._profile_cuda_budget()
+        else:
+            # Enough for every sequence at full length, but never more than the budget.
+            full_need = self.max_model_len * self.config.max_num_seqs // self.block_size * self.bytes_per_block
+            budget = self.config.kv_cache_bytes() or min(DEFAULT_CPU_KV_CACHE_BYTES, full_need)
+        num_blocks = int(budget // self.bytes_per_block)
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block "
+                             f"({self.bytes_per_block} bytes); raise kv_cache_memory or gpu_memory_utilization")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_cuda_budget(self) -> int:
+        """GPU bytes left for the KV cache after weights and the activations of a full-budget step."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free
+        allocated_before = torch.cuda.memory_allocated(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        caches = self._allocate_kv_cache(num_blocks)
+        kv_bytes = num_blocks * self.bytes_per_block
+        block_table = torch.arange(num_blocks, dtype=torch.int32, device=self.device).unsqueeze(0)
+        md = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=block_table, max_query_len=num_tokens, max_seq_len=num_tokens,
+            block_size=self.block_size, query_lens_cpu=[num_tokens], seq_lens_cpu=[num_tokens])
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), md, caches)
+        self.model.compute_logits(hidden[-min(self.config.max_num_seqs, num_tokens):])
+        torch.cuda.synchronize(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - allocated_before - kv_bytes
+        del caches, hidden
+        torch.cuda.empty_cache()
+        budget = int(total * self.config.gpu_memory_utilization - in_use - activations)
+        logger.info("GPU memory: total %.2f GiB, in use %.2f GiB, activations %.2f GiB, KV budget %.2f GiB",
+                    total / 2**30, in_use / 2**30, activations / 2**30, budget / 2**30)
+        return max(budget, 0)
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.model_config
+        shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        # torch.empty: untouched CPU pages cost no RAM until a block is first written.
+        return [(torch.empty(shape, dtype=cfg.dtype, device=self.device),
+                 torch.empty(shape, dtype=cfg.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+
+    # ---- one step -------------------------------------------------------------------------
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        chunks: list[tuple[int, np.ndarray, np.ndarray]] = []  # (offset, positions, slots) of prefills
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[np.ndarray] = []
+        for item in scheduled:
+            seq, start, n = item.seq, item.start, item.num_new_tokens
+            table = _mirror(seq)
+            tables.append(table)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            if n == 1:
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(int(table[start // bs]) * bs + start % bs)
+            else:
+                offset = len(input_ids)
+                input_ids.extend(seq.token_ids[start:start + n])
+                pos = np.arange(start, start + n, dtype=np.int64)
+                chunks.append((offset, pos, table[pos // bs].astype(np.int64) * bs + pos % bs))
+                positions.extend(range(n))  # placeholders, overwritten below
+                slots.extend(range(n))
+        pos_np = np.asarray(positions, dtype=np.int64)
+        slot_np = np.asarray(slots, dtype=np.int64)
+        for offset, pos, slot in chunks:
+            pos_np[offset:offset + len(pos)] = pos
+            slot_np[offset:offset + len(slot)] = slot
+        num_seqs = len(scheduled)
+        max_seq_len = max(seq_lens)
+        width = -(-max_seq_len // bs)
+        block_tables = np.zeros((num_seqs, width), dtype=np.int32)
+        for row, (table, seq_len) in enumerate(zip(tables, seq_lens, strict=True)):
+            used = -(-seq_len // bs)
+            block_tables[row, :used] = table[:used]
+        query_start = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start[1:])
+
+        def to_device(array: np.ndarray | list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+            tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.tensor(array, dtype=dtype)
+            return tensor.to(self.device, non_blocking=True) if self.device.type != "cpu" else tensor
+
+        md = AttentionMetadata(
+            slot_mapping=to_device(slot_np),
+            query_start_loc=to_device(query_start),
+            seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32)),
+            block_tables=to_device(block_tables),
+            max_query_len=max(query_lens),
+            max_seq_len=max_seq_len,
+            block_size=bs,
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return to_device(input_ids, torch.long), to_device(pos_np), md
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
+                sample_rows: list[int], sample_seqs: list[Sequence]) -> SamplerOutput | None:
+        """Run one step. ``sample_rows[i]`` is the scheduled index whose last token's logits
+        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row)."""
+        t0 = time.perf_counter()
+        self.copy_blocks(block_copies)
+        input_ids, positions, md = self.prepare(scheduled)
+        batch = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
+        t1 = time.perf_counter()
+        hidden = self.model(input_ids, positions, md, self.kv_caches)
+        result = None
+        if sample_seqs:
+            last_rows = np.cumsum(md.query_lens_cpu) - 1
+            index = torch.as_tensor(last_rows[sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index))
+            t2 = time.perf_counter()
+            assert batch is not None
+            result = self.sampler(logits, batch)
+        else:
+            t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        self.timings["prepare"] += t1 - t0
+        self.timings["forward"] += t2 - t1
+        self.timings["sample"] += t3 - t2
+        self.num_steps += 1
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),
+                "dtype": str(self.model_config.dtype), "max_model_len": self.max_model_len,
+                "kv_cache_bytes": self.num_blocks * self.bytes_per_block}
