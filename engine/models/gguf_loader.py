@@ -6,15 +6,24 @@ we undo that so the weights match the Hugging Face layout our rotary embedding e
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from kubeinfer.engine.models.config import ModelConfig
 from kubeinfer.engine.models.dtype import resolve_dtype
 from kubeinfer.engine.tokenizer import end_of_generation_ids, load_tokenizer
+from transformers import PreTrainedTokenizerBase
+
+_CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubeinfer" / "gguf-tokenizers"
 
 # GGUF general.architecture -> HF architecture
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -82,7 +91,35 @@ def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
         w = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         if permute and part in ("attn_q", "attn_k"):
             w = unpermute_qk(w, cfg.num_heads if part == "attn_q" else cfg.num_kv_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        yield name, torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only mmaps
+
+
+def gguf_tokenizer(path: Path, reader) -> PreTrainedTokenizerBase:
+    """The GGUF's tokenizer and chat template. Converting it takes seconds, so the converted fast
+    tokenizer is cached on disk, keyed by the file's path, size and mtime."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    cache = _CACHE_ROOT / hashlib.sha256(key.encode()).hexdigest()[:20]
+    if (cache / "tokenizer.json").is_file():
+        with contextlib.suppress(ValueError):
+            return load_tokenizer(cache)
+    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
+    if getattr(tokenizer, "chat_template", None) is None and "tokenizer.chat_template" in reader.fields:
+        tokenizer.chat_template = _field(reader, "tokenizer.chat_template")
+    with contextlib.suppress(OSError):  # a read-only home only costs the conversion next time
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_ensure_dir(_CACHE_ROOT)))
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "auto",
@@ -96,9 +133,7 @@ def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "au
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-    tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
-    if getattr(tokenizer, "chat_template", None) is None and "tokenizer.chat_template" in reader.fields:
-        tokenizer.chat_template = _field(reader, "tokenizer.chat_template")
+    tokenizer = gguf_tokenizer(path, reader)
     eos = end_of_generation_ids(tokenizer, _field(reader, "tokenizer.ggml.eos_token_id"),
                                 _field(reader, "tokenizer.ggml.eot_token_id"),
                                 _field(reader, "tokenizer.ggml.eom_token_id"))
