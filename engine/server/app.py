@@ -1,0 +1,36 @@
+"""The FastAPI app factory: routes, OpenAI-shaped errors, auth; the engine starts with the app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from kubeinfer.engine.async_engine import AsyncLLMEngine
+from kubeinfer.engine.server.auth import ApiKeyMiddleware
+from kubeinfer.engine.server.errors import install_error_handlers
+from kubeinfer.engine.server.routes import build_router
+from kubeinfer.engine.server.settings import ServerSettings
+
+
+def build_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()  # loads the model on the engine thread; /health answers meanwhile
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(
+        title="kubeinfer", summary="OpenAI-compatible LLM server", version="0.1.0", lifespan=lifespan
+    )
+    install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.include_router(build_router(engine, settings))
+    app.state.engine = engine
+    app.state.settings = settings
+    return app

@@ -1,0 +1,162 @@
+"""`POST /v1/chat/completions`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from kubeinfer.engine.server.errors import bad_request
+from kubeinfer.engine.server.logprobs import chat_logprobs
+from kubeinfer.engine.server.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    UsageInfo,
+)
+from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.serving import OpenAIServing
+from kubeinfer.engine.server.streaming import SSE_DONE, sse
+
+
+class ChatServing(OpenAIServing):
+    async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_request(request)
+        prompt_ids = self._render_prompt(request)
+        max_tokens = resolve_max_tokens(
+            request.requested_max_tokens(), len(prompt_ids), self.engine.max_model_len or 0
+        )
+        top = request.top_logprobs or 0
+        if request.top_logprobs and not request.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        params = build_sampling_params(
+            request, max_tokens=max_tokens, logprobs=top if request.logprobs else None
+        )
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        [stream] = self.submit([(request_id, prompt_ids, params)])
+
+        async def collect() -> ChatCompletionResponse:
+            final = None
+            try:
+                async for output in stream:
+                    final = output
+            finally:
+                await stream.aclose()
+            assert final is not None
+            return self._response(request_id, request, final)
+
+        return await self.respond(
+            raw,
+            stream=request.stream,
+            collect=collect,
+            events=lambda: self._events(request_id, request, stream),
+        )
+
+    def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        conversation = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in request.messages
+        ]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=request.add_generation_prompt
+            )
+        except Exception as exc:  # jinja2 errors from the template (e.g. an unsupported role order)
+            raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
+        ids = self.encode(text, add_special_tokens=False)
+        self.check_token_ids(ids, "messages")
+        return ids
+
+    def _logprobs(self, request: ChatCompletionRequest, choice: Any, start: int = 0) -> Any:
+        if not request.logprobs or choice.logprobs is None:
+            return None
+        ids = list(choice.token_ids[start:])
+        return chat_logprobs(
+            ids, choice.logprobs[start : start + len(ids)], request.top_logprobs or 0, self.token_text
+        )
+
+    def _response(
+        self, request_id: str, request: ChatCompletionRequest, final: Any
+    ) -> ChatCompletionResponse:
+        choices = [
+            ChatCompletionChoice(
+                index=c.index,
+                message=ChatResponseMessage(content=c.text),
+                logprobs=self._logprobs(request, c),
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        prompt_tokens = len(final.prompt_token_ids)
+        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+    async def _events(
+        self, request_id: str, request: ChatCompletionRequest, stream: Any
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            return sse(
+                ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+            )
+
+        sent_text = [0] * request.n
+        sent_tokens = [0] * request.n
+        finished = [False] * request.n
+        yield chunk(
+            [
+                ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(request.n)
+            ]
+        )
+        final = None
+        try:
+            async for output in stream:
+                final = output
+                choices = []
+                for c in output.outputs:
+                    i = c.index
+                    if finished[i]:
+                        continue
+                    delta_text = c.text[sent_text[i] :]
+                    logprobs = self._logprobs(request, c, sent_tokens[i])
+                    sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+                    finished[i] = c.finish_reason is not None
+                    if not delta_text and not finished[i] and logprobs is None:
+                        continue
+                    choices.append(
+                        ChatStreamChoice(
+                            index=i,
+                            delta=DeltaMessage(content=delta_text),
+                            logprobs=logprobs,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    )
+                if choices:
+                    yield chunk(choices)
+        finally:
+            await stream.aclose()
+        if request.wants_usage_in_stream() and final is not None:
+            prompt_tokens = len(final.prompt_token_ids)
+            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+            yield chunk(
+                [],
+                UsageInfo(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                ),
+            )
+        yield SSE_DONE

@@ -1,0 +1,153 @@
+"""`kubeinfer serve`: flags named like `vllm serve`; every flag also from `KUBEINFER_<FLAG>`.
+
+Precedence: command line > environment variable > default. Booleans accept
+true/false/1/0/yes/no/on/off in the environment (e.g. `KUBEINFER_ENABLE_PREFIX_CACHING=false`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+ENV_PREFIX = "KUBEINFER_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubeinfer serve",
+        description="OpenAI-compatible LLM server. Every flag can also be set as KUBEINFER_<FLAG> "
+        "(upper case, dashes as underscores), e.g. KUBEINFER_MAX_NUM_SEQS=64.",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="HF checkpoint dir, .gguf file or Hub repo id (default: the bundled SmolLM2-135M-Instruct)",
+    )
+    model.add_argument(
+        "--served-model-name", default=None, help="model id in the API (default: the model id)"
+    )
+    model.add_argument("--revision", default=None, help="Hub revision")
+    model.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    model.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    model.add_argument("--max-model-len", type=_positive_int, default=None, help="context length")
+    model.add_argument("--seed", type=int, default=0)
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=_positive_int, default=256, help="sequences per batch")
+    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per step")
+    engine.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size (tokens)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--kv-cache-memory", default=None, help="CPU KV cache budget, e.g. 2GiB")
+    engine.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
+    engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument(
+        "--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="GPU: no CUDA graphs"
+    )
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/*")
+    server.add_argument(
+        "--max-waiting-requests",
+        type=_positive_int,
+        default=None,
+        help="answer 429 when this many requests already wait (default: no limit)",
+    )
+    server.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds to finish in-flight requests after SIGTERM",
+    )
+    server.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
+    )
+    server.add_argument(
+        "--disable-log-requests",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="no per-request log line",
+    )
+    _apply_env_defaults(parser)
+    return parser
+
+
+def _env_name(action: argparse.Action) -> str:
+    return ENV_PREFIX + action.dest.upper()
+
+
+def _apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Environment variables become defaults, so the command line still wins."""
+    defaults: dict[str, Any] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        raw = os.environ.get(_env_name(action))
+        if raw is None:
+            continue
+        try:
+            defaults[action.dest] = _convert(action, raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{_env_name(action)}={raw!r}: {exc}")
+        if action.help and "(env" not in action.help:
+            action.help += f" (env {_env_name(action)})"
+    parser.set_defaults(**defaults)
+
+
+def _convert(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if action.choices is not None and raw not in action.choices:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+    if raw == "" and action.default is None:
+        return None
+    return action.type(raw) if callable(action.type) else raw
+
+
+SERVER_ONLY = {
+    "host",
+    "port",
+    "api_key",
+    "max_waiting_requests",
+    "drain_timeout",
+    "log_level",
+    "disable_log_requests",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from kubeinfer.engine.server.serve import run_server
+
+    return run_server(args)
