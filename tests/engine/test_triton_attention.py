@@ -13,15 +13,21 @@ the output); bf16 on GPU 2e-2 (8-bit mantissa).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib
 import multiprocessing
 import os
 import random
+import re
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+import triton
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -274,18 +280,23 @@ def test_split_context_flash_decoding(interp, shape, num_splits):
     in_interpreter(interp, check_case, batch, config)
 
 
-def test_prefill_config_with_small_tiles(interp):
-    """Several q blocks per sequence and many KV tiles, so causal edges fall inside tiles."""
+@pytest.mark.parametrize(
+    "block_m,tile_n",
+    [(16, 16), (64, 64), (128, 64)],
+    ids=["small_tiles", "prefill64", "prefill128"],
+)
+def test_prefill_launch_shapes(interp, block_m, tile_n):
+    """The GPU prefill tile shapes, plus small tiles so causal edges fall inside tiles."""
     batch = dict(
         query_lens=[13, 1, 6],
         seq_lens=[29, 12, 6],
         block_size=8,
         num_kv_heads=2,
-        queries_per_kv=1,
+        queries_per_kv=3,
         head_dim=64,
         dtype=torch.float16,
     )
-    config = dict(block_m=16, tile_n=16, num_splits=1, num_warps=4, num_stages=1)
+    config = dict(block_m=block_m, tile_n=tile_n, num_splits=1, num_warps=4, num_stages=1)
     in_interpreter(interp, check_case, batch, config)
 
 
@@ -382,6 +393,174 @@ def test_agrees_with_production_torch_backend(interp):
     name = "kubeinfer.engine.layers.attention"
     pytest.importorskip(name, reason="torch backend (engine/layers/attention.py) not landed yet")
     in_interpreter(interp, check_agrees_with_torch_backend, name)
+
+
+# --------------------------------------------------------------------------- sm_90 compile checks
+# The interpreter cannot catch compiled-mode errors (loop-carried types, layouts) or register
+# spills. Triton compiles for an H100 without a GPU (ptxas ships with it), so check here that
+# every launch shape the backend picks compiles for sm_90 with realistic argument
+# specialisation, and that the fp16/bf16 shapes keep everything in registers.
+
+_TRITON_TYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+def compile_for_sm90(kernel, args: dict, constexprs: dict, *, do_not_specialize=(), **options):
+    """``triton.compile`` as a launch on an H100 would: pointers and ints divisible by 16 get that hint."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, torch.dtype):
+            signature[name], attrs[(i,)] = "*" + _TRITON_TYPES[value], [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0 and name not in do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs=attrs,
+    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def local_memory_bytes(compiled) -> int | None:
+    """Per-thread stack (spills) of a compiled kernel, read with the cuobjdump Triton ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True
+        )
+    found = re.search(r"STACK:(\d+)", usage.stdout)
+    return int(found.group(1)) if found else None
+
+
+@pytest.fixture(scope="module")
+def compiled_backend() -> ModuleType:
+    from kubeinfer.engine.layers import triton_attention
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(triton_attention._paged_attention_kernel, JITFunction):
+        pytest.skip("TRITON_INTERPRET is set in this process: kernels are not compiled")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton build ships no ptxas: cannot compile for sm_90 here")
+    return triton_attention
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)], ids=["llama8b", "smollm2"])
+@pytest.mark.parametrize("mode", ["decode", "decode_split", "prefill"])
+def test_attention_compiles_for_h100(compiled_backend, dtype, heads, kv_heads, head_dim, mode):
+    backend = compiled_backend
+    block_size = 16
+    query = torch.empty(4, heads, head_dim, dtype=dtype)
+    metadata = make_batch(
+        [1], [4], block_size=block_size, num_kv_heads=1, queries_per_kv=1, head_dim=16, dtype=dtype
+    )["metadata"]
+    metadata.max_query_len = 2048 if mode == "prefill" else 1
+    config = backend._launch_config(query, kv_heads, metadata)
+    if mode == "decode_split":
+        config = dataclasses.replace(config, num_splits=8)
+    queries_per_kv = heads // kv_heads
+    slot_stride = kv_heads * head_dim
+    args = dict(
+        out_ptr=dtype,
+        part_out_ptr=torch.float32,
+        part_max_ptr=torch.float32,
+        part_sum_ptr=torch.float32,
+        q_ptr=dtype,
+        k_cache_ptr=dtype,
+        v_cache_ptr=dtype,
+        block_tables_ptr=torch.int32,
+        seq_lens_ptr=torch.int32,
+        query_start_loc_ptr=torch.int32,
+        qk_scale_log2=0.1,
+        num_seqs=3,
+        num_heads=heads,
+        q_stride_t=heads * head_dim,
+        q_stride_h=head_dim,
+        o_stride_t=heads * head_dim,
+        o_stride_h=head_dim,
+        kc_stride_block=block_size * slot_stride,
+        kc_stride_slot=slot_stride,
+        kc_stride_head=head_dim,
+        vc_stride_block=block_size * slot_stride,
+        vc_stride_slot=slot_stride,
+        vc_stride_head=head_dim,
+        bt_stride=64,
+    )
+    constexprs = dict(
+        QUERIES_PER_KV=queries_per_kv,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m,
+        BLOCK_Q=config.block_m // queries_per_kv,
+        TILE_N=config.tile_n,
+        NUM_SPLITS=config.num_splits,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+    compiled = compile_for_sm90(
+        backend._paged_attention_kernel,
+        args,
+        constexprs,
+        do_not_specialize=("num_seqs",),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    ptx = compiled.asm["ptx"]
+    assert "cp.async" in ptx or "ld.global.v4" in ptx, "K/V tiles must load with 16-byte vectors"
+    if dtype != torch.float32:
+        assert local_memory_bytes(compiled) in (0, None), f"{config} spills registers"
+
+
+def test_helper_kernels_compile_for_h100(compiled_backend):
+    backend = compiled_backend
+    ints = ("key_stride_t", "key_stride_h", "value_stride_t", "value_stride_h")
+    store_args = {name: 1024 for name in ints} | {
+        f"{c}c_stride_{d}": 1024 for c in "kv" for d in ("block", "slot", "head")
+    }
+    store_args |= dict(
+        key_ptr=torch.bfloat16,
+        value_ptr=torch.bfloat16,
+        k_cache_ptr=torch.bfloat16,
+        v_cache_ptr=torch.bfloat16,
+        slot_mapping_ptr=torch.int64,
+    )
+    store_const = dict(BLOCK_SIZE=16, NUM_KV_HEADS=3, HEAD_DIM=64, HEADS_PAD=4, HEAD_DIM_PAD=64)
+    compile_for_sm90(backend._store_kv_kernel, store_args, store_const, num_warps=1)
+    reduce_args = dict(
+        out_ptr=torch.bfloat16,
+        part_out_ptr=torch.float32,
+        part_max_ptr=torch.float32,
+        part_sum_ptr=torch.float32,
+        num_heads=32,
+        o_stride_t=4096,
+        o_stride_h=128,
+    )
+    compile_for_sm90(
+        backend._reduce_splits_kernel,
+        reduce_args,
+        dict(HEAD_DIM=128, HEAD_DIM_PAD=128, NUM_SPLITS=32),
+        num_warps=4,
+    )
 
 
 # --------------------------------------------------------------------------- GPU tests
