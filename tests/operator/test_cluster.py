@@ -1,0 +1,275 @@
+"""The operator against a real control plane: kube-apiserver + etcd, controller-manager, scheduler,
+and kwok GPU nodes (8 × nvidia.com/gpu each, tainted), with the operator running as a subprocess
+under a service account bound to exactly the rules of operator/PERMISSIONS.md."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from kubeinfer.operator.diff import is_subset
+from kubeinfer.operator.render import render_children
+from kubeinfer.operator.settings import OperatorSettings
+from kubeinfer.operator.spec import InferenceModel
+from kubernetes.client.exceptions import ApiException
+
+from tests.operator.cluster import Kube, OperatorProcess, wait_for
+
+pytestmark = pytest.mark.cluster
+
+IM_API = "kubeinfer.dev/v1alpha1"
+SOURCE = "hf://HuggingFaceTB/SmolLM2-135M-Instruct"
+TEST_SETTINGS = OperatorSettings(engine_image="kubeinfer/engine:test", queue_metric_name="vllm_num_requests_waiting")
+
+
+def inference_model(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": IM_API, "kind": "InferenceModel", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"model": {"source": SOURCE}, **spec}}
+
+
+def get_im(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    body = kube.get(IM_API, "InferenceModel", namespace, name)
+    assert body is not None
+    return body
+
+
+def condition(body: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == kind), {})
+
+
+def wait_phase(kube: Kube, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        body = get_im(kube, namespace, name)
+        status = body.get("status") or {}
+        return body if status.get("phase") == phase and status.get("observedGeneration") == body["metadata"][
+            "generation"] else None
+
+    return wait_for(reached, timeout=timeout, what=f"{namespace}/{name} to be {phase}")
+
+
+def wait_child(kube: Kube, api_version: str, kind: str, namespace: str, name: str,
+               check=lambda live: True, timeout: float = 30) -> dict[str, Any]:
+    def present() -> dict[str, Any] | None:
+        live = kube.get(api_version, kind, namespace, name)
+        return live if live is not None and check(live) else None
+
+    return wait_for(present, timeout=timeout, what=f"{kind} {namespace}/{name}")
+
+
+def wait_gone(kube: Kube, api_version: str, kind: str, namespace: str, name: str, timeout: float = 30) -> None:
+    wait_for(lambda: kube.get(api_version, kind, namespace, name) is None, timeout=timeout,
+             what=f"{kind} {namespace}/{name} to be deleted")
+
+
+def expected_children(body: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    return {child.kind: child.manifest for child in render_children(InferenceModel.from_body(body), TEST_SETTINGS)}
+
+
+def test_children_have_the_exact_fields_and_status_becomes_ready(kube: Kube, namespace: str) -> None:
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "keys", "namespace": namespace},
+                 "stringData": {"api-key": "s3cret"}})
+    kube.create(inference_model("smol", namespace, apiKeySecretRef={"name": "keys"}, engine={"maxModelLen": 2048}))
+    deployment = wait_child(kube, "apps/v1", "Deployment", namespace, "smol")
+    service = wait_child(kube, "v1", "Service", namespace, "smol")
+    body = get_im(kube, namespace, "smol")
+    expected = expected_children(body)
+    assert is_subset(expected["Deployment"], deployment)
+    assert is_subset(expected["Service"], service)
+    for kind, api_version in (("HorizontalPodAutoscaler", "autoscaling/v2"), ("PodDisruptionBudget", "policy/v1")):
+        assert expected[kind] is None and kube.get(api_version, kind, namespace, "smol") is None
+
+    engine = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert engine["image"] == "kubeinfer/engine:test"
+    assert engine["args"][:2] == ["--model", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert engine["args"][engine["args"].index("--max-model-len"):][:2] == ["--max-model-len", "2048"]
+    assert engine["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {"name": "KUBEINFER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}} \
+        in engine["env"]
+    assert engine["startupProbe"]["httpGet"]["path"] == "/health" and engine["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert deployment["spec"]["replicas"] == 1
+    assert service["spec"]["ports"][0] | {} >= {"name": "http", "port": 8000, "targetPort": "http"}
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("InferenceModel", body["metadata"]["uid"], True)
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubeinfer-operator"
+
+    # kwok runs the pod on a fake GPU node and reports it Ready.
+    ready = wait_phase(kube, namespace, "smol", "Ready")
+    status = ready["status"]
+    assert status["endpoint"] == f"http://smol.{namespace}.svc:8000/v1"
+    assert (status["replicas"], status["readyReplicas"]) == (1, 1)
+    assert status["selector"] == "app.kubernetes.io/component=engine,kubeinfer.dev/model=smol"
+    assert condition(ready, "Ready")["status"] == "True" and condition(ready, "Degraded")["status"] == "False"
+    pod = kube.list("v1", "Pod", namespace, status["selector"])[0]
+    node = kube.get("v1", "Node", None, pod["spec"]["nodeName"])
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    wait_for(lambda: any(e["reason"] == "Ready" for e in kube.events(namespace, "smol")), what="a Ready event")
+
+    table = kube.kubectl("get", "im", "smol", "-n", namespace)
+    assert table.split("\n")[0].split() == ["NAME", "MODEL", "READY", "REPLICAS", "PHASE", "ENDPOINT", "AGE"]
+    assert f"http://smol.{namespace}.svc:8000/v1" in table and "Ready" in table
+
+
+def test_spec_change_rolls_out_new_pods(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("roll", namespace))
+    first = wait_phase(kube, namespace, "roll", "Ready")
+    old_hash = kube.list("v1", "Pod", namespace, first["status"]["selector"])[0]["metadata"]["labels"][
+        "pod-template-hash"]
+    kube.patch(IM_API, "InferenceModel", namespace, "roll", {"spec": {"engine": {"maxNumSeqs": 32}}})
+    wait_child(kube, "apps/v1", "Deployment", namespace, "roll",
+               lambda d: "--max-num-seqs" in d["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    def new_pod_ready() -> bool:
+        pods = kube.list("v1", "Pod", namespace, first["status"]["selector"])
+        return any(p["metadata"]["labels"]["pod-template-hash"] != old_hash
+                   and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+                   for p in pods)
+
+    wait_for(new_pod_ready, timeout=60, what="a Ready pod of the new template")
+    after = wait_phase(kube, namespace, "roll", "Ready")
+    assert after["status"]["observedGeneration"] == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"source": "s3://bucket/model"}}, "model.source must be hf://"),
+    ({"model": {"source": SOURCE, "cache": {"claimName": "c", "size": "10Gi"}}}, "exactly one of claimName"),
+    ({"model": {"source": SOURCE, "cache": {}}}, "exactly one of claimName"),
+    ({"engine": {"tensorParallelSize": 4}, "resources": {"gpus": 2}}, "at least engine.tensorParallelSize"),
+    ({"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}}, "minReplicas must not exceed"),
+    ({"terminationGracePeriodSeconds": 5, "preStopSleepSeconds": 10}, "greater than preStopSleepSeconds"),
+    ({"engine": {"dtype": "int4"}}, 'Unsupported value: "int4"'),
+    ({"replicas": -1}, "spec.replicas: Invalid value: -1"),
+    ({"engine": {"gpuMemoryUtilization": 1.5}}, "gpuMemoryUtilization"),
+    ({"model": {}}, "spec.model.source: Required value"),
+])
+def test_invalid_resources_are_rejected_with_readable_messages(kube: Kube, crd: dict, change: dict,
+                                                               message: str) -> None:
+    manifest = inference_model("bad", "default")
+    manifest["spec"].update(change)
+    with pytest.raises(ApiException) as raised:
+        kube.create(manifest)
+    assert raised.value.status == 422
+    assert message in raised.value.body, raised.value.body
+
+
+def test_a_name_that_cannot_name_a_service_is_rejected(kube: Kube, crd: dict) -> None:
+    with pytest.raises(ApiException) as raised:
+        kube.create(inference_model("llama.v2", "default"))
+    assert "must be a DNS-1035 label" in raised.value.body
+
+
+def test_drift_is_restored(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("drift", namespace))
+    deployment = wait_child(kube, "apps/v1", "Deployment", namespace, "drift")
+    service = wait_child(kube, "v1", "Service", namespace, "drift")
+    kube.patch("apps/v1", "Deployment", namespace, "drift", {"spec": {"progressDeadlineSeconds": 99}})
+    kube.delete("v1", "Service", namespace, "drift")
+    wait_child(kube, "apps/v1", "Deployment", namespace, "drift",
+               lambda d: d["spec"]["progressDeadlineSeconds"] == deployment["spec"]["progressDeadlineSeconds"])
+    wait_child(kube, "v1", "Service", namespace, "drift",
+               lambda s: s["metadata"]["uid"] != service["metadata"]["uid"])
+    wait_for(lambda: any(e["reason"] == "DriftCorrected" for e in kube.events(namespace, "drift")),
+             what="a DriftCorrected event")
+
+
+def test_unschedulable_model_is_degraded_with_the_reason(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("huge", namespace, resources={"gpus": 16}))
+    body = wait_phase(kube, namespace, "huge", "Degraded")
+    degraded = condition(body, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "Unschedulable")
+    assert "nvidia.com/gpu" in degraded["message"]
+    assert condition(body, "Ready")["status"] == "False"
+    wait_for(lambda: [e for e in kube.events(namespace, "huge") if e["reason"] == "Degraded" and e["type"] == "Warning"],
+             what="a Warning event")
+
+
+def test_kubectl_scale_uses_the_scale_subresource(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("scaled", namespace))
+    wait_phase(kube, namespace, "scaled", "Ready")
+    kube.kubectl("scale", "im/scaled", "--replicas=3", "-n", namespace)
+    wait_child(kube, "apps/v1", "Deployment", namespace, "scaled", lambda d: d["spec"]["replicas"] == 3)
+    pdb = wait_child(kube, "policy/v1", "PodDisruptionBudget", namespace, "scaled")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    wait_for(lambda: (get_im(kube, namespace, "scaled").get("status") or {}).get("readyReplicas") == 3,
+             timeout=60, what="3 ready replicas")
+    scale = kube.kubectl("get", "im/scaled", "-n", namespace, "--subresource=scale", "-o",
+                         "jsonpath={.spec.replicas} {.status.replicas} {.status.selector}")
+    assert scale == "3 3 app.kubernetes.io/component=engine,kubeinfer.dev/model=scaled"
+    kube.kubectl("scale", "im/scaled", "--replicas=1", "-n", namespace)
+    wait_gone(kube, "policy/v1", "PodDisruptionBudget", namespace, "scaled")
+
+
+def test_autoscaling_hands_replicas_to_the_hpa(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("auto", namespace, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3,
+                                                                "targetQueueDepth": 4}))
+    hpa = wait_child(kube, "autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "auto"}
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
+    deployment = wait_child(kube, "apps/v1", "Deployment", namespace, "auto")
+    ours = [m for m in deployment["metadata"]["managedFields"] if m["manager"] == "kubeinfer-operator"]
+    assert ours and all("f:replicas" not in m["fieldsV1"].get("f:spec", {}) for m in ours)
+
+    # The HPA controller found its target (AbleToScale) — the metric itself needs an adapter this cluster lacks.
+    def able_to_scale() -> bool:
+        live = kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto") or {}
+        return any(c["type"] == "AbleToScale" and c["status"] == "True"
+                   for c in (live.get("status") or {}).get("conditions") or [])
+
+    wait_for(able_to_scale, timeout=45, interval=1, what="the HPA controller to resolve its scale target")
+    kube.patch(IM_API, "InferenceModel", namespace, "auto", {"spec": {"autoscaling": {"enabled": False}, "replicas": 2}})
+    wait_gone(kube, "autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto")
+    wait_child(kube, "apps/v1", "Deployment", namespace, "auto", lambda d: d["spec"]["replicas"] == 2)
+
+
+def test_missing_secret_fails_clearly_until_it_exists(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("gated", namespace, model={"source": SOURCE, "tokenSecretRef": {"name": "hf"}}))
+    body = wait_phase(kube, namespace, "gated", "Failed")
+    degraded = condition(body, "Degraded")
+    assert degraded["reason"] == "SecretNotFound"
+    assert degraded["message"] == f'secret "hf" (model.tokenSecretRef) not found in namespace {namespace}'
+    assert kube.get("apps/v1", "Deployment", namespace, "gated") is None
+    wait_for(lambda: [e for e in kube.events(namespace, "gated") if e["type"] == "Warning" and e["reason"] == "Failed"
+                      and "SecretNotFound" in e["message"]], what="a Warning event naming the secret")
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf", "namespace": namespace},
+                 "stringData": {"token": "hf_x"}})
+    wait_phase(kube, namespace, "gated", "Ready")
+
+
+def test_deleting_the_model_garbage_collects_every_child(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("gone", namespace, replicas=2, model={"source": SOURCE, "cache": {"size": "1Gi"}}))
+    children = [("apps/v1", "Deployment", "gone"), ("v1", "Service", "gone"), ("policy/v1", "PodDisruptionBudget", "gone"),
+                ("v1", "PersistentVolumeClaim", "gone-model-cache")]
+    for api_version, kind, name in children:
+        wait_child(kube, api_version, kind, namespace, name)
+    kube.delete(IM_API, "InferenceModel", namespace, "gone")
+    for api_version, kind, name in children:
+        wait_gone(kube, api_version, kind, namespace, name, timeout=90)
+
+
+def test_restart_and_handover_change_nothing(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    kube.create(inference_model("steady", namespace, replicas=2, model={"source": SOURCE, "cache": {"size": "1Gi"}}))
+    wait_for(lambda: (get_im(kube, namespace, "steady").get("status") or {}).get("readyReplicas") == 2
+             and condition(get_im(kube, namespace, "steady"), "Progressing").get("status") == "False",
+             timeout=60, what="a settled model")
+    objects = [(IM_API, "InferenceModel", "steady"), ("apps/v1", "Deployment", "steady"), ("v1", "Service", "steady"),
+               ("policy/v1", "PodDisruptionBudget", "steady"), ("v1", "PersistentVolumeClaim", "steady-model-cache")]
+
+    def versions() -> dict[str, str]:
+        return {kind: kube.get(api, kind, namespace, name)["metadata"]["resourceVersion"] for api, kind, name in objects}
+
+    time.sleep(1)
+    before = versions()
+    standby = OperatorProcess(operator.kubeconfig, operator.log_path.with_name("standby.log"),
+                              lease_namespace=operator.env["KUBEINFER_LEASE_NAMESPACE"])
+    standby.start(wait=False)
+    time.sleep(4)
+    assert not standby.alive(), "a second replica must wait for the lease"
+    operator.stop()
+    standby.wait_alive(timeout=30)
+    operator.adopt(standby)
+    time.sleep(3 * float(operator.env["KUBEINFER_RESYNC_SECONDS"]))  # initial listing + several resyncs
+    assert versions() == before
+    # ...and the new leader acts.
+    kube.patch(IM_API, "InferenceModel", namespace, "steady", {"spec": {"replicas": 1}})
+    wait_gone(kube, "policy/v1", "PodDisruptionBudget", namespace, "steady")
