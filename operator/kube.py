@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from typing import Any
 
 from kubeinfer.operator.render.common import API_VERSION, FIELD_MANAGER, KIND
@@ -33,13 +34,20 @@ def now_rfc3339() -> str:
 
 
 class Kube:
+    # A miss makes the discovery client re-read all of discovery: remember misses for a while.
+    UNSERVED_RECHECK_SECONDS = 60.0
+
     def __init__(self, api_client: client.ApiClient | None = None):
         self.dynamic = DynamicClient(api_client or load_api_client())
+        self._unserved: dict[tuple[str, str], float] = {}
 
     def _resource(self, api_version: str, kind: str):
+        if time.monotonic() < self._unserved.get((api_version, kind), 0.0):
+            raise KindNotServed(f"{kind}.{api_version} is not served by this cluster")
         try:
             return self.dynamic.resources.get(api_version=api_version, kind=kind)
         except ResourceNotFoundError as error:
+            self._unserved[(api_version, kind)] = time.monotonic() + self.UNSERVED_RECHECK_SECONDS
             raise KindNotServed(f"{kind}.{api_version} is not served by this cluster") from error
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

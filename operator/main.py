@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.model_dump_json(indent=2))
         return 0
     _configure_logging(settings)
-    kube = Kube()
+    try:
+        kube = Kube()
+    except Exception as error:  # unreachable API or bad credentials: say so plainly; the pod restarts
+        log.error("cannot reach the Kubernetes API: %s", error)
+        return 1
     stop, lost = threading.Event(), threading.Event()
     elector = None
     if settings.leader_election:
