@@ -63,12 +63,12 @@ class Kube:
         result = self._resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
         return [item.to_dict() if hasattr(item, "to_dict") else item for item in result.to_dict()["items"]]
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, manifest: dict[str, Any], field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
         """Server-side apply as `kubeinfer-operator`, forcing ownership of the fields we render."""
         resource = self._resource(manifest["apiVersion"], manifest["kind"])
         meta = manifest["metadata"]
         return self.dynamic.server_side_apply(resource, body=manifest, name=meta["name"], namespace=meta["namespace"],
-                                              field_manager=FIELD_MANAGER, force_conflicts=True).to_dict()
+                                              field_manager=field_manager, force_conflicts=True).to_dict()
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

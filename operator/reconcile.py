@@ -15,7 +15,7 @@ from kubeinfer.operator.diff import is_subset, up_to_date, with_hash
 from kubeinfer.operator.kube import KindNotServed, Kube, now_rfc3339
 from kubeinfer.operator.render import render_children
 from kubeinfer.operator.render.children import Child
-from kubeinfer.operator.render.common import API_VERSION, KIND, selector_string
+from kubeinfer.operator.render.common import API_VERSION, FIELD_MANAGER, KIND, selector_string
 from kubeinfer.operator.settings import OperatorSettings
 from kubeinfer.operator.spec import InferenceModel
 from kubeinfer.operator.status import Problem, compute_status, status_changed
@@ -25,6 +25,7 @@ from pydantic import ValidationError
 log = logging.getLogger("kubeinfer.operator")
 
 WARNING_PHASES = ("Degraded", "Failed")
+HANDOVER_MANAGER = "kubeinfer-operator-handover"
 
 
 def api_message(error: ApiException) -> str:
@@ -140,6 +141,8 @@ class Reconciler:
         stamped = with_hash(child.manifest)
         if up_to_date(stamped, live):
             return
+        if live is not None and child.kind == "Deployment" and "replicas" not in child.manifest["spec"]:
+            self._hand_replicas_over(live)
         self.kube.apply(stamped)
         if live is None:
             log.info("created %s %s/%s", child.kind, im.namespace, child.name)
@@ -148,6 +151,20 @@ class Reconciler:
             self.kube.event(body, "Normal", "DriftCorrected", f"{child.kind} {child.name} was changed; restored it")
         else:
             log.info("updated %s %s/%s", child.kind, im.namespace, child.name)
+
+    def _hand_replicas_over(self, live: dict[str, Any]) -> None:
+        """Autoscaling was just turned on: before our apply drops `spec.replicas` (which would reset it to 1),
+        let a hand-over manager co-own the current value; the HPA takes it from there."""
+        owned = any(entry.get("manager") == FIELD_MANAGER and entry.get("operation") == "Apply"
+                    and "f:replicas" in (entry.get("fieldsV1") or {}).get("f:spec", {})
+                    for entry in live["metadata"].get("managedFields") or [])
+        if owned:
+            meta = live["metadata"]
+            self.kube.apply({"apiVersion": "apps/v1", "kind": "Deployment",
+                             "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+                             "spec": {"replicas": live["spec"]["replicas"]}}, field_manager=HANDOVER_MANAGER)
+            log.info("handed replicas of Deployment %s/%s (%s) over to its HPA", meta["namespace"], meta["name"],
+                     live["spec"]["replicas"])
 
     def _report_invalid(self, body: dict[str, Any], problem: Problem) -> None:
         now = now_rfc3339()

@@ -200,26 +200,34 @@ def test_kubectl_scale_uses_the_scale_subresource(kube: Kube, namespace: str) ->
 
 
 def test_autoscaling_hands_replicas_to_the_hpa(kube: Kube, namespace: str) -> None:
-    kube.create(inference_model("auto", namespace, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3,
-                                                                "targetQueueDepth": 4}))
+    kube.create(inference_model("auto", namespace, replicas=2))
+    wait_child(kube, "apps/v1", "Deployment", namespace, "auto", lambda d: d["spec"]["replicas"] == 2)
+    kube.patch(IM_API, "InferenceModel", namespace, "auto", {"spec": {"autoscaling": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetQueueDepth": 4}}})
     hpa = wait_child(kube, "autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "auto"}
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
     assert hpa["spec"]["metrics"][0]["pods"]["target"] == {"type": "AverageValue", "averageValue": "4"}
-    deployment = wait_child(kube, "apps/v1", "Deployment", namespace, "auto")
-    ours = [m for m in deployment["metadata"]["managedFields"] if m["manager"] == "kubeinfer-operator"]
-    assert ours and all("f:replicas" not in m["fieldsV1"].get("f:spec", {}) for m in ours)
 
-    # The HPA controller found its target (AbleToScale) — the metric itself needs an adapter this cluster lacks.
+    def operator_lets_go_of_replicas() -> dict[str, Any] | None:
+        live = kube.get("apps/v1", "Deployment", namespace, "auto")
+        ours = [m for m in live["metadata"]["managedFields"] if m["manager"] == "kubeinfer-operator"]
+        return live if ours and all("f:replicas" not in m["fieldsV1"].get("f:spec", {}) for m in ours) else None
+
+    deployment = wait_for(operator_lets_go_of_replicas, what="the operator to stop owning spec.replicas")
+    assert deployment["spec"]["replicas"] == 2, "turning autoscaling on must not reset the replicas to 1"
+
+    # The HPA controller found its target (AbleToScale); the metric itself needs an adapter this cluster lacks.
     def able_to_scale() -> bool:
         live = kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto") or {}
         return any(c["type"] == "AbleToScale" and c["status"] == "True"
                    for c in (live.get("status") or {}).get("conditions") or [])
 
     wait_for(able_to_scale, timeout=45, interval=1, what="the HPA controller to resolve its scale target")
-    kube.patch(IM_API, "InferenceModel", namespace, "auto", {"spec": {"autoscaling": {"enabled": False}, "replicas": 2}})
+    assert kube.get("apps/v1", "Deployment", namespace, "auto")["spec"]["replicas"] == 2
+    kube.patch(IM_API, "InferenceModel", namespace, "auto", {"spec": {"autoscaling": {"enabled": False}, "replicas": 1}})
     wait_gone(kube, "autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto")
-    wait_child(kube, "apps/v1", "Deployment", namespace, "auto", lambda d: d["spec"]["replicas"] == 2)
+    wait_child(kube, "apps/v1", "Deployment", namespace, "auto", lambda d: d["spec"]["replicas"] == 1)
 
 
 def test_missing_secret_fails_clearly_until_it_exists(kube: Kube, namespace: str) -> None:
