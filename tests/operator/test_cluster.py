@@ -256,12 +256,12 @@ def test_deleting_the_model_garbage_collects_every_child(kube: Kube, namespace: 
 
 
 def test_restart_and_handover_change_nothing(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
-    kube.create(inference_model("steady", namespace, replicas=2, model={"source": SOURCE, "cache": {"size": "1Gi"}}))
+    kube.create(inference_model("steady", namespace, replicas=2))
     wait_for(lambda: (get_im(kube, namespace, "steady").get("status") or {}).get("readyReplicas") == 2
              and condition(get_im(kube, namespace, "steady"), "Progressing").get("status") == "False",
              timeout=60, what="a settled model")
     objects = [(IM_API, "InferenceModel", "steady"), ("apps/v1", "Deployment", "steady"), ("v1", "Service", "steady"),
-               ("policy/v1", "PodDisruptionBudget", "steady"), ("v1", "PersistentVolumeClaim", "steady-model-cache")]
+               ("policy/v1", "PodDisruptionBudget", "steady")]
 
     def versions() -> dict[str, str]:
         return {kind: kube.get(api, kind, namespace, name)["metadata"]["resourceVersion"] for api, kind, name in objects}
