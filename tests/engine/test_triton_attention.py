@@ -13,6 +13,7 @@ the output); bf16 on GPU 2e-2 (8-bit mantissa).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing
@@ -34,8 +35,8 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GPU_TOLERANCE = TOLERANCE | {torch.float32: 1e-4}  # FMA dots sum in another order than float64
 
 
-@pytest.fixture(scope="module")
-def interp() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+@contextlib.contextmanager
+def interpreter_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
     """One worker process whose Triton runs in interpreter mode.
 
     ``TRITON_INTERPRET`` must be set before triton is imported (its own helpers such as
@@ -54,24 +55,40 @@ def interp() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
-    yield pool
-    pool.shutdown()
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
 
 
-def in_interpreter(pool: concurrent.futures.ProcessPoolExecutor, check: Callable[..., object], *args: object):
-    """Run ``check(backend, *args)`` in the interpreter worker; assertion errors come back here."""
-    return pool.submit(_call_with_interpreted_backend, check, args).result(timeout=300)
+@pytest.fixture(scope="module")
+def interp() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    with interpreter_pool() as pool:
+        yield pool
 
 
-def _call_with_interpreted_backend(check: Callable[..., object], args: tuple) -> object:
-    from kubeinfer.engine.layers import triton_attention as backend
+def in_interpreter(
+    pool: concurrent.futures.ProcessPoolExecutor,
+    check: Callable[..., object],
+    *args: object,
+    module: str = "kubeinfer.engine.layers.triton_attention",
+):
+    """Run ``check(module, *args)`` in the interpreter worker; assertion errors come back here."""
+    return pool.submit(_call_with_interpreted_module, module, check, args).result(timeout=300)
+
+
+def _call_with_interpreted_module(module_name: str, check: Callable[..., object], args: tuple) -> object:
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
-    kernels = (backend._store_kv_kernel, backend._paged_attention_kernel, backend._reduce_splits_kernel)
-    assert all(isinstance(k, InterpretedFunction) for k in kernels), (
-        "kernels must run in the Triton interpreter"
-    )
-    return check(backend, *args)
+    module = importlib.import_module(module_name)
+    kernels = {
+        name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction | InterpretedFunction)
+    }
+    assert kernels, f"{module_name} defines no Triton kernels"
+    compiled = [name for name, obj in kernels.items() if not isinstance(obj, InterpretedFunction)]
+    assert not compiled, f"kernels {compiled} would not run in the Triton interpreter"
+    return check(module, *args)
 
 
 # --------------------------------------------------------------------------- batch building
@@ -454,8 +471,7 @@ def local_memory_bytes(compiled) -> int | None:
     return int(found.group(1)) if found else None
 
 
-@pytest.fixture(scope="module")
-def compiled_backend() -> ModuleType:
+def skip_unless_sm90_compiles() -> None:
     from kubeinfer.engine.layers import triton_attention
     from triton.runtime.jit import JITFunction
 
@@ -463,6 +479,13 @@ def compiled_backend() -> ModuleType:
         pytest.skip("TRITON_INTERPRET is set in this process: kernels are not compiled")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton build ships no ptxas: cannot compile for sm_90 here")
+
+
+@pytest.fixture(scope="module")
+def compiled_backend() -> ModuleType:
+    skip_unless_sm90_compiles()
+    from kubeinfer.engine.layers import triton_attention
+
     return triton_attention
 
 
