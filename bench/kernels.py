@@ -1,13 +1,15 @@
-"""GPU microbenchmark of the Triton attention backend (needs a CUDA GPU).
+"""GPU microbenchmark of the Triton kernels (needs a CUDA GPU).
 
-Decode: batch 1/32/128 x context 512/2048/8192, one new token per sequence, every sequence
-at the full context, block tables shuffled (a fragmented cache). Prefill: 2048-token prompts.
-Mixed: one prefill chunk plus many decodes in a single launch (what continuous batching runs).
-Also the KV-cache write. Each row reports time per call (median, ``triton.testing.do_bench``),
-effective memory bandwidth (bytes the kernel must move / time) against the device's peak,
-compute throughput for prefill, and the same work done by ``torch.nn.functional.
-scaled_dot_product_attention`` over a contiguous (unpaged) cache as the baseline, plus the
-largest difference between the two outputs.
+Attention decode: batch 1/32/128 x context 512/2048/8192, one new token per sequence, every
+sequence at the full context, block tables shuffled (a fragmented cache). Prefill: 2048-token
+prompts. Mixed: one prefill chunk plus many decodes in a single launch (continuous batching).
+Also the KV-cache write and the fused RMSNorm(+residual) and SiLU-and-mul kernels (for those
+the ``ctx`` column is the hidden/intermediate width and the baseline is torch eager).
+
+Each row: time per call (median of ``triton.testing.do_bench``), effective memory bandwidth
+(bytes the kernel must move / time) against the device's peak, TFLOP/s for prefill, the torch
+baseline (attention: ``F.scaled_dot_product_attention`` over a contiguous, unpaged copy of the
+same cache) and the largest difference between the two outputs.
 
     python bench/kernels.py                       # Llama-3-8B attention shape, bf16
     python bench/kernels.py --heads 9 --kv-heads 3 --head-dim 64     # SmolLM2-135M
@@ -35,11 +37,11 @@ class Row:
     query_len: int
     context: int
     triton_us: float
-    sdpa_us: float | None
-    speedup: float | None  # sdpa time / triton time
+    torch_us: float | None
+    speedup: float | None  # torch baseline time / triton time
     triton_gbps: float
     peak_pct: float | None
-    sdpa_gbps: float | None
+    torch_gbps: float | None
     triton_tflops: float | None
     num_splits: int | None
     max_abs_diff: float | None
@@ -134,10 +136,10 @@ def bench_decode(batch, context, args, peak) -> Row:
         return ta.paged_attention(pb.query, pb.k_cache, pb.v_cache, pb.metadata, scale)
 
     diff = (paged().float() - sdpa().squeeze(2).float()).abs().max().item()
-    t_triton, t_sdpa = time_us(paged), time_us(sdpa)
+    t_triton, t_torch = time_us(paged), time_us(sdpa)
     config = ta._launch_config(pb.query, args.kv_heads, pb.metadata)
     return make_row(
-        "decode", batch, 1, context, pb.kv_bytes + pb.qo_bytes, None, t_triton, t_sdpa, peak, config, diff
+        "decode", batch, 1, context, pb.kv_bytes + pb.qo_bytes, None, t_triton, t_torch, peak, config, diff
     )
 
 
@@ -160,7 +162,7 @@ def bench_prefill(batch, length, args, peak) -> Row:
     expected = sdpa().transpose(1, 2).reshape(batch * length, args.heads, args.head_dim)
     diff = (paged().float() - expected.float()).abs().max().item()
     flops = 4 * batch * args.heads * args.head_dim * length * (length + 1) / 2  # QK^T and PV, causal half
-    t_triton, t_sdpa = time_us(paged), time_us(sdpa)
+    t_triton, t_torch = time_us(paged), time_us(sdpa)
     config = ta._launch_config(pb.query, args.kv_heads, pb.metadata)
     return make_row(
         "prefill",
@@ -170,7 +172,7 @@ def bench_prefill(batch, length, args, peak) -> Row:
         pb.kv_bytes + pb.qo_bytes,
         flops,
         t_triton,
-        t_sdpa,
+        t_torch,
         peak,
         config,
         diff,
@@ -217,7 +219,48 @@ def bench_store(num_tokens, args, peak) -> Row:
     return make_row("store_kv_cache", num_tokens, 1, 1, moved, None, t, None, peak, None, None)
 
 
-def make_row(case, batch, query_len, context, moved, flops, t_triton, t_sdpa, peak, config, diff) -> Row:
+def bench_rms_norm(num_tokens, hidden, args, peak) -> Row:
+    """Fused residual add + RMSNorm vs the same arithmetic in torch eager (norm.RMSNorm)."""
+    from kubeinfer.engine.layers.norm import RMSNorm
+    from kubeinfer.engine.layers.triton_norm import rms_norm
+
+    dtype = DTYPES[args.dtype]
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=dtype)
+    residual = torch.randn_like(x)
+    norm = RMSNorm(hidden, eps=1e-5).to(device="cuda", dtype=dtype)
+    with torch.no_grad():
+        diff = (
+            (rms_norm(x, norm.weight, 1e-5, residual)[0].float() - norm(x, residual)[0].float())
+            .abs()
+            .max()
+            .item()
+        )
+        t_triton = time_us(lambda: rms_norm(x, norm.weight, 1e-5, residual))
+        t_torch = time_us(lambda: norm(x, residual))
+    moved = 4 * x.numel() * x.element_size()  # read x and residual, write out and the sum
+    return make_row(
+        "rms_norm+residual", num_tokens, 1, hidden, moved, None, t_triton, t_torch, peak, None, diff
+    )
+
+
+def bench_silu_and_mul(num_tokens, intermediate, args, peak) -> Row:
+    from kubeinfer.engine.layers.triton_activation import silu_and_mul
+
+    x = torch.randn(num_tokens, 2 * intermediate, device="cuda", dtype=DTYPES[args.dtype])
+
+    def eager():
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    diff = (silu_and_mul(x).float() - eager().float()).abs().max().item()
+    t_triton, t_torch = time_us(lambda: silu_and_mul(x)), time_us(eager)
+    moved = 3 * num_tokens * intermediate * x.element_size()  # read gate and up, write out
+    return make_row(
+        "silu_and_mul", num_tokens, 1, intermediate, moved, None, t_triton, t_torch, peak, None, diff
+    )
+
+
+def make_row(case, batch, query_len, context, moved, flops, t_triton, t_torch, peak, config, diff) -> Row:
     gbps = moved / (t_triton * 1e-6) / 1e9
     return Row(
         case=case,
@@ -225,11 +268,11 @@ def make_row(case, batch, query_len, context, moved, flops, t_triton, t_sdpa, pe
         query_len=query_len,
         context=context,
         triton_us=round(t_triton, 2),
-        sdpa_us=None if t_sdpa is None else round(t_sdpa, 2),
-        speedup=None if t_sdpa is None else round(t_sdpa / t_triton, 2),
+        torch_us=None if t_torch is None else round(t_torch, 2),
+        speedup=None if t_torch is None else round(t_torch / t_triton, 2),
         triton_gbps=round(gbps, 1),
         peak_pct=None if peak is None else round(100 * gbps / peak, 1),
-        sdpa_gbps=None if t_sdpa is None else round(moved / (t_sdpa * 1e-6) / 1e9, 1),
+        torch_gbps=None if t_torch is None else round(moved / (t_torch * 1e-6) / 1e9, 1),
         triton_tflops=None if flops is None else round(flops / (t_triton * 1e-6) / 1e12, 1),
         num_splits=None if config is None else config.num_splits,
         max_abs_diff=None if diff is None else float(f"{diff:.3g}"),
@@ -253,11 +296,11 @@ def print_table(rows: list[Row]) -> None:
         ("q_len", "query_len"),
         ("ctx", "context"),
         ("triton us", "triton_us"),
-        ("sdpa us", "sdpa_us"),
+        ("torch us", "torch_us"),
         ("speedup", "speedup"),
         ("GB/s", "triton_gbps"),
         ("% peak", "peak_pct"),
-        ("sdpa GB/s", "sdpa_gbps"),
+        ("torch GB/s", "torch_gbps"),
         ("TFLOP/s", "triton_tflops"),
         ("splits", "num_splits"),
         ("max|diff|", "max_abs_diff"),
@@ -281,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--prefill", type=int, nargs="+", default=[2048], help="prompt lengths (batch 1)")
+    parser.add_argument("--intermediate", type=int, help="MLP width for silu_and_mul (default 3.5 x hidden)")
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH ('-' = stdout)")
     args = parser.parse_args(argv)
 
@@ -311,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(bench_mixed(63, 2048, 512, args, peak))
     for num_tokens in (128, 2048):
         rows.append(bench_store(num_tokens, args, peak))
+    hidden = args.heads * args.head_dim
+    for num_tokens in (128, 2048):
+        rows.append(bench_rms_norm(num_tokens, hidden, args, peak))
+        rows.append(bench_silu_and_mul(num_tokens, args.intermediate or round(3.5 * hidden), args, peak))
     print_table(rows)
 
     if args.json:
