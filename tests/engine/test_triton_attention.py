@@ -394,11 +394,18 @@ def test_reference_detects_a_wrong_answer(interp):
     in_interpreter(interp, check_reference_detects_a_wrong_answer)
 
 
-def check_agrees_with_torch_backend(backend: ModuleType, torch_backend_name: str) -> None:
-    torch_backend = importlib.import_module(torch_backend_name)
-    query_lens, seq_lens = SHAPES["mixed"]
+def check_agrees_with_torch_backend(backend: ModuleType, shape: str, queries_per_kv: int) -> None:
+    from kubeinfer.engine.layers import attention as torch_backend
+
+    query_lens, seq_lens = SHAPES[shape]
     batch = make_batch(
-        query_lens, seq_lens, block_size=8, num_kv_heads=2, queries_per_kv=3, head_dim=64, dtype=torch.float32
+        query_lens,
+        seq_lens,
+        block_size=8,
+        num_kv_heads=2,
+        queries_per_kv=queries_per_kv,
+        head_dim=64,
+        dtype=torch.float32,
     )
     out, k_cache, v_cache = run_backend(backend, batch)
     expected, ref_k, ref_v = run_backend(torch_backend, batch)
@@ -406,11 +413,11 @@ def check_agrees_with_torch_backend(backend: ModuleType, torch_backend_name: str
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
-def test_agrees_with_production_torch_backend(interp):
-    """Both backends implement one contract; compare them directly on a mixed batch."""
-    name = "kubeinfer.engine.layers.attention"
-    pytest.importorskip(name, reason="torch backend (engine/layers/attention.py) not landed yet")
-    in_interpreter(interp, check_agrees_with_torch_backend, name)
+@pytest.mark.parametrize("queries_per_kv", [1, 3], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+def test_agrees_with_production_torch_backend(interp, shape, queries_per_kv):
+    """Both backends implement one contract (engine/layers/attention.py is the CPU one): compare directly."""
+    in_interpreter(interp, check_agrees_with_torch_backend, shape, queries_per_kv)
 
 
 # --------------------------------------------------------------------------- sm_90 compile checks
@@ -692,3 +699,26 @@ def test_cuda_graph_replay_as_contexts_grow(capture_max_seq_len):
     expected = reference_attention(batch["query"], k_cache, v_cache, md, scale)
     tol = GPU_TOLERANCE[torch.bfloat16]
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_agrees_with_torch_backend():
+    from kubeinfer.engine.layers import attention as torch_backend
+    from kubeinfer.engine.layers import triton_attention
+
+    batch = make_batch(
+        [300, 1, 77, 1],
+        [300, 2048, 900, 33],
+        block_size=16,
+        num_kv_heads=3,
+        queries_per_kv=3,
+        head_dim=64,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    out, k_cache, v_cache = run_backend(triton_attention, batch)
+    expected, ref_k, ref_v = run_backend(torch_backend, batch)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    tol = GPU_TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
