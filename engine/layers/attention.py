@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -31,17 +32,30 @@ def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
+_workspaces: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _gather_blocks(name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``cache[blocks]`` written into a reused buffer: fresh multi-MB tensors every layer cost more in
+    page faults than the copy itself on the CPU."""
+    numel = blocks.numel() * cache[0].numel()
+    key = (name, cache.dtype, cache.device)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _workspaces[key] = torch.empty(numel, dtype=cache.dtype, device=cache.device)
+    out = buf[:numel].view(blocks.numel(), *cache.shape[1:])
+    return torch.index_select(cache, 0, blocks.reshape(-1), out=out)
+
+
 def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                      scale: float) -> torch.Tensor:
-    """One query per sequence: a single batched gather of the blocks and one masked SDPA."""
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence: a single batched gather of the blocks and one masked SDPA.
+    ``block_tables`` holds exactly the blocks of the longest sequence."""
     n, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_blocks = -(-max_seq_len // block_size)
-    blocks = block_tables[:, :num_blocks]
-    length = num_blocks * block_size
-    k = k_cache[blocks].view(n, length, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache[blocks].view(n, length, num_kv_heads, head_dim).transpose(1, 2)
+    length = block_tables.shape[1] * block_size
+    k = _gather_blocks("k", k_cache, block_tables).view(n, length, num_kv_heads, head_dim).transpose(1, 2)
+    v = _gather_blocks("v", v_cache, block_tables).view(n, length, num_kv_heads, head_dim).transpose(1, 2)
     mask = torch.arange(length, device=query.device) < seq_lens.unsqueeze(1)
     # The query heads that share a KV head become query rows of that head: no K/V repeat.
     q = query.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -55,8 +69,8 @@ def _prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q_len, _, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     blocks = block_table[: -(-seq_len // block_size)]
-    k = k_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-    v = v_cache[blocks].view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+    k = _gather_blocks("k", k_cache, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+    v = _gather_blocks("v", v_cache, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
     q = query.transpose(0, 1)
     if q_len == seq_len:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -67,28 +81,77 @@ def _prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.transpose(0, 1)
 
 
+@dataclass
+class _DecodeGroup:
+    rows: torch.Tensor | None  # query rows of the group (None: the whole batch, in order)
+    block_tables: torch.Tensor  # [n, blocks of the group's longest sequence]
+    seq_lens: torch.Tensor
+
+
+@dataclass
+class _Plan:
+    """How one step's batch is split, built once per step and shared by every layer."""
+
+    prefills: list[tuple[int, int, int, int]]  # (sequence, first query row, q_len, seq_len)
+    decode_groups: list[_DecodeGroup]
+
+
+def _group_decodes(md: AttentionMetadata, decodes: list[int], rows: list[int]) -> list[_DecodeGroup]:
+    """Decodes sorted by length into at most 4 groups, so short contexts are not padded to the longest.
+    Fewer groups are used when padding stays small (each group costs one gather + SDPA per layer)."""
+    if not decodes:
+        return []
+    lens = [md.seq_lens_cpu[i] for i in decodes]
+    order = sorted(range(len(decodes)), key=lens.__getitem__)
+    chunks = [order]
+    for k in (1, 2, 3, 4):
+        chunks = [order[j * len(order) // k:(j + 1) * len(order) // k] for j in range(k)]
+        chunks = [c for c in chunks if c]
+        padded = sum(len(c) * -(-lens[c[-1]] // md.block_size) for c in chunks) * md.block_size
+        if padded <= 1.25 * sum(lens):
+            break
+    groups = []
+    whole = len(chunks) == 1 and len(decodes) == md.num_seqs
+    for chunk in chunks:
+        seqs = torch.tensor([decodes[j] for j in chunk], device=md.seq_lens.device)
+        num_blocks = -(-lens[chunk[-1]] // md.block_size)
+        if whole:
+            groups.append(_DecodeGroup(None, md.block_tables[:, :num_blocks].long(), md.seq_lens))
+        else:
+            group_rows = torch.tensor([rows[j] for j in chunk], device=md.seq_lens.device)
+            groups.append(_DecodeGroup(group_rows, md.block_tables[seqs, :num_blocks].long(), md.seq_lens[seqs]))
+    return groups
+
+
+def _plan(md: AttentionMetadata) -> _Plan:
+    plan = getattr(md, "_torch_attention_plan", None)
+    if plan is None:
+        prefills, decodes, rows, start = [], [], [], 0
+        for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
+            if q_len == 1:
+                decodes.append(i)
+                rows.append(start)
+            else:
+                prefills.append((i, start, q_len, seq_len))
+            start += q_len
+        plan = _Plan(prefills, _group_decodes(md, decodes, rows))
+        md._torch_attention_plan = plan  # cached on this step's metadata: every layer reuses it
+    return plan
+
+
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     attn_metadata: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention of the flat batch's queries ``[T, heads, head_dim]`` over each sequence's cached context."""
-    md = attn_metadata
-    if md.is_pure_decode:
-        return _decode_attention(query, k_cache, v_cache, md.block_tables, md.seq_lens, md.max_seq_len, scale)
+    plan = _plan(attn_metadata)
+    groups = plan.decode_groups
+    if not plan.prefills and len(groups) == 1 and groups[0].rows is None:
+        return _decode_attention(query, k_cache, v_cache, groups[0].block_tables, groups[0].seq_lens, scale)
     out = torch.empty_like(query)
-    decodes: list[int] = []
-    start = 0
-    for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
-        if q_len == 1:
-            decodes.append(i)
-        else:
-            out[start:start + q_len] = _prefill_attention(
-                query[start:start + q_len], k_cache, v_cache, md.block_tables[i], seq_len, scale)
-        start += q_len
-    if decodes:  # decodes inside a mixed batch still run as one batched call
-        idx = torch.tensor(decodes, device=query.device)
-        rows = md.query_start_loc[idx].long()
-        max_len = max(md.seq_lens_cpu[i] for i in decodes)
-        out[rows] = _decode_attention(query[rows], k_cache, v_cache, md.block_tables[idx], md.seq_lens[idx],
-                                      max_len, scale)
+    for i, start, q_len, seq_len in plan.prefills:
+        out[start:start + q_len] = _prefill_attention(
+            query[start:start + q_len], k_cache, v_cache, attn_metadata.block_tables[i], seq_len, scale)
+    for g in groups:
+        out[g.rows] = _decode_attention(query[g.rows], k_cache, v_cache, g.block_tables, g.seq_lens, scale)
     return out
 
 

@@ -67,6 +67,8 @@ def _run(shapes: list[tuple[int, int]], seed: int = 0):
     [(7, 7), (3, 3)],                           # prefill
     [(5, 13), (4, 4)],                          # chunked prefill over cached blocks
     [(1, 10), (6, 11), (1, 3), (2, 8), (1, 1)],  # mixed: decodes between prefills
+    [(1, 3), (1, 60), (1, 2), (1, 33), (1, 61), (1, 1), (1, 17)],  # decode, spread lengths: grouped
+    [(1, 50), (3, 9), (1, 2), (1, 45), (1, 1)],  # mixed with spread decodes
 ])
 def test_matches_dense_reference(shapes) -> None:
     out, ref = _run(shapes)
