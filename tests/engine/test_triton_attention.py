@@ -318,6 +318,28 @@ def test_prefill_launch_shapes(interp, block_m, tile_n):
     in_interpreter(interp, check_case, batch, config)
 
 
+def check_query_from_fused_qkv(backend: ModuleType) -> None:
+    """Q arrives as a strided view of one fused qkv projection, not a contiguous tensor."""
+    batch = make_batch(
+        [1, 9, 1, 4],
+        [33, 9, 5, 20],
+        block_size=8,
+        num_kv_heads=2,
+        queries_per_kv=3,
+        head_dim=64,
+        dtype=torch.float32,
+    )
+    query = batch["query"]
+    qkv = torch.cat([query.flatten(1), torch.randn(query.shape[0], 2 * 2 * 64)], dim=1)
+    batch["query"] = qkv[:, : query[0].numel()].view(query.shape)
+    assert not batch["query"].is_contiguous()
+    check_against_reference(backend, batch)
+
+
+def test_query_from_fused_qkv(interp):
+    in_interpreter(interp, check_query_from_fused_qkv)
+
+
 def check_store_skips_negative_slots(backend: ModuleType) -> None:
     num_blocks, block_size, kv_heads, head_dim = 4, 8, 2, 64
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim)
