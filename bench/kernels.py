@@ -14,6 +14,7 @@ same cache) and the largest difference between the two outputs.
     python bench/kernels.py                       # Llama-3-8B attention shape, bf16
     python bench/kernels.py --heads 9 --kv-heads 3 --head-dim 64     # SmolLM2-135M
     python bench/kernels.py --json results.json   # also write the rows as JSON ('-' = stdout)
+    python bench/kernels.py --sweep               # also time other launch configs (retuning aid)
 """
 
 from __future__ import annotations
@@ -260,6 +261,60 @@ def bench_silu_and_mul(num_tokens, intermediate, args, peak) -> Row:
     )
 
 
+def sweep_attention(args) -> list[dict]:
+    """Time a small grid of launch configs on representative shapes, to retune ``_launch_config``."""
+    results = []
+    for kind, batch, context in [
+        ("decode", 1, 8192),
+        ("decode", 32, 2048),
+        ("decode", 128, 2048),
+        ("prefill", 1, 2048),
+    ]:
+        results.append(sweep_case(kind, batch, context, args))
+        torch.cuda.empty_cache()
+        r = results[-1]
+        print(f"{r['case']}: default {r['default_us']} us {r['default']}; best {r['best_us']} us {r['best']}")
+    return results
+
+
+def sweep_case(kind: str, batch: int, context: int, args) -> dict:
+    import itertools
+
+    from kubeinfer.engine.layers import triton_attention as ta
+
+    q_len = context if kind == "prefill" else 1
+    pb = PagedBatch([q_len] * batch, [context] * batch, **model_kwargs(args))
+    scale = args.head_dim**-0.5
+    qpk = args.heads // args.kv_heads
+    min_m = max(16, 1 << (qpk - 1).bit_length())
+    default = ta._launch_config(pb.query, args.kv_heads, pb.metadata)
+    if kind == "prefill":
+        grid = itertools.product([64, 128], [32, 64, 128], [1], [4, 8], [2, 3])
+    else:
+        splits = sorted({max(1, default.num_splits // 2), default.num_splits, default.num_splits * 2})
+        grid = itertools.product([min_m], [32, 64, 128], splits, [2, 4], [2, 3, 4])
+
+    def run(config):
+        return ta.paged_attention_with_config(pb.query, pb.k_cache, pb.v_cache, pb.metadata, scale, config)
+
+    timed = []
+    for block_m, tile_n, num_splits, num_warps, num_stages in grid:
+        config = ta.LaunchConfig(max(block_m, min_m), tile_n, num_splits, num_warps, num_stages)
+        try:
+            timed.append((time_us(lambda c=config: run(c)), config))
+        except Exception as exc:  # out of shared memory / registers: not a candidate
+            print(f"  skip {config}: {type(exc).__name__}", file=sys.stderr)
+    timed.sort(key=lambda tc: tc[0])
+    return {
+        "case": f"{kind} b={batch} ctx={context}",
+        "default_us": round(time_us(lambda: run(default)), 2),
+        "default": asdict(default),
+        "best_us": round(timed[0][0], 2),
+        "best": asdict(timed[0][1]),
+        "top3": [(round(t, 2), asdict(c)) for t, c in timed[:3]],
+    }
+
+
 def make_row(case, batch, query_len, context, moved, flops, t_triton, t_torch, peak, config, diff) -> Row:
     gbps = moved / (t_triton * 1e-6) / 1e9
     return Row(
@@ -325,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--prefill", type=int, nargs="+", default=[2048], help="prompt lengths (batch 1)")
     parser.add_argument("--intermediate", type=int, help="MLP width for silu_and_mul (default 3.5 x hidden)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time a grid of attention launch configs (for retuning)"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH ('-' = stdout)")
     args = parser.parse_args(argv)
 
@@ -360,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_rms_norm(num_tokens, hidden, args, peak))
         rows.append(bench_silu_and_mul(num_tokens, args.intermediate or round(3.5 * hidden), args, peak))
     print_table(rows)
+    sweep = sweep_attention(args) if args.sweep else None
 
     if args.json:
         payload = {
@@ -368,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "shape": {k: v for k, v in vars(args).items() if k != "json"},
             "rows": [asdict(r) for r in rows],
+            "sweep": sweep,
         }
         text = json.dumps(payload, indent=2)
         if args.json == "-":
