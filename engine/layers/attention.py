@@ -47,19 +47,22 @@ def _gather_blocks(name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torc
     return torch.index_select(cache, 0, blocks.reshape(-1), out=out)
 
 
-def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per sequence: a single batched gather of the blocks and one masked SDPA.
-    ``block_tables`` holds exactly the blocks of the longest sequence."""
+def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _DecodeGroup,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence: a single batched gather of the blocks and one masked SDPA."""
     n, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    length = block_tables.shape[1] * block_size
-    k = _gather_blocks("k", k_cache, block_tables).view(n, length, num_kv_heads, head_dim).transpose(1, 2)
-    v = _gather_blocks("v", v_cache, block_tables).view(n, length, num_kv_heads, head_dim).transpose(1, 2)
-    mask = torch.arange(length, device=query.device) < seq_lens.unsqueeze(1)
+    num_kv_heads = k_cache.shape[2]
+    k = _gather_blocks("k", k_cache, group.block_tables).view(n, -1, num_kv_heads, head_dim)
+    v = _gather_blocks("v", v_cache, group.block_tables).view(n, -1, num_kv_heads, head_dim)
+    if group.pad_index is not None:
+        # Slots past a sequence's end may hold anything (an uninitialised cache can hold NaN, and
+        # 0 * NaN = NaN after the softmax): zero them, the mask then removes their weight.
+        k.view(-1, num_kv_heads * head_dim).index_fill_(0, group.pad_index, 0)
+        v.view(-1, num_kv_heads * head_dim).index_fill_(0, group.pad_index, 0)
     # The query heads that share a KV head become query rows of that head: no K/V repeat.
     q = query.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=group.mask,
+                                         scale=scale)
     return out.reshape(n, num_heads, head_dim)
 
 
@@ -84,8 +87,9 @@ def _prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 @dataclass
 class _DecodeGroup:
     rows: torch.Tensor | None  # query rows of the group (None: the whole batch, in order)
-    block_tables: torch.Tensor  # [n, blocks of the group's longest sequence]
-    seq_lens: torch.Tensor
+    block_tables: torch.Tensor  # int64 [n, blocks of the group's longest sequence]
+    mask: torch.Tensor  # bool [n, 1, 1, positions]: True where a position is inside the sequence
+    pad_index: torch.Tensor | None  # flat (sequence, position) indices outside the sequences
 
 
 @dataclass
@@ -94,6 +98,21 @@ class _Plan:
 
     prefills: list[tuple[int, int, int, int]]  # (sequence, first query row, q_len, seq_len)
     decode_groups: list[_DecodeGroup]
+
+
+def _decode_group(md: AttentionMetadata, seqs: list[int], rows: list[int] | None) -> _DecodeGroup:
+    lens = torch.tensor([md.seq_lens_cpu[i] for i in seqs])
+    num_blocks = -(-int(lens.max()) // md.block_size)
+    inside = torch.arange(num_blocks * md.block_size) < lens.unsqueeze(1)
+    pad_index = (~inside).view(-1).nonzero().squeeze(1)
+    device = md.block_tables.device
+    if rows is None:
+        tables = md.block_tables[:, :num_blocks]
+    else:
+        tables = md.block_tables[torch.tensor(seqs, device=device), :num_blocks]
+    return _DecodeGroup(
+        rows=None if rows is None else torch.tensor(rows, device=device), block_tables=tables.long(),
+        mask=inside[:, None, None, :].to(device), pad_index=pad_index.to(device) if pad_index.numel() else None)
 
 
 def _group_decodes(md: AttentionMetadata, decodes: list[int], rows: list[int]) -> list[_DecodeGroup]:
@@ -110,17 +129,9 @@ def _group_decodes(md: AttentionMetadata, decodes: list[int], rows: list[int]) -
         padded = sum(len(c) * -(-lens[c[-1]] // md.block_size) for c in chunks) * md.block_size
         if padded <= 1.25 * sum(lens):
             break
-    groups = []
-    whole = len(chunks) == 1 and len(decodes) == md.num_seqs
-    for chunk in chunks:
-        seqs = torch.tensor([decodes[j] for j in chunk], device=md.seq_lens.device)
-        num_blocks = -(-lens[chunk[-1]] // md.block_size)
-        if whole:
-            groups.append(_DecodeGroup(None, md.block_tables[:, :num_blocks].long(), md.seq_lens))
-        else:
-            group_rows = torch.tensor([rows[j] for j in chunk], device=md.seq_lens.device)
-            groups.append(_DecodeGroup(group_rows, md.block_tables[seqs, :num_blocks].long(), md.seq_lens[seqs]))
-    return groups
+    if len(chunks) == 1 and len(decodes) == md.num_seqs:
+        return [_decode_group(md, decodes, None)]
+    return [_decode_group(md, [decodes[j] for j in c], [rows[j] for j in c]) for c in chunks]
 
 
 def _plan(md: AttentionMetadata) -> _Plan:
@@ -145,13 +156,13 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     plan = _plan(attn_metadata)
     groups = plan.decode_groups
     if not plan.prefills and len(groups) == 1 and groups[0].rows is None:
-        return _decode_attention(query, k_cache, v_cache, groups[0].block_tables, groups[0].seq_lens, scale)
+        return _decode_attention(query, k_cache, v_cache, groups[0], scale)
     out = torch.empty_like(query)
     for i, start, q_len, seq_len in plan.prefills:
         out[start:start + q_len] = _prefill_attention(
             query[start:start + q_len], k_cache, v_cache, attn_metadata.block_tables[i], seq_len, scale)
     for g in groups:
-        out[g.rows] = _decode_attention(query[g.rows], k_cache, v_cache, g.block_tables, g.seq_lens, scale)
+        out[g.rows] = _decode_attention(query[g.rows], k_cache, v_cache, g, scale)
     return out
 
 

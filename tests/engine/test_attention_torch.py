@@ -28,8 +28,9 @@ def _run(shapes: list[tuple[int, int]], seed: int = 0):
     then runs one step; returns our output and the reference."""
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-s // BLOCK) for _, s in shapes) + 2
-    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g)  # garbage outside the context
-    v_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=g)
+    # an uninitialised cache: NaN outside the contexts must not leak into the result
+    k_cache = torch.full((num_blocks, BLOCK, KV_HEADS, DIM), float("nan"))
+    v_cache = torch.full((num_blocks, BLOCK, KV_HEADS, DIM), float("nan"))
     free = list(range(num_blocks))
     random.Random(seed).shuffle(free)
     tables, ks, vs, slots, cached_slots, qs = [], [], [], [], [], []
