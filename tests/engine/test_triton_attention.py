@@ -340,6 +340,48 @@ def test_query_from_fused_qkv(interp):
     in_interpreter(interp, check_query_from_fused_qkv)
 
 
+def check_padded_decode_batch(backend: ModuleType, num_splits: int) -> None:
+    """CUDA-graph style padding: extra sequences with one query, no context, slot -1 and an all-zero block table."""
+    batch = make_batch(
+        [1, 1, 1],
+        [9, 30, 2],
+        block_size=8,
+        num_kv_heads=2,
+        queries_per_kv=3,
+        head_dim=64,
+        dtype=torch.float32,
+    )
+    md, pad = batch["metadata"], 2
+    padded_md = dataclasses.replace(
+        md,
+        slot_mapping=torch.cat([md.slot_mapping, torch.full((pad,), -1)]),
+        query_start_loc=torch.arange(md.num_seqs + pad + 1, dtype=torch.int32),
+        seq_lens=torch.cat([md.seq_lens, torch.zeros(pad, dtype=torch.int32)]),
+        block_tables=torch.cat(
+            [md.block_tables, torch.zeros(pad, md.block_tables.shape[1], dtype=torch.int32)]
+        ),
+        query_lens_cpu=md.query_lens_cpu + [1] * pad,
+        seq_lens_cpu=md.seq_lens_cpu + [0] * pad,
+    )
+    padded = dict(batch, metadata=padded_md)
+    for name in ("query", "key", "value"):
+        padded[name] = torch.cat([batch[name], torch.randn(pad, *batch[name].shape[1:])])
+    config = backend.LaunchConfig(block_m=16, tile_n=16, num_splits=num_splits, num_warps=4, num_stages=1)
+    out, k_cache, v_cache = run_backend(backend, padded, config)
+    assert torch.equal(k_cache[0], batch["k_cache"][0]) and torch.equal(v_cache[0], batch["v_cache"][0]), (
+        "a padding token wrote into block 0"
+    )
+    expected, *_ = run_backend(backend, batch, config)
+    torch.testing.assert_close(out[:-pad], expected, atol=0, rtol=0)
+    assert torch.isfinite(out[-pad:]).all(), "padding rows must not produce NaN/inf"
+    check_against_reference(backend, batch, config)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_padded_decode_batch(interp, num_splits):
+    in_interpreter(interp, check_padded_decode_batch, num_splits)
+
+
 def check_store_skips_negative_slots(backend: ModuleType) -> None:
     num_blocks, block_size, kv_heads, head_dim = 4, 8, 2, 64
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim)
