@@ -95,10 +95,13 @@ class ModelRunner:
         return self.config.max_model_len
 
     @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.model_config.dtype).element_size()
+
+    @property
     def bytes_per_block(self) -> int:
         cfg = self.model_config
-        element = torch.empty((), dtype=cfg.dtype).element_size()
-        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * element
+        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.element_size
 
     def _determine_num_blocks(self) -> int:
         if self.config.num_gpu_blocks_override is not None:
@@ -147,11 +150,18 @@ class ModelRunner:
         return max(budget, 0)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zeroed (attention reads a partial block's unwritten slots: NaN garbage there would poison it)."""
         cfg = self.model_config
         shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        # torch.empty: untouched CPU pages cost no RAM until a block is first written.
-        return [(torch.empty(shape, dtype=cfg.dtype, device=self.device),
-                 torch.empty(shape, dtype=cfg.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+        if self.device.type != "cpu":
+            return [(torch.zeros(shape, dtype=cfg.dtype, device=self.device),
+                     torch.zeros(shape, dtype=cfg.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+        # On the CPU one calloc'ed buffer: the OS hands out zero pages lazily, so RAM is only
+        # committed for blocks that get written (a large default budget costs nothing up front).
+        per_tensor = num_blocks * self.block_size * cfg.num_kv_heads * cfg.head_dim
+        buffer = torch.from_numpy(np.zeros(2 * cfg.num_layers * per_tensor * self.element_size, dtype=np.uint8))
+        flat = buffer.view(cfg.dtype).view(cfg.num_layers, 2, *shape)
+        return [(flat[i, 0], flat[i, 1]) for i in range(cfg.num_layers)]
 
     # ---- one step -------------------------------------------------------------------------
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -111,7 +111,7 @@ QUESTIONS = ["What is 2+2?", "Name a colour.", "Write a haiku about the sea.", "
              "Explain gravity in one sentence.", "Translate 'cat' to French.", "List three fruits.",
              "What is the capital of Japan?", "Say hello.", "Why is the sky blue?", "Count to five.",
              "What is Python?", "Give me a synonym for happy.", "How many legs does a spider have?",
-             "What is the boiling point of water?", "Tell me a joke.", "Define entropy briefly."]
+             "What is the boiling point of water?", "Tell me a joke."]
 
 
 def test_smollm2_matches_transformers_alone_and_in_pressured_batch(smollm_llm: LLM, smollm_hf) -> None:
@@ -120,7 +120,7 @@ def test_smollm2_matches_transformers_alone_and_in_pressured_batch(smollm_llm: L
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for q in QUESTIONS]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
-    max_new = [8 + (i % 3) * 4 for i in range(len(prompts))]
+    max_new = [6 + (i % 3) * 2 for i in range(len(prompts))]
     expected = [hf_greedy(smollm_hf, p, n) for p, n in zip(prompts, max_new, strict=True)]
 
     assert run_engine(engine, [prompts[2]], [max_new[2]]) == [expected[2]]
