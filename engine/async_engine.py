@@ -224,10 +224,11 @@ class AsyncLLMEngine:
         """Stop the engine thread (after its current step). Safe to call twice."""
         with self._lock:
             self._stop = True
+            loading = self._engine_snapshot is None  # a load cannot be interrupted: don't wait for it
             if self._state != FAILED:
                 self._state = STOPPED
         self._wakeup.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread is not threading.current_thread() and not loading:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------------ requests (event loop)

@@ -43,7 +43,7 @@ class CompletionServing(OpenAIServing):
         jobs = []
         for i, prompt in enumerate(prompts):
             max_tokens = resolve_max_tokens(
-                request.max_tokens, len(prompt.token_ids), self.engine.max_model_len or 0
+                request.max_tokens, len(prompt.token_ids), self.engine.max_model_len or 0, "prompt"
             )
             params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
             jobs.append((f"{base_id}-{i}", prompt.token_ids, params))

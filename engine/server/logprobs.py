@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ def _ranked(entries: dict[int, Any]) -> list[tuple[int, Any]]:
 
 
 def _logprob_value(value: float) -> float:
-    return max(value, -9999.0)  # -inf is not valid JSON
+    """JSON has no -inf or NaN: clamp like vLLM does."""
+    return -9999.0 if math.isnan(value) or value < -9999.0 else value
 
 
 def chat_logprobs(

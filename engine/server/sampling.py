@@ -8,26 +8,28 @@ from kubeinfer.engine.server.errors import OpenAIError, bad_request
 from kubeinfer.engine.server.protocol import SamplingFields
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str = "messages"
+) -> int:
     """vLLM's rule: prompt + completion must fit the context; no max_tokens means "the rest of it"."""
     room = max_model_len - prompt_len
     if requested is None:
         if room <= 0:
-            raise _too_long(prompt_len, max_model_len, None)
+            raise _too_long(prompt_len, max_model_len, None, prompt_param)
         return room
     if requested > room:
-        raise _too_long(prompt_len, max_model_len, requested)
+        raise _too_long(prompt_len, max_model_len, requested, prompt_param)
     return requested
 
 
-def _too_long(prompt_len: int, max_model_len: int, requested: int | None) -> OpenAIError:
+def _too_long(prompt_len: int, max_model_len: int, requested: int | None, prompt_param: str) -> OpenAIError:
     asked = prompt_len + (requested or 0)
     detail = f"{prompt_len} in the prompt" + (f", {requested} in the completion" if requested else "")
     return OpenAIError(
         400,
         f"This model's maximum context length is {max_model_len} tokens. However, you requested "
         f"{asked} tokens ({detail}). Please reduce the length of the prompt or the completion.",
-        param="messages" if requested is None else "max_tokens",
+        param=prompt_param if requested is None else "max_tokens",
         code="context_length_exceeded",
     )
 
