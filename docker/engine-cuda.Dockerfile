@@ -33,17 +33,17 @@ ENV DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --uid 10001 --user-group --no-create-home --home-dir /var/cache/kubeinfer kubeinfer \
- && mkdir -p /var/cache/kubeinfer \
- && chown 10001:10001 /var/cache/kubeinfer
+ && useradd --uid 10001 --user-group --no-create-home --home-dir /cache kubeinfer \
+ && mkdir -p /cache \
+ && chown 10001:10001 /cache
 COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HOME=/var/cache/kubeinfer \
-    HF_HOME=/var/cache/kubeinfer/huggingface \
-    TRITON_CACHE_DIR=/var/cache/kubeinfer/triton
+    HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton
 # Model weights and compiled kernels land here: mount a PVC (spec.model.cache) to keep them.
-VOLUME ["/var/cache/kubeinfer"]
+VOLUME ["/cache"]
 USER 10001:10001
 EXPOSE 8000
 # No HEALTHCHECK: Kubernetes probes /health and /ready.

@@ -55,17 +55,21 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
 {{- end }}
 
+{{- define "kubeinfer.engineCpuImage" -}}
+{{- printf "%s:%s" .Values.engine.cpuImage.repository (default (printf "%s-cpu" .Chart.AppVersion) .Values.engine.cpuImage.tag) }}
+{{- end }}
+
 {{- define "kubeinfer.engineImage" -}}
 {{- printf "%s:%s" .Values.engine.image.repository (default .Chart.AppVersion .Values.engine.image.tag) }}
 {{- end }}
 
-{{/* Facts of the operator's code (kubeinfer.operator): where it answers liveness and metrics. */}}
+{{/* The operator's liveness endpoint (kopf's, on KUBEINFER_LIVENESS_PORT). */}}
 {{- define "kubeinfer.healthPort" -}}8080{{- end }}
 {{- define "kubeinfer.healthPath" -}}/healthz{{- end }}
-{{- define "kubeinfer.metricsPort" -}}8081{{- end }}
 
-{{/* Labels the operator puts on every engine pod (kubeinfer.operator's render functions). */}}
+{{/* Labels the operator puts on every engine pod and Service (kubeinfer.operator.render.common). */}}
 {{- define "kubeinfer.enginePodSelector" -}}
+app.kubernetes.io/component: engine
 app.kubernetes.io/managed-by: kubeinfer-operator
 {{- end }}
 {{/* The engine pod label that names its InferenceModel. */}}
