@@ -137,14 +137,20 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
         now = time.time()
         sample_rows, sample_seqs = self._plan_sampling(sched, now)
+        t1 = time.perf_counter()
         result = self.runner.execute(sched.scheduled, sched.block_copies, sample_rows, sample_seqs)
+        t2 = time.perf_counter()
         if result is not None:
             outputs.extend(self._process_samples(sample_seqs, result))
+        timings = self.runner.timings
+        timings["schedule"] += t1 - t0
+        timings["postprocess"] += time.perf_counter() - t2
         return outputs
 
     def _plan_sampling(self, sched: SchedulerOutput, now: float) -> tuple[list[int], list[Sequence]]:
