@@ -1,0 +1,80 @@
+"""Our Dockerfiles, checked without a Docker engine: pinned multi-stage bases, non-root, no HEALTHCHECK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.delivery.dockerfile_lint import base_images, copy_sources, final_stage, parse, problems
+from tests.delivery.tools import REPO
+
+DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
+
+
+def test_the_three_images_exist() -> None:
+    assert [p.name for p in DOCKERFILES] == ["engine-cpu.Dockerfile", "engine-cuda.Dockerfile", "operator.Dockerfile"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_follows_the_rules(dockerfile: Path) -> None:
+    assert problems(dockerfile) == []
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_copied_paths_exist_and_are_not_dockerignored(dockerfile: Path) -> None:
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    for source in copy_sources(parse(dockerfile.read_text())):
+        assert (REPO / source).exists(), source
+        assert source.rstrip("/") not in ignored, f"{source} is excluded by .dockerignore"
+
+
+def test_build_context_leaves_out_the_heavy_and_the_private() -> None:
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for path in (".git", ".venv", "tests", "e2e"):
+        assert path in ignored
+
+
+def test_engine_images_run_the_server_with_a_cache_volume() -> None:
+    from kubeinfer.operator.render.deployment import CACHE_MOUNT, RUN_AS
+
+    for name in ("engine-cuda", "engine-cpu"):
+        final = final_stage(parse((REPO / "docker" / f"{name}.Dockerfile").read_text()))
+        keywords = {ins.keyword: ins.value for ins in final}
+        assert keywords["ENTRYPOINT"] == '["kubeinfer", "serve"]'
+        assert keywords["VOLUME"] == f'["{CACHE_MOUNT}"]', "the operator mounts the model cache there"
+        assert keywords["USER"] == f"{RUN_AS}:{RUN_AS}", "the operator's pods run as the image's uid"
+    cuda = base_images(parse((REPO / "docker" / "engine-cuda.Dockerfile").read_text()))
+    assert all(image.startswith("nvidia/cuda:") and "runtime" in image for image in cuda)
+
+
+def test_operator_image_has_no_torch() -> None:
+    text = (REPO / "docker" / "operator.Dockerfile").read_text()
+    assert ".[operator]" in text and "torch" not in text.replace("no torch", "")
+    assert parse(text)[-1].value == '["kubeinfer", "operator"]'
+
+
+BROKEN = """
+FROM python:latest
+RUN pip install torch
+HEALTHCHECK CMD curl -f http://localhost/health
+ADD https://example.com/x.tar.gz /x
+RUN apt-get update && apt-get install -y curl
+"""
+
+
+def test_the_linter_catches_each_mistake(tmp_path: Path) -> None:
+    path = tmp_path / "Dockerfile"
+    path.write_text(BROKEN)
+    found = "\n".join(problems(path))
+    for expected in ("not multi-stage", "not pinned: python:latest", "HEALTHCHECK", "runs as root",
+                     "ADD of a URL", "--no-cache-dir", "lists in the layer", "--no-install-recommends"):
+        assert expected in found
+
+
+def test_parser_joins_continuations_and_resolves_args() -> None:
+    instructions = parse("ARG BASE=python:3.11-slim\nFROM ${BASE} AS b\nRUN a \\\n  # note\n  && b\nFROM b\nUSER 0\n")
+    assert [i.keyword for i in instructions] == ["ARG", "FROM", "RUN", "FROM", "USER"]
+    assert instructions[2].value == "a && b"
+    assert base_images(instructions) == ["python:3.11-slim", "python:3.11-slim"]
