@@ -82,43 +82,49 @@ def test_helm_install_creates_crd_operator_and_rbac(release: subprocess.Complete
     assert "curl http://127.0.0.1:8000/v1/chat/completions" in notes and "from openai import OpenAI" in notes
 
 
-@pytest.fixture(scope="module")
-def operator_as_service_account(release: subprocess.CompletedProcess[str], kube: Kube,
-                                tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """`kubeinfer operator` authenticated as the chart's ServiceAccount, as its pod would be."""
-    folder = tmp_path_factory.mktemp("chart-operator")
-    kubeconfig = kube.service_account_kubeconfig(NAMESPACE, RELEASE, folder / "kubeconfig")
-    process = OperatorProcess(kubeconfig, folder / "operator.log", lease_namespace=NAMESPACE)
-    process.env["KUBEINFER_ENGINE_IMAGE"] = ENGINE_IMAGE
+def start_operator_as(kube: Kube, namespace: str, account: str, folder: Path, engine_image: str,
+                      watched: str = "") -> OperatorProcess:
+    """`kubeinfer operator` authenticated as a ServiceAccount (TokenRequest), as its pod would be."""
+    kubeconfig = kube.service_account_kubeconfig(namespace, account, folder / "kubeconfig")
+    process = OperatorProcess(kubeconfig, folder / "operator.log", lease_namespace=namespace)
+    process.env.update(KUBEINFER_ENGINE_IMAGE=engine_image, KUBEINFER_OPERATOR_NAMESPACES=watched)
     process.start()
-    yield process
-    process.stop()
+    return process
 
 
-def test_operator_reconciles_with_exactly_the_charts_rbac(operator_as_service_account: OperatorProcess,
-                                                          kube: Kube) -> None:
+def assert_reconciles(kube: Kube, process: OperatorProcess, namespace: str, engine_image: str) -> None:
+    """An InferenceModel gets its children and a status from `process` (its engine image tells it apart)."""
     name = f"rbac-{uuid.uuid4().hex[:6]}"
     kube.create({"apiVersion": "kubeinfer.dev/v1alpha1", "kind": "InferenceModel",
-                 "metadata": {"name": name, "namespace": MODELS_NAMESPACE},
+                 "metadata": {"name": name, "namespace": namespace},
                  "spec": {"model": {"source": "hf://org/tiny"}, "resources": {"gpus": 1},
                           "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 2}}})
     try:
-        deployment = wait_for(lambda: kube.get("apps/v1", "Deployment", MODELS_NAMESPACE, name), timeout=60,
+        deployment = wait_for(lambda: kube.get("apps/v1", "Deployment", namespace, name), timeout=60,
                               what="the engine Deployment")
-        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == ENGINE_IMAGE
-        assert wait_for(lambda: kube.get("v1", "Service", MODELS_NAMESPACE, name), timeout=30, what="the Service")
-        assert wait_for(lambda: kube.get("autoscaling/v2", "HorizontalPodAutoscaler", MODELS_NAMESPACE, name),
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == engine_image
+        assert wait_for(lambda: kube.get("v1", "Service", namespace, name), timeout=30, what="the Service")
+        assert wait_for(lambda: kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name),
                         timeout=30, what="the HPA")
-        status = wait_for(lambda: (kube.get("kubeinfer.dev/v1alpha1", "InferenceModel", MODELS_NAMESPACE, name)
+        status = wait_for(lambda: (kube.get("kubeinfer.dev/v1alpha1", "InferenceModel", namespace, name)
                                    or {}).get("status", {}).get("observedGeneration"), timeout=60,
                           what="status written by the operator")
         assert status == 1
-        assert wait_for(lambda: kube.events(MODELS_NAMESPACE, name), timeout=30, what="an event")
-        assert operator_as_service_account.alive()
-        log = operator_as_service_account.log_path.read_text(errors="replace")
-        assert "Forbidden" not in log and '"status": 403' not in log, operator_as_service_account.tail()
+        assert wait_for(lambda: kube.events(namespace, name), timeout=30, what="an event")
+        assert process.alive()
+        log = process.log_path.read_text(errors="replace")
+        assert "Forbidden" not in log and '"status": 403' not in log, process.tail()
     finally:
-        kube.delete("kubeinfer.dev/v1alpha1", "InferenceModel", MODELS_NAMESPACE, name)
+        kube.delete("kubeinfer.dev/v1alpha1", "InferenceModel", namespace, name)
+
+
+def test_operator_reconciles_with_exactly_the_charts_rbac(release: subprocess.CompletedProcess[str], kube: Kube,
+                                                          tmp_path: Path) -> None:
+    process = start_operator_as(kube, NAMESPACE, RELEASE, tmp_path, ENGINE_IMAGE)
+    try:
+        assert_reconciles(kube, process, MODELS_NAMESPACE, ENGINE_IMAGE)
+    finally:
+        process.stop()
 
 
 CAN = [("get", "secrets"), ("list", "inferencemodels.kubeinfer.dev"), ("patch", "inferencemodels.kubeinfer.dev/status"),
@@ -139,7 +145,8 @@ def test_service_account_rights_are_those_of_permissions_md(release: subprocess.
     assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
 
 
-def test_namespaced_mode_grants_nothing_outside_the_watched_namespaces(helm: str, kube: Kube, kubectl: str) -> None:
+def test_namespaced_mode_works_and_grants_nothing_outside_the_watched_namespaces(
+        helm: str, kube: Kube, kubectl: str, tmp_path: Path) -> None:
     release, watched = "kubeinfer-nsmode", f"nsmode-{uuid.uuid4().hex[:6]}"
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": watched}})
     run(helm, "install", release, str(CHART), "--kubeconfig", kube.kubeconfig, "--namespace", release,
@@ -157,6 +164,11 @@ def test_namespaced_mode_grants_nothing_outside_the_watched_namespaces(helm: str
         assert can("list", "inferencemodels.kubeinfer.dev", MODELS_NAMESPACE) == "no"
         assert can("list", "customresourcedefinitions.apiextensions.k8s.io", "default") == "no"
         assert can("update", "leases.coordination.k8s.io", release) == "yes"
+        process = start_operator_as(kube, release, release, tmp_path, "kubeinfer/engine:chart-nsmode", watched)
+        try:
+            assert_reconciles(kube, process, watched, "kubeinfer/engine:chart-nsmode")
+        finally:
+            process.stop()
     finally:
         run(helm, "uninstall", release, "--kubeconfig", kube.kubeconfig, "--namespace", release, check=False)
 
