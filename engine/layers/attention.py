@@ -89,7 +89,7 @@ class _DecodeGroup:
     rows: torch.Tensor | None  # query rows of the group (None: the whole batch, in order)
     block_tables: torch.Tensor  # int64 [n, blocks of the group's longest sequence]
     mask: torch.Tensor  # bool [n, 1, 1, positions]: True where a position is inside the sequence
-    pad_index: torch.Tensor | None  # flat (sequence, position) indices outside the sequences
+    pad_index: torch.Tensor | None  # flat (sequence, position) indices of unwritten last-block tails
 
 
 @dataclass
@@ -103,13 +103,20 @@ class _Plan:
 def _decode_group(md: AttentionMetadata, seqs: list[int], rows: list[int] | None) -> _DecodeGroup:
     lens = torch.tensor([md.seq_lens_cpu[i] for i in seqs])
     num_blocks = -(-int(lens.max()) // md.block_size)
-    inside = torch.arange(num_blocks * md.block_size) < lens.unsqueeze(1)
-    pad_index = (~inside).view(-1).nonzero().squeeze(1)
+    length = num_blocks * md.block_size
+    inside = torch.arange(length) < lens.unsqueeze(1)
     device = md.block_tables.device
     if rows is None:
         tables = md.block_tables[:, :num_blocks]
     else:
         tables = md.block_tables[torch.tensor(seqs, device=device), :num_blocks]
+    # Table entries past a sequence's last block point at its first block (written, so finite);
+    # only the unwritten tail of each last block needs zeroing (see _decode_attention).
+    used_blocks = (lens + md.block_size - 1) // md.block_size
+    in_table = (torch.arange(num_blocks) < used_blocks.unsqueeze(1)).to(device)
+    tables = torch.where(in_table, tables, tables[:, :1])
+    tail = ~inside & (torch.arange(length) < (used_blocks * md.block_size).unsqueeze(1))
+    pad_index = tail.view(-1).nonzero().squeeze(1)
     return _DecodeGroup(
         rows=None if rows is None else torch.tensor(rows, device=device), block_tables=tables.long(),
         mask=inside[:, None, None, :].to(device), pad_index=pad_index.to(device) if pad_index.numel() else None)
