@@ -107,6 +107,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, tp_rank, tp_size)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        # KV heads this rank stores: its per-layer cache is [num_blocks, block_size, this, head_dim]
+        self.num_kv_heads_per_rank = self.model.layers[0].self_attn.num_kv_heads if cfg.num_layers else 0
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -31,7 +31,7 @@ class PagedRunner:
         cfg = model.config
         self.model, self.block_size = model, block_size
         device = next(model.parameters()).device
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads_per_rank, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=cfg.dtype, device=device),
                            torch.zeros(shape, dtype=cfg.dtype, device=device)) for _ in range(cfg.num_layers)]
         self.free = list(range(num_blocks))
