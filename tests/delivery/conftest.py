@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,19 @@ Render = Callable[..., list[dict[str, Any]]]
 
 
 def tool_or_skip(name: str) -> str:
-    path = find_tool(name)
-    if path is None:
-        pytest.skip(NOT_BUILT.format(name))
-    return path
+    """helm, kubeconform or kubectl from the shared control-plane build (tests/conftest.py's
+    `k8s_bin`: built once by hack/k8s/build.sh, skipped without Go); KUBEINFER_<NAME> overrides it."""
+    override = os.environ.get(f"KUBEINFER_{name.upper()}")
+    if override:
+        return override
+    try:
+        from tests.conftest import k8s_bin
+    except ImportError:  # no shared build helper: whatever is installed
+        path = find_tool(name)
+        if path is None:
+            pytest.skip(NOT_BUILT.format(name))
+        return path
+    return str(k8s_bin(name))
 
 
 @pytest.fixture(scope="session")
