@@ -66,7 +66,6 @@ if ! up_to_date k8s "${k8s_pins[@]}"; then
     ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
   done
-  ev=go.etcd.io/etcd/api/v3/version
   out="$(mktemp -d "$BIN/.build.XXXXXX")"
   (cd "$HERE" && timed k8s go build -p "$JOBS" -trimpath -ldflags="$ld" -o "$out/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
@@ -79,6 +78,20 @@ else
 fi
 
 build_tool kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+
+# The kwok binary has no built-in stages (kwokctl adds them): ship kwok's own "fast" node/pod stages
+# (node initialize + heartbeat, pod ready/complete/delete) of the pinned version as its --config.
+STAGES="$CACHE/k8s-$K8S_VERSION/kwok/stages.yaml"
+if ! up_to_date kwok-stages "$KWOK_VERSION" || [ ! -f "$STAGES" ]; then
+  dir="$(cd "${TMPDIR:-/tmp}" && GOFLAGS= go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+  mkdir -p "$(dirname "$STAGES")"
+  for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"; cat "$dir/kustomize/stage/$f"
+  done > "$STAGES.tmp" && mv "$STAGES.tmp" "$STAGES"
+  mark kwok-stages "$KWOK_VERSION"
+  log "kwok stages written to $STAGES"
+fi
 
 log "binaries in $BIN: $(cd "$BIN" && ls | tr '\n' ' ')"
 echo "$BIN"

@@ -16,6 +16,7 @@ already knows their kinds (otherwise it notices them only after its ~30 s period
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import json
 import os
@@ -85,6 +86,7 @@ class ControlPlane:
     bin_dir: Path = field(default_factory=bin_dir)
     gpu_nodes: int = 2
     cpu_nodes: int = 1
+    die_with_parent: bool = False  # tests: the kernel kills the components if pytest dies
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     server: str = ""
 
@@ -173,6 +175,7 @@ class ControlPlane:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: teardown kills it and its children
+            preexec_fn=_kill_me_with_parent if self.die_with_parent else None,
             cwd=self.state_dir,
         )
         log.close()
@@ -306,9 +309,13 @@ class ControlPlane:
         )
 
     def _start_kwok(self) -> None:
+        stages = self.bin_dir.parent / "kwok" / "stages.yaml"  # written by build.sh
+        if not stages.is_file():
+            raise ControlPlaneError(f"{stages} is missing: run `make k8s-binaries` (hack/k8s/build.sh)")
         self._spawn(
             "kwok",
             [
+                f"--config={stages}",
                 f"--kubeconfig={self.state_dir / 'kwok.kubeconfig'}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={fake_nodes.MANAGED_ANNOTATION}=fake",
@@ -377,6 +384,11 @@ class ControlPlane:
             "processes": {name: {"pid": p.pid, "exe": p.args[0]} for name, p in self.processes.items()},
         }
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def _kill_me_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 def _terminate_group(pid: int, proc: subprocess.Popen | None = None, grace: float = 10.0) -> None:
