@@ -16,6 +16,7 @@ already knows their kinds (otherwise it notices them only after its ~30 s period
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ipaddress
 import json
@@ -32,10 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import contextlib
 
 import fake_nodes
-import pki
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -184,6 +183,8 @@ class ControlPlane:
             raise ControlPlaneError(f"{name} exited at once with {self.processes[name].returncode}")
 
     def _write_pki(self) -> None:
+        import pki  # needs `cryptography`; imported here so the root conftest loads without it
+
         d = self.state_dir / "pki"
         d.mkdir(exist_ok=True)
         ca = pki.CertificateAuthority(d)
