@@ -11,6 +11,9 @@ source "$HERE/versions.env"
 CACHE="${KUBEINFER_CACHE:-$HOME/.cache/kubeinfer}"
 BIN="$CACHE/k8s-$K8S_VERSION/bin"
 mkdir -p "$BIN"
+# One build at a time per cache (parallel test runs wait here instead of compiling twice).
+exec 9>"$CACHE/k8s-$K8S_VERSION/.build.lock"
+flock 9
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 JOBS="${KUBEINFER_BUILD_JOBS:-2}"
 

@@ -101,7 +101,7 @@ class ControlPlane:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def start(self, crd_files: list[Path] | tuple[Path, ...] = (), timeout: float = 120.0) -> None:
+    def start(self, crd_files: list[Path] | tuple[Path, ...] = (), timeout: float = 240.0) -> None:
         """Start every component and wait until the API is ready, the controllers act and nodes are Ready."""
         deadline = time.monotonic() + timeout
         self.state_dir.mkdir(parents=True, exist_ok=True)
