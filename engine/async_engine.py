@@ -57,17 +57,22 @@ class RequestAbortedError(RuntimeError):
 class _RequestStream:
     """One request's mailbox on the event loop: the newest output (or an error) and a wake-up event."""
 
-    __slots__ = ("_event", "_item")
+    __slots__ = ("_event", "_item", "accepted")
 
     def __init__(self) -> None:
         self._item: RequestOutput | BaseException | None = None
         self._event = asyncio.Event()
+        self.accepted = asyncio.Event()  # set once the engine took the request (or refused it)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         if isinstance(self._item, BaseException):
             return  # an error is final
         self._item = item
         self._event.set()
+        self.accepted.set()
+
+    def pending_error(self) -> BaseException | None:
+        return self._item if isinstance(self._item, BaseException) else None
 
     async def get(self) -> RequestOutput | BaseException:
         await self._event.wait()
@@ -90,6 +95,19 @@ class RequestOutputStream:
 
     def __aiter__(self) -> RequestOutputStream:
         return self
+
+    async def wait_accepted(self) -> None:
+        """Wait until the engine thread has added the request; raise its ValueError if it refused it."""
+        try:
+            await self._stream.accepted.wait()
+        except BaseException:
+            self._close()
+            raise
+        error = self._stream.pending_error()
+        if error is not None:
+            self._finished = True
+            self._close()
+            raise error
 
     async def __anext__(self) -> RequestOutput:
         if self._closed:
@@ -361,6 +379,7 @@ class AsyncLLMEngine:
                 self._wakeup.wait()
 
     def _apply(self, engine: LLMEngine, commands: list[tuple[str, Any]]) -> None:
+        accepted = []
         for kind, payload in commands:
             if kind == "add":
                 request_id, prompt, params, arrival = payload
@@ -371,11 +390,14 @@ class AsyncLLMEngine:
                     self._call_in_loop(self._deliver_error, request_id, error)
                     continue
                 self._trackers[request_id] = _Tracker(arrival=arrival)
+                accepted.append(request_id)
             else:
                 engine.abort_request(payload)
                 tracker = self._trackers.pop(payload, None)
                 if tracker is not None:
                     self._finish(payload, tracker, "abort", None, prompt_tokens=None, completion_tokens=None)
+        if accepted:
+            self._call_in_loop(self._accept, accepted)
 
     def _step(self, engine: LLMEngine) -> None:
         try:
@@ -499,6 +521,12 @@ class AsyncLLMEngine:
         else:
             self._loaded.set_exception(error)
             self._loaded.exception()  # mark retrieved: the server reports it itself
+
+    def _accept(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.accepted.set()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

@@ -324,7 +324,7 @@ def print_table(rows: list[Summary]) -> None:
         f"{'mode':<8}{'conc':>6}{'rate':>7}{'done':>6}{'err':>5}{'req/s':>8}{'out tok/s':>11}"
         f"{'TTFT p50':>10}{'p95':>8}{'p99':>8}{'ITL p50':>9}{'p95':>8}{'p99':>8}{'TPOT':>8}"
     )
-    print(header)
+    print(header, flush=True)
     print("-" * len(header))
     for r in rows:
         print(
@@ -333,7 +333,7 @@ def print_table(rows: list[Summary]) -> None:
             f"{r.ttft_ms['p50']:>10.0f}{r.ttft_ms['p95']:>8.0f}{r.ttft_ms['p99']:>8.0f}"
             f"{r.itl_ms['p50']:>9.0f}{r.itl_ms['p95']:>8.0f}{r.itl_ms['p99']:>8.0f}{r.tpot_ms_mean:>8.0f}"
         )
-    print("(latencies in ms)")
+    print("(latencies in ms)", flush=True)
     for r in rows:
         if r.first_error:
             print(f"first error ({r.mode}, c={r.concurrency}): {r.first_error}")

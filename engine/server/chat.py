@@ -39,7 +39,7 @@ class ChatServing(OpenAIServing):
             request, max_tokens=max_tokens, logprobs=top if request.logprobs else None
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        [stream] = self.submit([(request_id, prompt_ids, params)])
+        [stream] = await self.submit([(request_id, prompt_ids, params)])
 
         async def collect() -> ChatCompletionResponse:
             final = None

@@ -47,7 +47,7 @@ class CompletionServing(OpenAIServing):
             )
             params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
             jobs.append((f"{base_id}-{i}", prompt.token_ids, params))
-        streams = self.submit(jobs)
+        streams = await self.submit(jobs)
 
         async def collect() -> CompletionResponse:
             finals: list[Any] = [None] * len(streams)

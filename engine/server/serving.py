@@ -69,16 +69,21 @@ class OpenAIServing:
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
-    def submit(self, jobs: list[tuple[str, list[int], Any]]) -> list[RequestOutputStream]:
-        """Submit every (request_id, prompt_token_ids, params); all or nothing."""
+    async def submit(self, jobs: list[tuple[str, list[int], Any]]) -> list[RequestOutputStream]:
+        """Submit every (request_id, prompt_token_ids, params) and wait until the engine took them
+        (at most one engine step), so that its refusals become proper HTTP errors; all or nothing."""
         streams: list[RequestOutputStream] = []
         try:
             for request_id, prompt_ids, params in jobs:
                 streams.append(self.engine.add_request(request_id, prompt_ids, params))
-        except Exception as exc:
             for stream in streams:
-                stream._close()
-            raise engine_error(exc, self.settings) from exc
+                await stream.wait_accepted()
+        except BaseException as exc:
+            for stream in streams:
+                await stream.aclose()
+            if isinstance(exc, Exception):
+                raise engine_error(exc, self.settings) from exc
+            raise
         return streams
 
     async def respond(

@@ -15,17 +15,19 @@ pytestmark = pytest.mark.timeout(300)
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_WAITING = 2
+NUM_BLOCKS = 40  # 640 tokens of KV cache: a 900-token request can never fit
 
 
 @pytest.fixture(scope="module")
 def tight_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One sequence at a time, at most MAX_WAITING waiting; settings from KUBEINFER_* variables."""
+    """One sequence at a time, at most MAX_WAITING waiting, a tiny KV cache; set by KUBEINFER_* variables."""
     proc = ServerProcess(
         [],
         env={
             "KUBEINFER_MAX_NUM_SEQS": "1",
             "KUBEINFER_MAX_WAITING_REQUESTS": str(MAX_WAITING),
             "KUBEINFER_ENABLE_PREFIX_CACHING": "false",
+            "KUBEINFER_NUM_GPU_BLOCKS_OVERRIDE": str(NUM_BLOCKS),
         },
     )
     proc.start(tmp_path_factory.mktemp("tight")).wait_ready()
@@ -57,7 +59,8 @@ def _slow_stream(stack: contextlib.ExitStack, http: httpx.Client) -> httpx.Respo
 def test_full_queue_answers_429_and_waiting_is_exact(tight_server: ServerProcess) -> None:
     url = tight_server.url
     assert _gauges(url) == (0, 0)
-    assert metric(scrape(url), "vllm:cache_config_info", enable_prefix_caching="False") == 1
+    info = {"enable_prefix_caching": "False", "num_gpu_blocks": str(NUM_BLOCKS), "block_size": "16"}
+    assert metric(scrape(url), "vllm:cache_config_info", **info) == 1
     with httpx.Client(base_url=url, timeout=60) as http, contextlib.ExitStack() as stack:
         _slow_stream(stack, http)
         wait_for(lambda: _gauges(url) == (1, 0))
@@ -77,7 +80,16 @@ def test_full_queue_answers_429_and_waiting_is_exact(tight_server: ServerProcess
         for _ in range(3):  # the gauge stays exact while nothing changes
             assert _gauges(url) == (1, MAX_WAITING)
     # All clients closed their streams: everything is aborted and freed.
-    wait_for(lambda: _gauges(url) == (0, 0), timeout=10)
+    wait_for(lambda: _gauges(url) == (0, 0), timeout=15)
     assert metric(scrape(url), "vllm:kv_cache_usage_perc", model_name=MODEL) == 0.0
     ok = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusal_is_a_400_even_when_streaming(tight_server: ServerProcess, stream: bool) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 900, "stream": stream}
+    response = httpx.post(f"{tight_server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert "KV cache blocks" in response.json()["error"]["message"]
+    assert _gauges(tight_server.url) == (0, 0)

@@ -101,7 +101,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(
         assert metric(samples, "vllm:num_requests_running", model_name=MODEL) == 1
         assert metric(samples, "vllm:kv_cache_usage_perc", model_name=MODEL) > 0
     # The client is gone: the request must be aborted (not run to 500 tokens) and its blocks freed.
-    wait_for(lambda: _idle(server.url), timeout=10)
+    wait_for(lambda: _idle(server.url), timeout=15)
     assert _aborted(server.url) == aborted_before + 1
 
 
@@ -120,5 +120,5 @@ def test_disconnect_while_waiting_for_a_non_streaming_answer(
     body = {"model": MODEL, "prompt": "Count to one thousand:", "max_tokens": 500, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json=body, timeout=httpx.Timeout(120, read=2.0))
-    wait_for(lambda: _idle(server.url), timeout=10)
+    wait_for(lambda: _idle(server.url), timeout=15)
     assert _aborted(server.url) == aborted_before + 1
