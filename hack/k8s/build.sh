@@ -37,15 +37,17 @@ timed() {
 }
 
 # --- kubeconform and helm: plain `go install` of pinned versions (their own go.mod) ---
-build_tool() {  # NAME PACKAGE@VERSION
-  local name=$1 pkg=$2
-  if up_to_date "$name" "$pkg"; then log "$name up to date ($pkg)"; return; fi
+build_tool() {  # NAME PACKAGE@VERSION [EXTRA_LDFLAGS]
+  local name=$1 pkg=$2 extra=${3:-}
+  local ld="-s -w $extra" pins=("$pkg" ${extra:+"$extra"})
+  if up_to_date "$name" "${pins[@]}"; then log "$name up to date ($pkg)"; return; fi
   log "building $name ($pkg)"
-  timed "$name" env GOBIN="$BIN" GOFLAGS= go install -p "$JOBS" -trimpath -ldflags="-s -w" "$pkg"
-  mark "$name" "$pkg"
+  timed "$name" env GOBIN="$BIN" GOFLAGS= go install -p "$JOBS" -trimpath -ldflags="$ld" "$pkg"
+  mark "$name" "${pins[@]}"
 }
 
-build_tool kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION"
+build_tool kubeconform "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION" \
+  "-X main.version=$KUBECONFORM_VERSION"
 
 helm_pkg="$HELM_MODULE/cmd/helm@$HELM_VERSION"
 if ! up_to_date helm "$helm_pkg"; then
@@ -59,8 +61,9 @@ else
 fi
 
 # --- kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd: the wrapper module ---
-k8s_pins=("$K8S_VERSION" "$ETCD_VERSION" "$(sha256sum "$HERE/go.mod" | cut -c1-16)")
-if ! up_to_date k8s "${k8s_pins[@]}"; then
+k8s_pins() { echo "$K8S_VERSION" "$ETCD_VERSION" "$(sha256sum "$HERE/go.mod" | cut -c1-16)"; }
+# shellcheck disable=SC2046
+if ! up_to_date k8s $(k8s_pins); then
   log "building kube-apiserver kube-controller-manager kube-scheduler kubectl $K8S_VERSION + etcd $ETCD_VERSION"
   minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
   date="$(cd "$HERE" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Time": "\(.*\)".*/\1/p')"
@@ -75,7 +78,8 @@ if ! up_to_date k8s "${k8s_pins[@]}"; then
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3)
   mv "$out/server" "$out/etcd"   # the main package go.etcd.io/etcd/server/v3 builds as "server"
   mv "$out"/* "$BIN/" && rmdir "$out"
-  mark k8s "${k8s_pins[@]}"
+  # shellcheck disable=SC2046
+  mark k8s $(k8s_pins)   # after the build: go.mod as the build left it
 else
   log "kube-apiserver/controller-manager/scheduler/kubectl $K8S_VERSION + etcd $ETCD_VERSION up to date"
 fi
