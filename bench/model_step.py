@@ -1,0 +1,145 @@
+"""CPU benchmark of one model forward (bundled SmolLM2 by default) through the torch paged backend.
+
+Decode steps: ``batch`` sequences, one new token each, contexts drawn uniformly from
+[context/4, context] (a continuous-batching mix), block tables shuffled. Prefill: one prompt.
+Each row: the fastest and the median of ``--steps`` timed steps (the minimum is the honest number on
+a shared machine), the part spent in attention (KV store + paged attention) and tokens/s at the minimum.
+
+    python bench/model_step.py                              # fp32 and bf16, batch 1/8/32
+    python bench/model_step.py --dtype bfloat16 --batch 32 --context 512
+    python bench/model_step.py --json results.json          # also write the rows as JSON ('-' = stdout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from kubeinfer.engine.attention_metadata import AttentionMetadata
+from kubeinfer.engine.layers import attention
+
+
+@dataclass
+class Row:
+    dtype: str
+    phase: str
+    batch: int
+    context: int
+    min_ms: float
+    median_ms: float
+    attention_ms: float
+    tokens_per_s: float
+
+
+def _metadata(q_lens: list[int], seq_lens: list[int], block_size: int, num_blocks: int, seed: int
+              ) -> AttentionMetadata:
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+    tables, slots = [], []
+    for q_len, seq_len in zip(q_lens, seq_lens, strict=True):
+        blocks = [free.pop() for _ in range(-(-seq_len // block_size))]
+        tables.append(blocks)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
+    width = max(map(len, tables))
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()],
+                                                                       dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), block_size=block_size, query_lens_cpu=q_lens,
+        seq_lens_cpu=seq_lens)
+
+
+class _AttentionTimer:
+    """Wraps the torch backend's functions to add up the time spent in them."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        for name in ("store_kv_cache", "paged_attention"):
+            setattr(self, name, self._timed(getattr(attention, name)))
+
+    def _timed(self, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return result
+        return wrapper
+
+
+def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: int = 16) -> Row:
+    model, cfg = loaded.model, loaded.config
+    rng = random.Random(0)
+    if phase == "decode":
+        seq_lens = [rng.randint(max(1, context // 4), context) for _ in range(batch)]
+        q_lens = [1] * batch
+    else:
+        seq_lens, q_lens = [context] * batch, [context] * batch
+    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 1
+    shape = (num_blocks, block_size, model.num_kv_heads_per_rank, cfg.head_dim)
+    kv = [(torch.zeros(shape, dtype=cfg.dtype), torch.zeros(shape, dtype=cfg.dtype)) for _ in range(cfg.num_layers)]
+    positions = torch.tensor([p for q, s in zip(q_lens, seq_lens, strict=True) for p in range(s - q, s)])
+    ids = torch.randint(0, cfg.vocab_size, (len(positions),))
+    last = torch.tensor(q_lens).cumsum(0) - 1
+    timer = _AttentionTimer()
+    times, attn = [], []
+    with torch.inference_mode():
+        for i in range(steps + 2):
+            md = _metadata(q_lens, seq_lens, block_size, num_blocks, seed=i)
+            for layer in model.model.layers:
+                layer.self_attn.attn._backend = timer
+            timer.seconds = 0.0
+            start = time.perf_counter()
+            model.compute_logits(model(ids, positions, md, kv).index_select(0, last))
+            if i >= 2:  # warm-up steps are not counted
+                times.append(time.perf_counter() - start)
+                attn.append(timer.seconds)
+    best = min(range(len(times)), key=times.__getitem__)
+    tokens = batch if phase == "decode" else batch * context
+    return Row(str(cfg.dtype).removeprefix("torch."), phase, batch, context, times[best] * 1e3,
+               sorted(times)[len(times) // 2] * 1e3, attn[best] * 1e3, tokens / times[best])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kubeinfer.engine.models.loader import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", action="append", help="float32 / bfloat16 (repeatable; default both)")
+    parser.add_argument("--batch", type=int, action="append", help="decode batch sizes (default 1, 8, 32)")
+    parser.add_argument("--context", type=int, default=512, help="longest decode context (default 512)")
+    parser.add_argument("--prefill", type=int, default=512, help="prefill prompt length (0 = skip)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for dtype in args.dtype or ["float32", "bfloat16"]:
+        loaded = load_model(args.model, dtype=dtype)
+        for batch in args.batch or [1, 8, 32]:
+            rows.append(bench(loaded, "decode", batch, args.context, args.steps))
+        if args.prefill:
+            rows.append(bench(loaded, "prefill", 1, args.prefill, max(3, args.steps // 3)))
+    print(f"threads={torch.get_num_threads()}  model={args.model or 'bundled SmolLM2-135M-Instruct'}")
+    print(f"{'dtype':9} {'phase':8} {'batch':>5} {'ctx':>5} {'min ms':>8} {'median':>8} {'attn ms':>8} {'tok/s':>8}")
+    for r in rows:
+        print(f"{r.dtype:9} {r.phase:8} {r.batch:5} {r.context:5} {r.min_ms:8.1f} {r.median_ms:8.1f} "
+              f"{r.attention_ms:8.1f} {r.tokens_per_s:8.0f}")
+    if args.json:
+        text = json.dumps([asdict(r) for r in rows], indent=2)
+        if args.json == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
