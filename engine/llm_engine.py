@@ -69,6 +69,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = dataclasses.replace(params) if params is not None else SamplingParams()  # re-validates
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} is larger than max_num_seqs={self.config.max_num_seqs}")
         prompt_text: str | None = None
         if isinstance(prompt, str):
             if not prompt:

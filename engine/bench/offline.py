@@ -206,12 +206,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time only the first K requests serially in transformers and extrapolate")
     p.add_argument("--static-batch-size", type=int, default=32)
     p.add_argument("--skip-transformers", action="store_true", help="only run the engine")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     conversations, lengths = make_workload(args.num_requests, args.min_output, args.max_output, args.seed)
     result: dict[str, Any] = {"machine": machine_description(), "load_before": load_average(),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
