@@ -98,6 +98,12 @@ class _Plan:
 
     prefills: list[tuple[int, int, int, int]]  # (sequence, first query row, q_len, seq_len)
     decode_groups: list[_DecodeGroup]
+    key: tuple  # what the plan was built from, in case a caller refills the same metadata object
+
+    @staticmethod
+    def key_of(md: AttentionMetadata) -> tuple:
+        tables = md.block_tables
+        return (list(md.query_lens_cpu), list(md.seq_lens_cpu), tables.data_ptr(), tables._version, md.block_size)
 
 
 def _decode_group(md: AttentionMetadata, seqs: list[int], rows: list[int] | None) -> _DecodeGroup:
@@ -143,7 +149,8 @@ def _group_decodes(md: AttentionMetadata, decodes: list[int], rows: list[int]) -
 
 def _plan(md: AttentionMetadata) -> _Plan:
     plan = getattr(md, "_torch_attention_plan", None)
-    if plan is None:
+    key = _Plan.key_of(md)
+    if plan is None or plan.key != key:
         prefills, decodes, rows, start = [], [], [], 0
         for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
             if q_len == 1:
@@ -152,7 +159,7 @@ def _plan(md: AttentionMetadata) -> _Plan:
             else:
                 prefills.append((i, start, q_len, seq_len))
             start += q_len
-        plan = _Plan(prefills, _group_decodes(md, decodes, rows))
+        plan = _Plan(prefills, _group_decodes(md, decodes, rows), key)
         md._torch_attention_plan = plan  # cached on this step's metadata: every layer reuses it
     return plan
 

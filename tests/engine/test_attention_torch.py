@@ -93,3 +93,22 @@ def test_backend_selection(monkeypatch) -> None:
     monkeypatch.setenv(attention.BACKEND_ENV, "cuda-magic")
     with pytest.raises(ValueError, match="torch, triton"):
         select_backend(torch.device("cpu"))
+
+
+def test_refilled_metadata_is_replanned() -> None:
+    """A caller may reuse one AttentionMetadata object and refill it in place for the next step."""
+    k_cache = torch.randn(4, BLOCK, KV_HEADS, DIM)
+    v_cache = torch.randn(4, BLOCK, KV_HEADS, DIM)
+    q = torch.randn(2, HEADS, DIM)
+    md = AttentionMetadata(
+        slot_mapping=torch.tensor([-1, -1]), query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+        seq_lens=torch.tensor([3, 5], dtype=torch.int32), block_tables=torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
+        max_query_len=1, max_seq_len=5, block_size=BLOCK, query_lens_cpu=[1, 1], seq_lens_cpu=[3, 5])
+    paged_attention(q, k_cache, v_cache, md, 0.25)
+    md.block_tables[0, 0] = 1
+    md.seq_lens[:] = torch.tensor([4, 2])
+    md.seq_lens_cpu[:] = [4, 2]
+    out = paged_attention(q, k_cache, v_cache, md, 0.25)
+    for i, (block, length) in enumerate([(1, 4), (2, 2)]):
+        k, v = k_cache[block, :length], v_cache[block, :length]
+        torch.testing.assert_close(out[i:i + 1], _reference(q[i:i + 1], k, v, 0.25))
