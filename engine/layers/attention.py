@@ -42,7 +42,8 @@ def _gather_blocks(name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torc
     key = (name, cache.dtype, cache.device)
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _workspaces[key] = torch.empty(numel, dtype=cache.dtype, device=cache.device)
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            buf = _workspaces[key] = torch.empty(numel, dtype=cache.dtype, device=cache.device)
     out = buf[:numel].view(blocks.numel(), *cache.shape[1:])
     return torch.index_select(cache, 0, blocks.reshape(-1), out=out)
 
@@ -98,12 +99,13 @@ class _Plan:
 
     prefills: list[tuple[int, int, int, int]]  # (sequence, first query row, q_len, seq_len)
     decode_groups: list[_DecodeGroup]
-    key: tuple  # what the plan was built from, in case a caller refills the same metadata object
+    seq_lens_cpu: list[int]  # what the plan was built from, in case a caller refills the same metadata
+    query_lens_cpu: list[int]
+    block_tables: torch.Tensor
 
-    @staticmethod
-    def key_of(md: AttentionMetadata) -> tuple:
-        tables = md.block_tables
-        return (list(md.query_lens_cpu), list(md.seq_lens_cpu), tables.data_ptr(), tables._version, md.block_size)
+    def matches(self, md: AttentionMetadata) -> bool:
+        return (self.seq_lens_cpu == md.seq_lens_cpu and self.query_lens_cpu == md.query_lens_cpu
+                and torch.equal(self.block_tables, md.block_tables))
 
 
 def _decode_group(md: AttentionMetadata, seqs: list[int], rows: list[int] | None) -> _DecodeGroup:
@@ -149,8 +151,7 @@ def _group_decodes(md: AttentionMetadata, decodes: list[int], rows: list[int]) -
 
 def _plan(md: AttentionMetadata) -> _Plan:
     plan = getattr(md, "_torch_attention_plan", None)
-    key = _Plan.key_of(md)
-    if plan is None or plan.key != key:
+    if plan is None or not plan.matches(md):
         prefills, decodes, rows, start = [], [], [], 0
         for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
             if q_len == 1:
@@ -159,7 +160,8 @@ def _plan(md: AttentionMetadata) -> _Plan:
             else:
                 prefills.append((i, start, q_len, seq_len))
             start += q_len
-        plan = _Plan(prefills, _group_decodes(md, decodes, rows), key)
+        plan = _Plan(prefills, _group_decodes(md, decodes, rows), list(md.seq_lens_cpu), list(md.query_lens_cpu),
+                     md.block_tables.clone())
         md._torch_attention_plan = plan  # cached on this step's metadata: every layer reuses it
     return plan
 

@@ -112,3 +112,11 @@ def test_refilled_metadata_is_replanned() -> None:
     for i, (block, length) in enumerate([(1, 4), (2, 2)]):
         k, v = k_cache[block, :length], v_cache[block, :length]
         torch.testing.assert_close(out[i:i + 1], _reference(q[i:i + 1], k, v, 0.25))
+
+
+def test_inside_and_outside_inference_mode() -> None:
+    with torch.inference_mode():
+        inside, ref = _run([(1, 9), (1, 30)], seed=3)
+    outside, _ = _run([(1, 9), (1, 30)], seed=3)
+    torch.testing.assert_close(inside, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outside, ref, atol=1e-5, rtol=1e-5)
