@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import textwrap
 
 import pytest
 import yaml
@@ -175,3 +176,16 @@ def test_without_keda_autoscaled_models_keep_the_operators_hpa(render: Render) -
     assert by_kind(docs, "ScaledObject") == []
     qwen = one(docs, "InferenceModel", "qwen2-5-7b")["spec"]
     assert qwen["autoscaling"]["enabled"] is True and qwen["replicas"] == 1
+
+
+def test_notes_tell_how_to_apply_and_call_a_model(helm: str) -> None:
+    result = subprocess.run([helm, "install", "kubeinfer", str(CHART), "--dry-run=client", "--namespace", "ml"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    heredoc = notes.split("cat <<'YAML' | kubectl apply -f -\n", 1)[1].split("   YAML\n", 1)[0]
+    applied = yaml.safe_load(textwrap.dedent(heredoc))
+    served = applied["spec"]["model"]["servedName"]
+    assert f'"model": "{served}"' in notes and f'model="{served}"' in notes, "curl and the SDK use the served name"
+    assert "curl http://127.0.0.1:8000/v1/chat/completions" in notes and "from openai import OpenAI" in notes
+    assert "kubectl -n ml rollout status deployment/kubeinfer" in notes

@@ -249,7 +249,7 @@ def test_kubeconform_rejects_broken_manifests(broken: dict, schema_dir: Path, tm
 def test_api_server_accepts_every_manifest_in_a_dry_run(source: str, manifests: dict, kube: Kube, kubectl: str,
                                                         tmp_path: Path) -> None:
     docs = [doc for doc in manifests[source] if doc["kind"] not in NOT_SERVED]
-    for namespace in {doc["metadata"].get("namespace") for doc in docs} - {None}:
+    for namespace in ({doc["metadata"].get("namespace") for doc in docs} | {MODELS_NAMESPACE}) - {None}:
         if not any(d["kind"] == "Namespace" and d["metadata"]["name"] == namespace for d in docs):
             kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     # Namespaces first (a dry-run namespace does not exist for the objects in it), then the rest.
