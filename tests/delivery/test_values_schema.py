@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.delivery.conftest import CHART, helm_template
+from tests.delivery.tools import REPO
 
 BAD_VALUES = {
     "unknown top-level key": ({"replicaCount": 2}, "replicaCount"),
@@ -26,6 +29,10 @@ BAD_VALUES = {
     "bad scrape interval": ({"metrics": {"podMonitor": {"interval": "often"}}}, "interval"),
     "metric name with a colon": ({"operator": {"queueMetricName": "vllm:num_requests_waiting"}}, "queueMetricName"),
     "pull secret as a string": ({"imagePullSecrets": ["regcred"]}, "imagePullSecrets"),
+    "typo in a model spec": ({"models": [{"name": "m", "spec": {"model": {"source": "hf://a/b"},
+                                                              "resources": {"gpu": 1}}}]}, "gpu"),
+    "bad enum in a model spec": ({"models": [{"name": "m", "spec": {"model": {"source": "hf://a/b"},
+                                                                  "engine": {"dtype": "fp8"}}}]}, "dtype"),
 }
 
 
@@ -48,6 +55,25 @@ def test_the_default_values_and_documented_shapes_pass(helm: str, tmp_path: Path
     }))
     result = helm_template(helm, "-f", str(path))
     assert result.returncode == 0, result.stderr
+
+
+def test_schema_is_generated_from_the_current_crd() -> None:
+    result = subprocess.run([sys.executable, str(REPO / "charts" / "generate_values_schema.py"), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_example_is_a_valid_models_entry(helm: str, tmp_path: Path) -> None:
+    """The shipped examples can be pasted under `models:` as they are."""
+    models = []
+    for path in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
+        manifest = yaml.safe_load(path.read_text())
+        models.append({"name": manifest["metadata"]["name"], "spec": manifest["spec"]})
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"models": models}))
+    result = helm_template(helm, "-f", str(values))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("kind: InferenceModel") == len(models)
 
 
 def test_every_value_is_documented_in_values_yaml() -> None:
