@@ -30,6 +30,7 @@ def _configure_logging(settings: OperatorSettings) -> None:
     kopf.configure(log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL)
     logging.getLogger().setLevel(settings.log_level)
     logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # no line per liveness probe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,7 @@ def test_children_have_the_exact_fields_and_status_becomes_ready(kube: Kube, nam
         in engine["env"]
     assert engine["startupProbe"]["httpGet"]["path"] == "/health" and engine["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert deployment["spec"]["replicas"] == 1
-    assert service["spec"]["ports"][0] | {} >= {"name": "http", "port": 8000, "targetPort": "http"}
+    assert service["spec"]["ports"][0].items() >= {"name": "http", "port": 8000, "targetPort": "http"}.items()
     owner = deployment["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("InferenceModel", body["metadata"]["uid"], True)
     assert deployment["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubeinfer-operator"
