@@ -54,8 +54,10 @@ def kubectl() -> str:
 @pytest.fixture(scope="module")
 def release(helm: str, kube: Kube) -> Iterator[subprocess.CompletedProcess[str]]:
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": MODELS_NAMESPACE}})
+    # --force-conflicts: the session's fixture applied the same CRD with kubectl before, and Helm 4
+    # applies crds/ server-side (the chart README tells users the same).
     installed = run(helm, "install", RELEASE, str(CHART), "--kubeconfig", kube.kubeconfig,
-                    "--namespace", NAMESPACE, "--create-namespace", timeout=300)
+                    "--namespace", NAMESPACE, "--create-namespace", "--force-conflicts", timeout=300)
     yield installed
     # The CRD stays (Helm never deletes CRDs): other tests of this session use it.
     run(helm, "uninstall", RELEASE, "--kubeconfig", kube.kubeconfig, "--namespace", NAMESPACE, check=False)
@@ -150,7 +152,7 @@ def test_namespaced_mode_works_and_grants_nothing_outside_the_watched_namespaces
     release, watched = "kubeinfer-nsmode", f"nsmode-{uuid.uuid4().hex[:6]}"
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": watched}})
     run(helm, "install", release, str(CHART), "--kubeconfig", kube.kubeconfig, "--namespace", release,
-        "--create-namespace", "--set", f"operator.watchNamespaces={{{watched}}}", timeout=300)
+        "--create-namespace", "--force-conflicts", "--set", f"operator.watchNamespaces={{{watched}}}", timeout=300)
     try:
         account = f"system:serviceaccount:{release}:{release}"
 
