@@ -251,6 +251,7 @@ class ControlPlane:
                 f"--etcd-servers={self.etcd_url}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                "--endpoint-reconciler-type=none",  # 1.37 refuses a loopback endpoint for the kubernetes Service
                 f"--secure-port={port}",
                 f"--tls-cert-file={cert}",
                 f"--tls-private-key-file={key}",

@@ -37,7 +37,6 @@ def node(name: str, *, gpus: int, cpu: str, memory: str, instance_type: str) -> 
         "status": {
             "capacity": resources,
             "allocatable": resources,
-            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "fake"},
         },
     }
 
