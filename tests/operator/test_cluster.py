@@ -4,6 +4,7 @@ under a service account bound to exactly the rules of operator/PERMISSIONS.md.""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -149,13 +150,13 @@ def test_invalid_resources_are_rejected_with_readable_messages(kube: Kube, crd: 
     with pytest.raises(ApiException) as raised:
         kube.create(manifest)
     assert raised.value.status == 422
-    assert message in raised.value.body, raised.value.body
+    assert message in json.loads(raised.value.body)["message"], raised.value.body
 
 
 def test_a_name_that_cannot_name_a_service_is_rejected(kube: Kube, crd: dict) -> None:
     with pytest.raises(ApiException) as raised:
         kube.create(inference_model("llama.v2", "default"))
-    assert "must be a DNS-1035 label" in raised.value.body
+    assert "must be a DNS-1035 label" in json.loads(raised.value.body)["message"]
 
 
 def test_drift_is_restored(kube: Kube, namespace: str) -> None:
