@@ -188,3 +188,45 @@ def test_stop_leaves_no_process_behind(k8s_cluster: K8sCluster) -> None:
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+def test_garbage_collector_knows_the_crd_kinds_installed_by_the_fixture(
+    k8s_cluster: K8sCluster, namespace: str
+) -> None:
+    """The fixture installs crds/ before the controller-manager starts, so owner references to
+    custom resources are collected at once (not only after the GC's ~30 s rediscovery)."""
+    if not (controlplane.REPO / "crds" / "inferencemodels.kubeinfer.dev.yaml").exists():
+        pytest.skip("crds/inferencemodels.kubeinfer.dev.yaml does not exist yet")
+    owner = {
+        "apiVersion": "kubeinfer.dev/v1alpha1",
+        "kind": "InferenceModel",
+        "metadata": {"name": "owner", "namespace": namespace},
+        "spec": {"model": {"source": "hf://org/name"}},
+    }
+    k8s_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(owner))
+    uid = get_json(k8s_cluster, "inferencemodel", "owner", "-n", namespace)["metadata"]["uid"]
+    child = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "child",
+            "namespace": namespace,
+            "ownerReferences": [
+                {
+                    "apiVersion": "kubeinfer.dev/v1alpha1",
+                    "kind": "InferenceModel",
+                    "name": "owner",
+                    "uid": uid,
+                }
+            ],
+        },
+    }
+    k8s_cluster.kubectl("apply", "-f", "-", stdin=json.dumps(child))
+    k8s_cluster.kubectl("delete", "inferencemodel", "owner", "-n", namespace)
+    wait_until(
+        lambda: (
+            k8s_cluster.kubectl("get", "configmap", "child", "-n", namespace, check=False).returncode != 0
+        ),
+        timeout=20,
+        what="the garbage collector to delete the child of the deleted InferenceModel",
+    )

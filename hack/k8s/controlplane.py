@@ -21,6 +21,7 @@ import ctypes
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -440,6 +441,7 @@ def down(state_dir: Path) -> None:
             _terminate_group(info["pid"])
             print(f"stopped {name} (pid {info['pid']})", file=sys.stderr)
     state_file.unlink()
+    shutil.rmtree(state_dir / "etcd", ignore_errors=True)  # logs and certs stay for post-mortems
 
 
 def print_env(state_dir: Path) -> None:
@@ -466,8 +468,7 @@ def main() -> None:
         return
     if (state_dir / "state.json").exists():
         down(state_dir)  # a stale or running one from before: replace it
-    if (state_dir / "etcd").exists():
-        subprocess.run(["rm", "-rf", str(state_dir / "etcd")], check=True)
+    shutil.rmtree(state_dir / "etcd", ignore_errors=True)
     started = time.monotonic()
     plane = ControlPlane(state_dir)
     crds = sorted(args.crds.glob("*.yaml")) if args.crds.is_dir() else []
