@@ -37,6 +37,23 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
+def _reader(path: Path):
+    """A ``gguf.GGUFReader`` over a plain-ndarray view of its memory map: slicing ``np.memmap`` runs
+    Python code per slice, which makes parsing a large vocabulary take seconds."""
+    import gguf
+
+    class _PlainArrayReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._data = value.view(np.ndarray)
+
+    return _PlainArrayReader(path)
+
+
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
     return default if field is None else field.contents()
@@ -125,12 +142,11 @@ def _ensure_dir(path: Path) -> Path:
 def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "auto",
               device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1):
     """A ``.gguf`` file → LoadedModel (weights dequantised; tokenizer and chat template from the file)."""
-    import gguf
     from kubeinfer.engine.models.loader import LoadedModel, build_model
 
     path, device = Path(path), torch.device(device)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _reader(path)
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
     tokenizer = gguf_tokenizer(path, reader)
