@@ -31,6 +31,7 @@ def _configure_logging(settings: OperatorSettings) -> None:
     logging.getLogger().setLevel(settings.log_level)
     logging.getLogger("kopf").setLevel(max(logging.INFO, logging.getLevelName(settings.log_level)))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # no line per liveness probe
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # no "Handler succeeded" per watch event
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,8 @@ class Reconciler:
                     if child.manifest is not None:
                         warning = Problem("KindNotServed", str(error))
                 except ApiException as error:
+                    if error.status == 403 and "being terminated" in api_message(error):
+                        return  # the namespace is going away, and the model with it
                     problem = Problem("ApplyFailed", f"{child.kind} {child.name}: {api_message(error)}")
                     break
                 except NameTaken as error:
