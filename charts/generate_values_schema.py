@@ -27,20 +27,28 @@ KUBERNETES_ONLY = ("x-kubernetes-validations", "x-kubernetes-list-type", "x-kube
 
 
 def to_json_schema(node: Any) -> Any:
-    """A CRD (OpenAPI v3) schema as plain JSON Schema: int-or-string as anyOf, unknown fields rejected."""
-    if isinstance(node, list):
-        return [to_json_schema(item) for item in node]
+    """A CRD (OpenAPI v3) schema as plain JSON Schema: int-or-string as anyOf, unknown fields rejected.
+    Walks schemas only (never treats a property *name* such as `format` as a keyword)."""
     if not isinstance(node, dict):
         return node
-    if node.get("x-kubernetes-int-or-string"):
-        out = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
+    if node.get("x-kubernetes-int-or-string") is True:
+        out: dict[str, Any] = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
         if "pattern" in node:
             out["anyOf"][1]["pattern"] = node["pattern"]
         return out
-    preserve = node.get("x-kubernetes-preserve-unknown-fields")
-    out = {key: to_json_schema(value) for key, value in node.items()
-           if key not in KUBERNETES_ONLY and key != "x-kubernetes-preserve-unknown-fields"}
-    if "properties" in out and "additionalProperties" not in out and not preserve:
+    out = {}
+    for key, value in node.items():
+        if key in KUBERNETES_ONLY or key == "x-kubernetes-preserve-unknown-fields":
+            continue
+        if key in ("properties", "patternProperties") and isinstance(value, dict):
+            out[key] = {name: to_json_schema(schema) for name, schema in value.items()}
+        elif key in ("allOf", "anyOf", "oneOf") and isinstance(value, list):
+            out[key] = [to_json_schema(schema) for schema in value]
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
+            out[key] = to_json_schema(value)
+        else:
+            out[key] = value
+    if "properties" in out and "additionalProperties" not in out and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
     for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         # OpenAPI 3.0's boolean flag → JSON Schema's number.

@@ -25,15 +25,28 @@ def schema_file(root: Path, api_version: str, kind: str) -> Path:
     return root / (group or version) / f"{kind.lower()}_{version}.json"
 
 
+SCHEMA_MAPS = ("properties", "definitions", "patternProperties")  # name → schema
+SCHEMA_LISTS = ("allOf", "anyOf", "oneOf")
+SCHEMA_VALUES = ("items", "additionalProperties", "not")
+
+
 def _strict(node: Any) -> Any:
-    """Walk a schema: int-or-string becomes a oneOf; objects with properties get additionalProperties false."""
-    if isinstance(node, list):
-        return [_strict(item) for item in node]
+    """Walk a schema (not its property *names*): int-or-string becomes a oneOf; objects with
+    properties get additionalProperties false unless they preserve unknown fields."""
     if not isinstance(node, dict):
         return node
-    if node.get("format") == "int-or-string" or node.get("x-kubernetes-int-or-string"):
+    if node.get("format") == "int-or-string" or node.get("x-kubernetes-int-or-string") is True:
         return {**INT_OR_STRING, "description": node.get("description", "")}
-    out = {key: _strict(value) for key, value in node.items()}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _strict(schema) for name, schema in value.items()}
+        elif key in SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_strict(schema) for schema in value]
+        elif key in SCHEMA_VALUES and isinstance(value, dict):
+            out[key] = _strict(value)
+        else:
+            out[key] = value
     if ("properties" in out and "additionalProperties" not in out
             and not out.get("x-kubernetes-preserve-unknown-fields")):
         out["additionalProperties"] = False
@@ -41,7 +54,7 @@ def _strict(node: Any) -> Any:
 
 
 def definitions_from_openapi_v2(document: dict[str, Any]) -> dict[str, Any]:
-    definitions = _strict(copy.deepcopy(document["definitions"]))
+    definitions = {name: _strict(schema) for name, schema in document["definitions"].items()}
     if QUANTITY in definitions:  # a string in OpenAPI, but YAML numbers (`cpu: 1`) are fine too
         definitions[QUANTITY] = {"oneOf": [{"type": "string"}, {"type": "number"}]}
     return definitions

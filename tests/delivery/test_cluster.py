@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -94,7 +95,18 @@ def start_operator_as(kube: Kube, namespace: str, account: str, folder: Path, en
     return process
 
 
-def assert_reconciles(kube: Kube, process: OperatorProcess, namespace: str, engine_image: str) -> None:
+# kopf's scan of CRDs and namespaces at cluster scope: in namespaced mode PERMISSIONS.md grants
+# neither, and kopf falls back to the listed namespaces (it logs the 403s, then a warning).
+KOPF_SCANNING = re.compile(r'cannot (?:list|watch) resource \\"(?:customresourcedefinitions|namespaces)\\"')
+
+
+def forbidden_requests(log: str, namespaced_mode: bool) -> list[str]:
+    return [line for line in log.splitlines()
+            if "Forbidden" in line and not (namespaced_mode and KOPF_SCANNING.search(line))]
+
+
+def assert_reconciles(kube: Kube, process: OperatorProcess, namespace: str, engine_image: str,
+                      namespaced_mode: bool = False) -> None:
     """An InferenceModel gets its children and a status from `process` (its engine image tells it apart)."""
     name = f"rbac-{uuid.uuid4().hex[:6]}"
     kube.create({"apiVersion": "kubeinfer.dev/v1alpha1", "kind": "InferenceModel",
@@ -114,8 +126,7 @@ def assert_reconciles(kube: Kube, process: OperatorProcess, namespace: str, engi
         assert status == 1
         assert wait_for(lambda: kube.events(namespace, name), timeout=30, what="an event")
         assert process.alive()
-        log = process.log_path.read_text(errors="replace")
-        assert "Forbidden" not in log and '"status": 403' not in log, process.tail()
+        assert forbidden_requests(process.log_path.read_text(errors="replace"), namespaced_mode) == []
     finally:
         kube.delete("kubeinfer.dev/v1alpha1", "InferenceModel", namespace, name)
 
@@ -134,7 +145,7 @@ CAN = [("get", "secrets"), ("list", "inferencemodels.kubeinfer.dev"), ("patch", 
 CANNOT = [("list", "secrets"), ("watch", "secrets"), ("update", "inferencemodels.kubeinfer.dev"),
           ("delete", "inferencemodels.kubeinfer.dev"), ("delete", "deployments.apps"), ("create", "pods"),
           ("delete", "pods"), ("get", "configmaps"), ("create", "clusterroles.rbac.authorization.k8s.io"),
-          ("create", "serviceaccounts/token"), ("patch", "nodes"), ("create", "pods/exec")]
+          ("create", "serviceaccounts/token"), ("patch", "deployments.apps/scale"), ("patch", "nodes"), ("create", "pods/exec")]
 
 
 @pytest.mark.parametrize("allowed, verb, resource", [(True, *p) for p in CAN] + [(False, *p) for p in CANNOT],
@@ -142,7 +153,9 @@ CANNOT = [("list", "secrets"), ("watch", "secrets"), ("update", "inferencemodels
 def test_service_account_rights_are_those_of_permissions_md(release: subprocess.CompletedProcess[str], kube: Kube,
                                                             kubectl: str, allowed: bool, verb: str,
                                                             resource: str) -> None:
-    result = run(kubectl, "--kubeconfig", kube.kubeconfig, "auth", "can-i", verb, resource,
+    resource, _, subresource = resource.partition("/")
+    extra = [f"--subresource={subresource}"] if subresource else []
+    result = run(kubectl, "--kubeconfig", kube.kubeconfig, "auth", "can-i", verb, resource, *extra,
                  "--namespace", MODELS_NAMESPACE, "--as", SERVICE_ACCOUNT, check=False)
     assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
 
@@ -168,7 +181,7 @@ def test_namespaced_mode_works_and_grants_nothing_outside_the_watched_namespaces
         assert can("update", "leases.coordination.k8s.io", release) == "yes"
         process = start_operator_as(kube, release, release, tmp_path, "kubeinfer/engine:chart-nsmode", watched)
         try:
-            assert_reconciles(kube, process, watched, "kubeinfer/engine:chart-nsmode")
+            assert_reconciles(kube, process, watched, "kubeinfer/engine:chart-nsmode", namespaced_mode=True)
         finally:
             process.stop()
     finally:
@@ -258,10 +271,14 @@ def test_api_server_accepts_every_manifest_in_a_dry_run(source: str, manifests: 
     namespaces = [doc for doc in docs if doc["kind"] == "Namespace"]
     for doc in namespaces:
         kube.apply(doc)
+    rest = [doc for doc in docs if doc["kind"] != "Namespace"]
+    for doc in rest:  # the examples leave the namespace to `kubectl -n`
+        if doc["kind"] == "InferenceModel":
+            doc["metadata"].setdefault("namespace", MODELS_NAMESPACE)
     path = tmp_path / "manifests.yaml"
-    path.write_text(yaml.safe_dump_all([doc for doc in docs if doc["kind"] != "Namespace"]))
+    path.write_text(yaml.safe_dump_all(rest))
     result = run(kubectl, "--kubeconfig", kube.kubeconfig, "apply", "--server-side", "--force-conflicts",
-                 "--dry-run=server", "--namespace", MODELS_NAMESPACE, "-f", str(path), check=False)
+                 "--dry-run=server", "-f", str(path), check=False)
     assert result.returncode == 0, result.stderr
     assert len(by_kind(docs, "InferenceModel")) == result.stdout.count("inferencemodel.kubeinfer.dev/")
 
