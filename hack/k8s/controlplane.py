@@ -168,7 +168,7 @@ class ControlPlane:
     # ---- components ------------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        log = open(self.state_dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
+        log = open(self.state_dir / "logs" / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
         self.processes[name] = subprocess.Popen(
             [self.binary(name), *args],
             stdout=log,
@@ -197,6 +197,11 @@ class ControlPlane:
             server_dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
         )
         self.sa_private, self.sa_public = pki.service_account_key_pair(d)
+        # Front proxy (API aggregation): also stops the "missing requestheader CA" errors in every log.
+        (d / "front-proxy").mkdir(exist_ok=True)
+        front_proxy = pki.CertificateAuthority(d / "front-proxy")
+        self.front_proxy_ca = front_proxy.cert_path
+        self.front_proxy_client = front_proxy.issue("client", "front-proxy-client")
         self.clients = {
             "admin": ca.issue("admin", "kubeinfer-admin", "system:masters"),
             "kube-controller-manager": ca.issue("controller-manager", "system:kube-controller-manager"),
@@ -265,6 +270,13 @@ class ControlPlane:
                 "--allow-privileged=true",
                 "--profiling=false",
                 f"--cert-dir={self.state_dir / 'pki'}",
+                f"--requestheader-client-ca-file={self.front_proxy_ca}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={self.front_proxy_client[0]}",
+                f"--proxy-client-key-file={self.front_proxy_client[1]}",
             ],
         )
         for user in self.clients:
