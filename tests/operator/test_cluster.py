@@ -245,6 +245,30 @@ def test_missing_secret_fails_clearly_until_it_exists(kube: Kube, namespace: str
     wait_phase(kube, namespace, "gated", "Ready")
 
 
+def test_missing_pvc_and_unappliable_values_fail_with_the_reason(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("nopvc", namespace, model={"source": "pvc://weights/llama"}))
+    kube.create(inference_model("badcpu", namespace, resources={"gpus": 1, "requests": {"cpu": "lots"}}))
+    missing = condition(wait_phase(kube, namespace, "nopvc", "Failed"), "Degraded")
+    assert (missing["reason"], missing["message"]) == (
+        "PVCNotFound", f'PersistentVolumeClaim "weights" (model.source) not found in namespace {namespace}')
+    rejected = condition(wait_phase(kube, namespace, "badcpu", "Failed"), "Degraded")
+    assert rejected["reason"] == "ApplyFailed" and rejected["message"].startswith("Deployment badcpu: ")
+    assert "quantities must match the regular expression" in rejected["message"]
+    # The operator keeps working for everything else.
+    kube.patch(IM_API, "InferenceModel", namespace, "badcpu", {"spec": {"resources": {"requests": {"cpu": "2"}}}})
+    wait_phase(kube, namespace, "badcpu", "Ready")
+
+
+def test_service_monitor_without_its_crd_is_reported_not_fatal(kube: Kube, namespace: str) -> None:
+    kube.create(inference_model("mon", namespace, monitoring={"serviceMonitor": {"enabled": True}}))
+    body = wait_phase(kube, namespace, "mon", "Ready")
+    degraded = wait_for(lambda: condition(get_im(kube, namespace, "mon"), "Degraded")
+                        if condition(get_im(kube, namespace, "mon"), "Degraded").get("status") == "True" else None,
+                        what="a Degraded condition")
+    assert degraded["reason"] == "KindNotServed" and "ServiceMonitor" in degraded["message"]
+    assert body["status"]["readyReplicas"] == 1
+
+
 def test_deleting_the_model_garbage_collects_every_child(kube: Kube, namespace: str) -> None:
     kube.create(inference_model("gone", namespace, replicas=2, model={"source": SOURCE, "cache": {"size": "1Gi"}}))
     children = [("apps/v1", "Deployment", "gone"), ("v1", "Service", "gone"), ("policy/v1", "PodDisruptionBudget", "gone"),
