@@ -61,17 +61,17 @@ else
 fi
 
 # --- kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd: the wrapper module ---
-k8s_pins() { echo "$K8S_VERSION" "$ETCD_VERSION" "$(sha256sum "$HERE/go.mod" | cut -c1-16)"; }
+minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+date="$(cd "${TMPDIR:-/tmp}" && GOFLAGS= go list -m -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Time": "\(.*\)".*/\1/p')"
+ld="-s -w"
+for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+  ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
+done
+k8s_pins() { echo "$K8S_VERSION" "$ETCD_VERSION" "$(sha256sum "$HERE/go.mod" | cut -c1-16)" "$(echo "$ld" | sha256sum | cut -c1-16)"; }
 # shellcheck disable=SC2046
 if ! up_to_date k8s $(k8s_pins); then
   log "building kube-apiserver kube-controller-manager kube-scheduler kubectl $K8S_VERSION + etcd $ETCD_VERSION"
-  minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-  date="$(cd "$HERE" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"Time": "\(.*\)".*/\1/p')"
-  ld="-s -w"
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-    ld+=" -X $p.gitTreeState=clean -X $p.buildDate=${date:-1970-01-01T00:00:00Z}"
-  done
   out="$(mktemp -d "$BIN/.build.XXXXXX")"
   (cd "$HERE" && timed k8s go build -p "$JOBS" -trimpath -ldflags="$ld" -o "$out/" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
