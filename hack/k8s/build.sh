@@ -21,7 +21,8 @@ command -v go >/dev/null || { echo "build.sh: the Go toolchain is required (http
 
 log() { echo "[k8s-build] $*" >&2; }
 
-# up_to_date NAME PINS... : true when the stamp for NAME holds the hash of PINS and every binary exists.
+# up_to_date NAME PINS... : true when the stamp for NAME holds the hash of PINS (and the Go version).
+# Delete bin/.NAME.stamp to force a rebuild of that group.
 stamp_hash() { printf '%s\n' "$@" "$(go env GOVERSION)" | sha256sum | cut -c1-16; }
 up_to_date() {
   local name=$1; shift
