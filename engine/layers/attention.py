@@ -68,21 +68,26 @@ def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 
 def _prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
-    """One sequence's new tokens ``[q_len, heads, head_dim]`` over its whole context, causally."""
-    q_len, _, head_dim = query.shape
+                       block_table: torch.Tensor, seq_len: int, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """One sequence's new tokens ``[q_len, heads, head_dim]`` over its whole context, causally
+    (``mask`` is None when the chunk is the whole context, else the chunk's causal mask)."""
+    head_dim = query.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     blocks = block_table[: -(-seq_len // block_size)]
     k = _gather_blocks("k", k_cache, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
     v = _gather_blocks("v", v_cache, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-    q = query.transpose(0, 1)
-    if q_len == seq_len:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:  # query j sees context positions <= seq_len - q_len + j
-        pos = torch.arange(seq_len, device=query.device)
-        mask = pos.unsqueeze(0) <= pos[seq_len - q_len:].unsqueeze(1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(query.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
+                                         scale=scale, enable_gqa=True)
     return out.transpose(0, 1)
+
+
+def _chunk_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Query j of a chunk of ``q_len`` new tokens sees context positions ``<= seq_len - q_len + j``."""
+    if q_len == seq_len:
+        return None
+    pos = torch.arange(seq_len, device=device)
+    return pos.unsqueeze(0) <= pos[seq_len - q_len:].unsqueeze(1)
 
 
 @dataclass
@@ -97,7 +102,7 @@ class _DecodeGroup:
 class _Plan:
     """How one step's batch is split, built once per step and shared by every layer."""
 
-    prefills: list[tuple[int, int, int, int]]  # (sequence, first query row, q_len, seq_len)
+    prefills: list[tuple[int, int, int, int, torch.Tensor | None]]  # (sequence, first row, q_len, seq_len, mask)
     decode_groups: list[_DecodeGroup]
     seq_lens_cpu: list[int]  # what the plan was built from, in case a caller refills the same metadata
     query_lens_cpu: list[int]
@@ -158,7 +163,7 @@ def _plan(md: AttentionMetadata) -> _Plan:
                 decodes.append(i)
                 rows.append(start)
             else:
-                prefills.append((i, start, q_len, seq_len))
+                prefills.append((i, start, q_len, seq_len, _chunk_mask(q_len, seq_len, md.seq_lens.device)))
             start += q_len
         plan = _Plan(prefills, _group_decodes(md, decodes, rows), list(md.seq_lens_cpu), list(md.query_lens_cpu),
                      md.block_tables.clone())
@@ -174,9 +179,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if not plan.prefills and len(groups) == 1 and groups[0].rows is None:
         return _decode_attention(query, k_cache, v_cache, groups[0], scale)
     out = torch.empty_like(query)
-    for i, start, q_len, seq_len in plan.prefills:
+    for i, start, q_len, seq_len, mask in plan.prefills:
         out[start:start + q_len] = _prefill_attention(
-            query[start:start + q_len], k_cache, v_cache, attn_metadata.block_tables[i], seq_len, scale)
+            query[start:start + q_len], k_cache, v_cache, attn_metadata.block_tables[i], seq_len, mask, scale)
     for g in groups:
         out[g.rows] = _decode_attention(query[g.rows], k_cache, v_cache, g, scale)
     return out
