@@ -123,6 +123,7 @@ class Summary:
     output_throughput: float
     total_token_throughput: float
     ttft_ms: dict[str, float]
+    ttft_ms_after_first_wave: dict[str, float]  # requests after the first `concurrency` (no start-up burst)
     itl_ms: dict[str, float]
     tpot_ms_mean: float
     e2e_ms_p50: float
@@ -133,6 +134,13 @@ def make_prompts(num: int, input_len: int, seed: int) -> list[str]:
     """Deterministic prompts of about `input_len` tokens (common words are one token each)."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(input_len)) for _ in range(num)]
+
+
+def make_output_lens(num: int, args: argparse.Namespace) -> list[int]:
+    """Fixed `--output-len`, or uniform in [--output-len-min, --output-len] (seeded)."""
+    low = args.output_len_min or args.output_len
+    rng = random.Random(args.seed + 1)
+    return [rng.randint(low, args.output_len) for _ in range(num)]
 
 
 def percentiles(values: Sequence[float], scale: float = 1000.0) -> dict[str, float]:
@@ -151,10 +159,12 @@ def percentiles(values: Sequence[float], scale: float = 1000.0) -> dict[str, flo
     }
 
 
-async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str) -> RequestResult:
+async def one_request(
+    client: httpx.AsyncClient, args: argparse.Namespace, prompt: str, max_tokens: int
+) -> RequestResult:
     body: dict[str, Any] = {
         "model": args.model,
-        "max_tokens": args.output_len,
+        "max_tokens": max_tokens,
         "temperature": args.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -206,7 +216,9 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
     return result
 
 
-async def run_load(args: argparse.Namespace, prompts: list[str], concurrency: int | None) -> Summary:
+async def run_load(
+    args: argparse.Namespace, prompts: list[str], output_lens: list[int], concurrency: int | None
+) -> Summary:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limit = concurrency or len(prompts)
     limits = httpx.Limits(max_connections=limit + 4, max_keepalive_connections=limit + 4)
@@ -219,14 +231,14 @@ async def run_load(args: argparse.Namespace, prompts: list[str], concurrency: in
         if args.model is None:
             args.model = (await client.get("/models")).json()["data"][0]["id"]
 
-        async def guarded(prompt: str) -> RequestResult:
+        async def guarded(prompt: str, max_tokens: int) -> RequestResult:
             async with semaphore:
-                return await one_request(client, args, prompt)
+                return await one_request(client, args, prompt, max_tokens)
 
         start = time.perf_counter()
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(guarded(prompt)))
+        for prompt, max_tokens in zip(prompts, output_lens, strict=True):
+            tasks.append(asyncio.create_task(guarded(prompt, max_tokens)))
             if args.request_rate:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -254,6 +266,10 @@ def summarize(
         output_throughput=round(output_tokens / duration, 2),
         total_token_throughput=round((output_tokens + prompt_tokens) / duration, 2),
         ttft_ms={k: round(v, 1) for k, v in percentiles([r.ttft for r in done]).items()},
+        ttft_ms_after_first_wave={
+            k: round(v, 1)
+            for k, v in percentiles([r.ttft for r in results[concurrency or 0 :] if r.ok]).items()
+        },
         itl_ms={k: round(v, 1) for k, v in percentiles([x for r in done for x in r.itls]).items()},
         tpot_ms_mean=round(percentiles(tpots)["mean"], 1),
         e2e_ms_p50=round(percentiles([r.latency for r in done])["p50"], 1),
@@ -267,8 +283,9 @@ def run_offline(args: argparse.Namespace, prompts: list[str]) -> Summary:
 
     options = json.loads(args.offline_options) if args.offline_options else {}
     llm = LLM(model=args.offline_model, **options)
-    params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True)
-    llm.generate(prompts[:2], params)  # warm-up
+    lens = make_output_lens(len(prompts), args)
+    params = [SamplingParams(max_tokens=n, temperature=args.temperature, ignore_eos=True) for n in lens]
+    llm.generate(prompts[:2], params[:2])  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     duration = time.perf_counter() - start
@@ -322,7 +339,7 @@ def launch_server(server_args: str) -> tuple[subprocess.Popen, str]:
 def print_table(rows: list[Summary]) -> None:
     header = (
         f"{'mode':<8}{'conc':>6}{'rate':>7}{'done':>6}{'err':>5}{'req/s':>8}{'out tok/s':>11}"
-        f"{'TTFT p50':>10}{'p95':>8}{'p99':>8}{'ITL p50':>9}{'p95':>8}{'p99':>8}{'TPOT':>8}"
+        f"{'TTFT p50':>10}{'p95':>8}{'p99':>8}{'p95*':>7}{'ITL p50':>9}{'p95':>8}{'p99':>8}{'TPOT':>8}"
     )
     print(header, flush=True)
     print("-" * len(header))
@@ -331,9 +348,10 @@ def print_table(rows: list[Summary]) -> None:
             f"{r.mode:<8}{r.concurrency or '-':>6}{r.request_rate or '-':>7}{r.completed:>6}{r.errors:>5}"
             f"{r.request_throughput:>8.2f}{r.output_throughput:>11.1f}"
             f"{r.ttft_ms['p50']:>10.0f}{r.ttft_ms['p95']:>8.0f}{r.ttft_ms['p99']:>8.0f}"
+            f"{r.ttft_ms_after_first_wave['p95']:>7.0f}"
             f"{r.itl_ms['p50']:>9.0f}{r.itl_ms['p95']:>8.0f}{r.itl_ms['p99']:>8.0f}{r.tpot_ms_mean:>8.0f}"
         )
-    print("(latencies in ms)", flush=True)
+    print("(latencies in ms; p95* = TTFT p95 of the requests after the first `conc` ones)", flush=True)
     for r in rows:
         if r.first_error:
             print(f"first error ({r.mode}, c={r.concurrency}): {r.first_error}")
@@ -350,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--input-len", type=int, default=128, help="words per prompt (about one token each)")
     parser.add_argument("--output-len", type=int, default=64, help="max_tokens (with ignore_eos)")
+    parser.add_argument(
+        "--output-len-min",
+        type=int,
+        default=None,
+        help="with it, each request's max_tokens is uniform in [min, --output-len]",
+    )
     parser.add_argument("--concurrency", default="8", help="comma-separated levels, e.g. 1,8,32,64")
     parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -386,8 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for level in levels:
             num = args.num_prompts or max(16, 2 * level)
             prompts = make_prompts(num, args.input_len, args.seed)
-            asyncio.run(run_load(args, prompts[:1], level))  # warm-up (and model discovery)
-            rows.append(asyncio.run(run_load(args, prompts, level)))
+            lens = make_output_lens(num, args)
+            asyncio.run(run_load(args, prompts[:1], lens[:1], level))  # warm-up (and model discovery)
+            rows.append(asyncio.run(run_load(args, prompts, lens, level)))
             if len(levels) > 1:
                 print_table(rows[-1:])
     finally:
@@ -399,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(run_offline(args, make_prompts(num, args.input_len, args.seed)))
     print()
     print(
-        f"workload: {args.endpoint}, input ~{args.input_len} words, output {args.output_len} tokens, "
+        f"workload: {args.endpoint}, input ~{args.input_len} words, "
+        f"output {f'{args.output_len_min}..' if args.output_len_min else ''}{args.output_len} tokens, "
         f"temperature {args.temperature}"
     )
     print_table(rows)
