@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.server
 import logging
 import threading
+from collections.abc import Iterator
 
 import kopf
 from kubeinfer.operator import handlers  # noqa: F401  (registers the kopf handlers)
@@ -34,6 +37,30 @@ def _configure_logging(settings: OperatorSettings) -> None:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # no "Handler succeeded" per watch event
 
 
+@contextlib.contextmanager
+def standby_liveness(port: int) -> Iterator[None]:
+    if not port:
+        yield
+        return
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+            self.wfile.write(b"standby\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Healthz)
+    threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     settings = OperatorSettings()
@@ -51,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings.leader_election:
         elector = LeaseElector(kube, settings.lease_namespace, settings.lease_name, settings.identity,
                                settings.lease_duration_seconds)
-        if not elector.wait_until_leader(settings.lease_renew_seconds / 2, stop):
-            return 1
+        # A standby is healthy too: answer the liveness probe until kopf (and its own endpoint) takes over.
+        with standby_liveness(settings.liveness_port):
+            if not elector.wait_until_leader(settings.lease_renew_seconds / 2, stop):
+                return 1
         threading.Thread(target=elector.keep_renewing, args=(settings.lease_renew_seconds, stop, lost),
                          name="lease-renewal", daemon=True).start()
     log.info("starting: %s, engine image %s, queue metric %s",

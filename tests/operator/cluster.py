@@ -137,14 +137,15 @@ def free_port() -> int:
 class OperatorProcess:
     """`kubeinfer operator` as a subprocess, exactly as a pod would run it (env settings, leader election)."""
 
-    def __init__(self, kubeconfig: str, log_path: Path, lease_namespace: str, resync_seconds: float = 3):
+    def __init__(self, kubeconfig: str, log_path: Path, lease_namespace: str, resync_seconds: float = 3,
+                 identity: str = "operator-1"):
         self.kubeconfig, self.log_path = kubeconfig, log_path
         self.liveness_port = free_port()
         self.env = {**os.environ, "KUBECONFIG": kubeconfig, "KUBEINFER_LOG_FORMAT": "json",
                     "KUBEINFER_RESYNC_SECONDS": str(resync_seconds), "KUBEINFER_LIVENESS_PORT": str(self.liveness_port),
                     "KUBEINFER_LEASE_NAMESPACE": lease_namespace, "KUBEINFER_LEASE_DURATION_SECONDS": "6",
                     "KUBEINFER_LEASE_RENEW_SECONDS": "2", "KUBEINFER_ENGINE_IMAGE": "kubeinfer/engine:test",
-                    "KUBEINFER_OPERATOR_NAMESPACES": ""}
+                    "KUBEINFER_OPERATOR_NAMESPACES": "", "KUBEINFER_IDENTITY": identity}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: bool = True) -> None:
@@ -155,7 +156,7 @@ class OperatorProcess:
             self.wait_alive()
 
     def alive(self) -> bool:
-        """kopf serves /healthz only once running, i.e. after this replica won the lease."""
+        """/healthz answers 200: from the standby server while waiting for the lease, then from kopf."""
         assert self.process is not None and self.process.poll() is None, f"operator exited:\n{self.tail()}"
         try:
             return httpx.get(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1).status_code == 200
@@ -168,7 +169,7 @@ class OperatorProcess:
     def adopt(self, other: OperatorProcess) -> None:
         """Become `other` (the session fixture then stops the process that is running now)."""
         self.process, self._log, self.log_path = other.process, other._log, other.log_path
-        self.liveness_port = other.liveness_port
+        self.liveness_port, self.env = other.liveness_port, other.env
 
     def stop(self) -> int | None:
         if self.process is None or self.process.poll() is not None:

@@ -294,12 +294,17 @@ def test_restart_and_handover_change_nothing(kube: Kube, namespace: str, operato
     time.sleep(1)
     before = versions()
     standby = OperatorProcess(operator.kubeconfig, operator.log_path.with_name("standby.log"),
-                              lease_namespace=operator.env["KUBEINFER_LEASE_NAMESPACE"])
-    standby.start(wait=False)
-    time.sleep(4)
-    assert not standby.alive(), "a second replica must wait for the lease"
+                              lease_namespace=operator.env["KUBEINFER_LEASE_NAMESPACE"], identity="standby")
+    standby.start()  # a standby answers its liveness probe...
+
+    def holder() -> str:
+        lease = kube.get("coordination.k8s.io/v1", "Lease", operator.env["KUBEINFER_LEASE_NAMESPACE"], "kubeinfer-operator")
+        return lease["spec"].get("holderIdentity") or ""
+
+    time.sleep(3)
+    assert holder() == operator.env["KUBEINFER_IDENTITY"]  # ...but does not lead
     operator.stop()
-    standby.wait_alive(timeout=30)
+    wait_for(lambda: holder() == "standby", timeout=20, what="the standby to take the lease")
     operator.adopt(standby)
     time.sleep(3 * float(operator.env["KUBEINFER_RESYNC_SECONDS"]))  # initial listing + several resyncs
     assert versions() == before
