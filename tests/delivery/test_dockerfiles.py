@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,37 @@ def test_parser_joins_continuations_and_resolves_args() -> None:
     assert [i.keyword for i in instructions] == ["ARG", "FROM", "RUN", "FROM", "USER"]
     assert instructions[2].value == "a && b"
     assert base_images(instructions) == ["python:3.11-slim", "python:3.11-slim"]
+
+
+def test_images_script_says_why_it_cannot_build(tmp_path: Path) -> None:
+    """`make images` without Docker: a clear message and a failing exit code, nothing built."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "sed", "head", "dirname"):
+        (bin_dir / tool).symlink_to(subprocess.check_output(["which", tool], text=True).strip())
+    script = str(REPO / "hack" / "images.sh")
+    no_cli = subprocess.run(["bash", script], env={**os.environ, "PATH": str(bin_dir)}, capture_output=True,
+                            text=True, timeout=30)
+    assert no_cli.returncode == 1 and "docker CLI is not installed" in no_cli.stderr
+    (bin_dir / "docker").write_text("#!/bin/sh\necho \"$@\" >> \"$0.calls\"\nexit 1\n")
+    (bin_dir / "docker").chmod(0o755)
+    no_engine = subprocess.run(["bash", script], env={**os.environ, "PATH": str(bin_dir)}, capture_output=True,
+                               text=True, timeout=30)
+    assert no_engine.returncode == 1 and "no Docker engine is reachable" in no_engine.stderr
+    assert (bin_dir / "docker.calls").read_text().split() == ["info"], "no build is attempted"
+
+
+def test_images_script_builds_each_image_with_its_dockerfile(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    fake = tmp_path / "docker"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO / "hack" / "images.sh")], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "TAG": "t"})
+    assert result.returncode == 0, result.stderr
+    builds = [line for line in calls.read_text().splitlines() if line.startswith("build")]
+    assert builds == [
+        "build --file docker/engine-cuda.Dockerfile --tag ghcr.io/kubeinfer/engine:t .",
+        "build --file docker/engine-cpu.Dockerfile --tag ghcr.io/kubeinfer/engine:t-cpu .",
+        "build --file docker/operator.Dockerfile --tag ghcr.io/kubeinfer/operator:t .",
+    ]
