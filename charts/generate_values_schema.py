@@ -128,7 +128,7 @@ def build() -> dict[str, Any]:
                                                                ("name",))},
             "operator": obj({
                 "image": image(with_pull_policy=True),
-                "replicas": {"type": "integer", "minimum": 0, "maximum": 5},
+                "replicas": {"type": "integer", "minimum": 0, "maximum": 1},
                 "watchNamespaces": {"type": "array", "uniqueItems": True,
                                     "items": string("Namespace name.", pattern=DNS_LABEL, maxLength=63)},
                 "logFormat": {"type": "string", "enum": ["json", "text"]},

@@ -17,6 +17,7 @@ BAD_VALUES = {
     "unknown top-level key": ({"replicaCount": 2}, "replicaCount"),
     "typo in a nested key": ({"operator": {"watchNamespace": ["a"]}}, "watchNamespace"),
     "wrong type": ({"operator": {"replicas": "two"}}, "replicas"),
+    "out of range": ({"operator": {"replicas": 3}}, "replicas"),
     "bad enum": ({"operator": {"logFormat": "xml"}}, "logFormat"),
     "bad image pull policy": ({"operator": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy"),
     "negative cpu": ({"operator": {"resources": {"requests": {"cpu": "-100m"}}}}, "cpu"),
