@@ -89,3 +89,39 @@ def test_application_and_applicationset_point_at_real_paths() -> None:
     for element in appset["spec"]["generators"][0]["list"]["elements"]:
         manifest = yaml.safe_load((REPO / source["path"] / element["file"]).read_text())
         assert manifest["kind"] == "InferenceModel" and manifest["metadata"]["name"] == element["model"]
+
+
+def operator_status(deployment_status: dict[str, Any] | None, pods: list[dict[str, Any]],
+                    config_problem: Any = None) -> dict[str, Any]:
+    """An InferenceModel carrying the status the operator's own (pure) status function writes."""
+    from kubeinfer.operator.spec import InferenceModel
+    from kubeinfer.operator.status import compute_status
+
+    body = {"apiVersion": "kubeinfer.dev/v1alpha1", "kind": "InferenceModel",
+            "metadata": {"name": "m", "namespace": "ns", "uid": "u", "generation": 1},
+            "spec": {"model": {"source": "hf://org/m"}}}
+    deployment = None if deployment_status is None else {
+        "metadata": {"generation": 1}, "spec": {"replicas": 1}, "status": deployment_status}
+    body["status"] = compute_status(InferenceModel.from_body(body), deployment, pods, config_problem, {},
+                                    "2026-01-01T00:00:00Z")
+    return body
+
+
+def pod(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "m-1"}, "status": status}
+
+
+def test_health_check_reads_the_operators_real_status(health_check) -> None:
+    from kubeinfer.operator.status import Problem
+
+    ready = {"observedGeneration": 1, "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+    assert health_check(operator_status(ready, [pod()]))[0] == "Healthy"
+    loading = {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1}
+    assert health_check(operator_status(loading, [pod(phase="Running")]))[0] == "Progressing"
+    assert health_check(operator_status(None, []))[0] == "Progressing"
+    unschedulable = pod(conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                     "message": "0/3 nodes: Insufficient nvidia.com/gpu"}])
+    status, message = health_check(operator_status(loading, [unschedulable]))
+    assert (status, message) == ("Degraded", "0/3 nodes: Insufficient nvidia.com/gpu")
+    status, message = health_check(operator_status(None, [], Problem("SecretNotFound", "secret hf-token not found")))
+    assert (status, message) == ("Degraded", "secret hf-token not found")
