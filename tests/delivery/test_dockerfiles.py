@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,25 @@ def test_images_script_builds_each_image_with_its_dockerfile(tmp_path: Path) -> 
         "build --file docker/engine-cpu.Dockerfile --tag ghcr.io/kubeinfer/engine:t-cpu .",
         "build --file docker/operator.Dockerfile --tag ghcr.io/kubeinfer/operator:t .",
     ]
+
+
+ENGINE_ONLY = ("torch", "triton", "transformers", "tokenizers", "safetensors", "gguf", "fastapi", "uvicorn",
+               "prometheus_client", "numpy", "jinja2", "huggingface_hub")
+BLOCK_ENGINE_PACKAGES = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ENGINE_ONLY!r}:
+            raise ImportError(f"{{name}} is not in the operator image")
+sys.meta_path.insert(0, Block())
+from kubeinfer.cli import main
+sys.exit(main(["operator", "--print-settings"]))
+"""
+
+
+def test_operator_image_dependencies_are_enough_to_start_the_operator() -> None:
+    """`kubeinfer operator` imports nothing of the engine extra (the image installs .[operator] only)."""
+    result = subprocess.run([sys.executable, "-c", BLOCK_ENGINE_PACKAGES], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "KUBEINFER_ENGINE_IMAGE": "x/engine:1"})
+    assert result.returncode == 0, result.stderr
+    assert '"engine_image": "x/engine:1"' in result.stdout
