@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kubeinfer.operator.kube import Kube
@@ -91,13 +92,13 @@ class LeaseElector:
             stop.wait(retry_seconds)
         return False
 
-    def keep_renewing(self, renew_seconds: float, stop: threading.Event, lost: threading.Event) -> None:
-        """Renew until `stop`; if renewals fail for a whole lease duration, set `lost` and `stop`."""
+    def keep_renewing(self, renew_seconds: float, stop: threading.Event, on_lost: Callable[[], None]) -> None:
+        """Renew until `stop`; if renewals fail for a whole lease duration, call `on_lost` and return."""
         last_success = _micro_now()
         while not stop.wait(renew_seconds):
             if self.try_acquire_or_renew():
                 last_success = _micro_now()
             elif _micro_now() - last_success > dt.timedelta(seconds=self.duration - renew_seconds):
                 log.error("lost leadership of lease %s/%s; stopping", self.namespace, self.name)
-                lost.set()
-                stop.set()
+                on_lost()
+                return

@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import http.server
 import logging
+import os
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -74,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot reach the Kubernetes API: %s", error)
         return 1
     stop, lost = threading.Event(), threading.Event()
+
+    def on_lost() -> None:
+        # kopf's own SIGTERM handling stops it cleanly. (A threading stop_flag would leave kopf's executor
+        # thread waiting on it, so that asyncio's shutdown hangs after a plain SIGTERM.)
+        lost.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
     elector = None
     if settings.leader_election:
         elector = LeaseElector(kube, settings.lease_namespace, settings.lease_name, settings.identity,
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         with standby_liveness(settings.liveness_port):
             if not elector.wait_until_leader(settings.lease_renew_seconds / 2, stop):
                 return 1
-        threading.Thread(target=elector.keep_renewing, args=(settings.lease_renew_seconds, stop, lost),
+        threading.Thread(target=elector.keep_renewing, args=(settings.lease_renew_seconds, stop, on_lost),
                          name="lease-renewal", daemon=True).start()
     log.info("starting: %s, engine image %s, queue metric %s",
              "cluster-wide" if settings.clusterwide else f"namespaces {settings.namespaces}",
@@ -94,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
             namespaces=settings.namespaces,
             liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None,
             memo=kopf.Memo(reconciler=Reconciler(kube, settings), settings=settings),
-            stop_flag=stop,
         )
     finally:
         stop.set()
