@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 
 import pytest
 from kubeinfer.engine.async_engine import AsyncLLMEngine, EngineDrainingError, RequestAbortedError
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.sampling_params import SamplingParams
+from kubeinfer.engine.server.logs import JsonFormatter
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,8 +26,21 @@ async def _until(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-u
             await asyncio.sleep(0.01)
 
 
-def test_async_engine_end_to_end() -> None:
-    asyncio.run(_scenario())
+def test_async_engine_end_to_end(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="kubeinfer.requests"):
+        asyncio.run(_scenario())
+    # One structured line per request, with its numbers and never the prompt.
+    records = {r.request["request_id"]: r for r in caplog.records if r.name == "kubeinfer.requests"}
+    line = json.loads(JsonFormatter().format(records["r1"]))
+    assert line["request"] == {
+        **line["request"],
+        "prompt_tokens": 1,
+        "completion_tokens": 5,
+        "finish_reason": "length",
+    }
+    assert line["request"]["ttft_s"] >= 0 and line["request"]["latency_s"] >= line["request"]["ttft_s"]
+    assert "Tell me a story" not in "".join(JsonFormatter().format(r) for r in records.values())
+    assert records["load-0"].request["finish_reason"] == "abort"
 
 
 async def _scenario() -> None:
