@@ -4,6 +4,7 @@ under a service account bound to exactly the rules of operator/PERMISSIONS.md.""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from typing import Any
@@ -313,3 +314,15 @@ def test_restart_and_handover_change_nothing(kube: Kube, namespace: str, operato
     # ...and the new leader acts.
     kube.patch(IM_API, "InferenceModel", namespace, "steady", {"spec": {"replicas": 1}})
     wait_gone(kube, "policy/v1", "PodDisruptionBudget", namespace, "steady")
+
+
+def test_losing_the_lease_stops_the_operator(kube: Kube, operator: OperatorProcess) -> None:
+    namespace = operator.env["KUBEINFER_LEASE_NAMESPACE"]
+    lease = kube.get("coordination.k8s.io/v1", "Lease", namespace, "kubeinfer-operator")
+    lease["spec"] |= {"holderIdentity": "thief", "leaseDurationSeconds": 60,
+                      "renewTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+    kube.resource("coordination.k8s.io/v1", "Lease").replace(body=lease, namespace=namespace)
+    assert operator.process is not None
+    assert operator.process.wait(timeout=30) == 1, "an operator that lost its lease must stop acting"
+    kube.delete("coordination.k8s.io/v1", "Lease", namespace, "kubeinfer-operator")
+    operator.start()  # leave a working operator for whatever runs next
