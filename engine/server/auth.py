@@ -1,28 +1,30 @@
-"""Bearer-token auth for `/v1/*` (probes and scrapers on /health, /ready, /metrics stay open)."""
+"""Bearer-token auth for `/v1/*` (probes and scrapers on /health, /ready, /metrics stay open).
+
+A plain ASGI middleware: it never wraps the response body, so streaming and disconnects pass through."""
 
 from __future__ import annotations
 
 import secrets
 
 from kubeinfer.engine.server.errors import OpenAIError
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 
-class ApiKeyMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app, api_key: str) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(app)
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
         self._expected = f"Bearer {api_key}".encode()
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path.startswith("/v1/") or request.url.path == "/v1":
-            given = request.headers.get("authorization", "").encode()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             if not secrets.compare_digest(given, self._expected):
-                return OpenAIError(
+                response = OpenAIError(
                     401,
                     "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
                     code="invalid_api_key",
                     headers={"WWW-Authenticate": "Bearer"},
                 ).response()
-        return await call_next(request)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
