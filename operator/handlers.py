@@ -32,6 +32,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.enabled = False  # our own events only, one per phase transition
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 8
+    # Namespaced mode is granted no cluster-scope reads: skip kopf's scan of CRDs and namespaces.
+    settings.scanning.disabled = not memo.settings.clusterwide
     memo.resync = asyncio.create_task(_resync_forever(memo))
 
 
