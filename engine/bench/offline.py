@@ -15,6 +15,7 @@ import json
 import platform
 import random
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -222,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                               "output_lengths": f"uniform {args.min_output}..{args.max_output}, seed {args.seed}"}
     engine = run_engine(args, conversations, lengths)
     prompts = engine.pop("prompts")
+    _progress(f"engine: {engine['output_tokens']} tokens in {engine['elapsed_s']:.1f}s "
+              f"({engine['tok_per_s']:.1f} tok/s)")
     result["engine"] = engine
     if not args.skip_transformers:
         hf, _ = load_hf_model(args.model)
         with _quiet():
             result["hf_static"] = run_hf_static(hf, prompts, lengths, args.static_batch_size)
+            _progress(f"transformers static: {result['hf_static']['tok_per_s']:.1f} tok/s")
             count = min(args.serial_requests or len(prompts), len(prompts))
             result["hf_serial"] = run_hf_serial(hf, prompts, lengths, count)
     result["load_after"] = load_average()
@@ -237,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager
