@@ -42,6 +42,9 @@ def engine_args(spec: InferenceModelSpec) -> list[str]:
     return args + list(engine.extra_args)
 
 
+DRAIN_MARGIN_SECONDS = 5
+
+
 def model_path(spec: InferenceModelSpec) -> str:
     """What `--model` gets: the Hub repo id, a path on the mounted claim, or a path in the image."""
     source = spec.model
@@ -56,8 +59,17 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
+def drain_timeout_seconds(spec: InferenceModelSpec) -> int:
+    """How long the engine finishes in-flight requests after SIGTERM: the grace period that the
+    preStop sleep leaves, less a margin so the kubelet never has to SIGKILL a draining pod."""
+    return max(1, spec.termination_grace_period_seconds - spec.pre_stop_sleep_seconds - DRAIN_MARGIN_SECONDS)
+
+
 def engine_env(spec: InferenceModelSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"}]
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": f"{CACHE_MOUNT}/huggingface"},
+        {"name": "KUBEINFER_DRAIN_TIMEOUT", "value": str(drain_timeout_seconds(spec))},
+    ]
     if spec.model.revision:
         env.append({"name": "KUBEINFER_REVISION", "value": spec.model.revision})
     if spec.model.token_secret_ref:

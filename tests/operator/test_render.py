@@ -61,6 +61,7 @@ def test_deployment_exact(settings: OperatorSettings) -> None:
                                  "--dtype", "auto", "--max-model-len", "8192", "--enable-prefix-caching"],
                         "env": [
                             {"name": "HF_HOME", "value": "/cache/huggingface"},
+                            {"name": "KUBEINFER_DRAIN_TIMEOUT", "value": "110"},
                             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
                             {"name": "KUBEINFER_API_KEY",
                              "valueFrom": {"secretKeyRef": {"name": "keys", "key": "api-key"}}},
@@ -170,6 +171,7 @@ def test_engine_flags_env_and_extra_args() -> None:
         "--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching", "--seed", "7"]
     settings = OperatorSettings()
     assert container(render_deployment(im, settings))["env"] == [
+        {"name": "KUBEINFER_DRAIN_TIMEOUT", "value": "110"},
         {"name": "KUBEINFER_REVISION", "value": "v2"},
         {"name": "HF_HOME", "value": "/elsewhere"},
         {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]
@@ -247,3 +249,9 @@ def test_children_in_apply_order_with_unwanted_ones_as_none(settings: OperatorSe
         ("PersistentVolumeClaim", "llama-model-cache", False), ("Deployment", "llama", True),
         ("Service", "llama", True), ("HorizontalPodAutoscaler", "llama", False),
         ("PodDisruptionBudget", "llama", False), ("ServiceMonitor", "llama", False)]
+
+
+def test_drain_timeout_fills_the_grace_period_the_pre_stop_sleep_leaves() -> None:
+    im = make_model({"model": HF, "terminationGracePeriodSeconds": 300, "preStopSleepSeconds": 15})
+    env = {var["name"]: var.get("value") for var in container(render_deployment(im, OperatorSettings()))["env"]}
+    assert env["KUBEINFER_DRAIN_TIMEOUT"] == "280"
