@@ -298,28 +298,22 @@ def run_offline(args: argparse.Namespace, prompts: list[str]) -> Summary:
     return summarize("offline", results, duration, None, None)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def local_serve_command(port: int, args: list[str]) -> list[str]:
+    """`kubeinfer serve` on 127.0.0.1:`port` in this interpreter (the benchmark's and the tests' servers)."""
+    return [sys.executable, "-m", "kubeinfer.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+
+
 def launch_server(server_args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kubeinfer.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--disable-log-requests",
-        *shlex.split(server_args),
-    ]
+    port = free_port()
+    command = local_serve_command(
+        port, ["--log-level", "warning", "--disable-log-requests", *shlex.split(server_args)]
+    )
     process = subprocess.Popen(command, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

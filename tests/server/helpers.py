@@ -5,24 +5,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from kubeinfer.engine.bench.serve import free_port, local_serve_command
 
 API_KEY = "test-key"
 # Small KV cache and batch: fast to allocate, plenty for these tests.
 COMMON_FLAGS = ["--kv-cache-memory", "128MiB", "--max-model-len", "1024", "--log-level", "warning"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -40,18 +33,7 @@ class ServerProcess:
 
     def start(self, log_dir: Path) -> ServerProcess:
         self.log_path = log_dir / f"server-{self.port}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "kubeinfer.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            *COMMON_FLAGS,
-            *self.args,
-        ]
+        command = local_serve_command(self.port, [*COMMON_FLAGS, *self.args])
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
