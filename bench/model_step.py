@@ -1,12 +1,14 @@
-"""CPU benchmark of one model forward (bundled SmolLM2 by default) through the torch paged backend.
+"""CPU benchmark of one model forward (bundled SmolLM2 by default) through the paged attention backend.
 
 Decode steps: ``batch`` sequences, one new token each, contexts drawn uniformly from
 [context/4, context] (a continuous-batching mix), block tables shuffled. Prefill: one prompt.
 Each row: the fastest and the median of ``--steps`` timed steps (the minimum is the honest number on
-a shared machine), the part spent in attention (KV store + paged attention) and tokens/s at the minimum.
+a shared machine), the part spent in attention (RoPE + KV store + paged attention) and tokens/s at the
+minimum. ``--kernels torch`` measures the plain-torch ops and attention backend instead of the C++ kernels.
 
     python bench/model_step.py                              # fp32 and bf16, batch 1/8/32
     python bench/model_step.py --dtype bfloat16 --batch 32 --context 512
+    python bench/model_step.py --kernels torch              # the plain-torch reference path
     python bench/model_step.py --json results.json          # also write the rows as JSON ('-' = stdout)
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -21,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from kubeinfer.engine.attention_metadata import AttentionMetadata
-from kubeinfer.engine.layers import attention
+from kubeinfer.engine.bench.offline import TimedBackend
+from kubeinfer.engine.layers import attention, ops
 
 
 @dataclass
@@ -55,23 +59,6 @@ def _metadata(q_lens: list[int], seq_lens: list[int], block_size: int, num_block
         seq_lens_cpu=seq_lens)
 
 
-class _AttentionTimer:
-    """Wraps the torch backend's functions to add up the time spent in them."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        for name in ("store_kv_cache", "paged_attention"):
-            setattr(self, name, self._timed(getattr(attention, name)))
-
-    def _timed(self, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            self.seconds += time.perf_counter() - start
-            return result
-        return wrapper
-
-
 def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: int = 16) -> Row:
     model, cfg = loaded.model, loaded.config
     rng = random.Random(0)
@@ -86,19 +73,20 @@ def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: 
     positions = torch.tensor([p for q, s in zip(q_lens, seq_lens, strict=True) for p in range(s - q, s)])
     ids = torch.randint(0, cfg.vocab_size, (len(positions),))
     last = torch.tensor(q_lens).cumsum(0) - 1
-    timer = _AttentionTimer()
+    totals: dict[str, float] = {"attention": 0.0}
+    backend = attention.select_backend(torch.device("cpu"))
     times, attn = [], []
     with torch.inference_mode():
         for i in range(steps + 2):
             md = _metadata(q_lens, seq_lens, block_size, num_blocks, seed=i)
             for layer in model.model.layers:
-                layer.self_attn.attn._backend = timer
-            timer.seconds = 0.0
+                layer.self_attn.attn._backend = TimedBackend(backend, totals)
+            totals["attention"] = 0.0
             start = time.perf_counter()
             model.compute_logits(model(ids, positions, md, kv).index_select(0, last))
             if i >= 2:  # warm-up steps are not counted
                 times.append(time.perf_counter() - start)
-                attn.append(timer.seconds)
+                attn.append(totals["attention"])
     best = min(range(len(times)), key=times.__getitem__)
     tokens = batch if phase == "decode" else batch * context
     return Row(str(cfg.dtype).removeprefix("torch."), phase, batch, context, times[best] * 1e3,
@@ -116,8 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill", type=int, default=512, help="prefill prompt length (0 = skip)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--kernels", choices=["auto", "torch"], default="auto",
+                        help="auto: the C++ CPU kernels when they build; torch: plain torch ops and attention")
     parser.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
     args = parser.parse_args(argv)
+    if args.kernels == "torch":
+        os.environ[ops.KERNELS_ENV] = os.environ[attention.BACKEND_ENV] = "torch"
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
@@ -127,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(bench(loaded, "decode", batch, args.context, args.steps))
         if args.prefill:
             rows.append(bench(loaded, "prefill", 1, args.prefill, max(3, args.steps // 3)))
-    print(f"threads={torch.get_num_threads()}  model={args.model or 'bundled SmolLM2-135M-Instruct'}")
+    print(f"kernels={args.kernels}  threads={torch.get_num_threads()}  model={args.model or 'bundled SmolLM2-135M-Instruct'}")
     print(f"{'dtype':9} {'phase':8} {'batch':>5} {'ctx':>5} {'min ms':>8} {'median':>8} {'attn ms':>8} {'tok/s':>8}")
     for r in rows:
         print(f"{r.dtype:9} {r.phase:8} {r.batch:5} {r.context:5} {r.min_ms:8.1f} {r.median_ms:8.1f} "

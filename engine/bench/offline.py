@@ -61,22 +61,25 @@ def load_average() -> str:
         return "?"
 
 
-class _TimedBackend:
-    """Wraps an attention backend module so the bench can report time spent in attention."""
+class TimedBackend:
+    """Wraps an attention backend module so the bench can report time spent in attention (RoPE + KV
+    store + paged attention)."""
 
     def __init__(self, backend: Any, totals: dict[str, float]) -> None:
         self._backend, self._totals = backend, totals
 
-    def store_kv_cache(self, *args: Any) -> None:
-        t0 = time.perf_counter()
-        self._backend.store_kv_cache(*args)
-        self._totals["attention"] += time.perf_counter() - t0
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._backend, name)  # AttributeError for a hook the backend lacks, as for the module
+        if not callable(fn):
+            return fn
 
-    def paged_attention(self, *args: Any) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = self._backend.paged_attention(*args)
-        self._totals["attention"] += time.perf_counter() - t0
-        return out
+        def timed(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self._totals["attention"] += time.perf_counter() - t0
+            return out
+
+        return timed
 
 
 def instrument_attention(engine: Any) -> None:
@@ -84,7 +87,7 @@ def instrument_attention(engine: Any) -> None:
 
     for module in engine.runner.model.modules():
         if isinstance(module, Attention):
-            module._backend = _TimedBackend(select_backend(engine.runner.device), engine.runner.timings)
+            module._backend = TimedBackend(select_backend(engine.runner.device), engine.runner.timings)
 
 
 def run_engine(args: argparse.Namespace, conversations: list[list[dict]], lengths: list[int]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Paged attention: the Attention layer and the pure-torch backend.
 
 A backend is two functions with one signature (see ``store_kv_cache`` and ``paged_attention``
-below). This torch backend runs on the CPU and is the reference for the Triton kernels in
-``triton_attention.py``. The layer picks ``torch`` on CPU and ``triton`` on CUDA when it imports;
-``KUBEINFER_ATTENTION_BACKEND=torch|triton`` overrides.
+below), plus optionally ``rotary_and_store`` (RoPE fused with the KV store). This torch backend
+runs anywhere and is the reference for the Triton kernels (``triton_attention.py``) and the C++ CPU
+kernels (``cpu_attention.py``). The layer picks ``triton`` on CUDA and ``cpu`` on the CPU when they
+load, else ``torch``; ``KUBEINFER_ATTENTION_BACKEND=torch|triton|cpu`` overrides.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from kubeinfer.engine.attention_metadata import AttentionMetadata
 from torch import nn
 
 BACKEND_ENV = "KUBEINFER_ATTENTION_BACKEND"
-_BACKEND_MODULES = {"torch": __name__, "triton": "kubeinfer.engine.layers.triton_attention"}
+_BACKEND_MODULES = {"torch": __name__, "triton": "kubeinfer.engine.layers.triton_attention",
+                    "cpu": "kubeinfer.engine.layers.cpu_attention"}
 
 
 def store_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -202,25 +204,39 @@ def select_backend(device: torch.device) -> ModuleType:
             return importlib.import_module(_BACKEND_MODULES["triton"])
         except ImportError:
             pass
+    if device.type == "cpu":
+        from kubeinfer.engine.layers import cpu_kernels
+
+        if cpu_kernels.available():
+            return importlib.import_module(_BACKEND_MODULES["cpu"])
     return importlib.import_module(__name__)
 
 
 class Attention(nn.Module):
-    """Stores the new tokens' K/V in the paged cache, then attends over each sequence's context."""
+    """Applies RoPE, stores the new tokens' K/V in the paged cache, then attends over each sequence's
+    context. ``rotary_emb`` is a ``RotaryEmbedding`` (None: no rotary embedding)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary_emb: nn.Module | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.rotary_emb = rotary_emb
         self._backend: ModuleType | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if self._backend is None:
             self._backend = select_backend(q.device)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        self._backend.store_kv_cache(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
+        fused = getattr(self._backend, "rotary_and_store", None)
+        if fused is not None and self.rotary_emb is not None:
+            q = fused(positions, q, k, v, self.rotary_emb.cos_sin_cache, k_cache, v_cache, attn_metadata.slot_mapping)
+        else:
+            if self.rotary_emb is not None:
+                q, k = self.rotary_emb(positions, q, k)
+            q = q.reshape(-1, self.num_heads, self.head_dim)
+            k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+            self._backend.store_kv_cache(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
         out = self._backend.paged_attention(q, k_cache, v_cache, attn_metadata, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)

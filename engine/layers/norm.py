@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from kubeinfer.engine.layers import ops
 from torch import nn
 
 
@@ -12,17 +13,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as transformers: normalise in float32, scale in the input dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+        """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` (see ``ops.rms_norm``)."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)

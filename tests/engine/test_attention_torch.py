@@ -86,12 +86,16 @@ def test_store_skips_negative_slots() -> None:
 
 
 def test_backend_selection(monkeypatch) -> None:
+    from kubeinfer.engine.layers import cpu_attention, cpu_kernels
+
     monkeypatch.delenv(attention.BACKEND_ENV, raising=False)
-    assert select_backend(torch.device("cpu")) is attention
+    expected = cpu_attention if cpu_kernels.available() else attention
+    assert select_backend(torch.device("cpu")) is expected
     monkeypatch.setenv(attention.BACKEND_ENV, "torch")
+    assert select_backend(torch.device("cpu")) is attention
     assert select_backend(torch.device("cuda")) is attention
     monkeypatch.setenv(attention.BACKEND_ENV, "cuda-magic")
-    with pytest.raises(ValueError, match="torch, triton"):
+    with pytest.raises(ValueError, match="torch, triton, cpu"):
         select_backend(torch.device("cpu"))
 
 

@@ -1,0 +1,288 @@
+// kubeinfer CPU kernels: paged decode attention and the elementwise ops around the matmuls.
+//
+// On the CPU a torch op costs microseconds of dispatch and a full pass over memory, so the decoder
+// layer's small ops (residual add + RMSNorm, rotary + KV store, SiLU-and-mul) and the decode
+// attention (a gather of every sequence's blocks + a masked SDPA in the torch backend) are fused
+// here into one pass each. Loaded through ctypes by ``engine/layers/cpu_kernels.py``; no torch
+// headers, so it compiles in about a second. Every kernel is checked against the plain-torch
+// reference in tests/engine/test_cpu_kernels.py.
+//
+// Elementwise kernels round exactly where torch rounds (products and sums rounded to the tensor's
+// dtype), so they give torch's bits; build with -ffp-contract=off so the compiler does not fuse
+// them into FMAs. The attention accumulates in fp32 and uses explicit FMAs.
+//
+// dtype codes: 0 float32, 1 bfloat16, 2 float16. Strides are in elements.
+
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct bf16 {
+  uint16_t bits;
+};
+using f16 = _Float16;
+
+inline float to_float(float x) { return x; }
+inline float to_float(f16 x) { return static_cast<float>(x); }
+inline float to_float(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T> inline T from_float(float x);
+template <> inline float from_float<float>(float x) { return x; }
+template <> inline f16 from_float<f16>(float x) { return static_cast<f16>(x); }
+template <> inline bf16 from_float<bf16>(float x) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+
+// Round a float to T and back: what torch's intermediate results of dtype T hold.
+template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm, optionally after a residual add: sum = T(x + residual); out = T(w * T(sum * rsqrt(mean(sum^2) + eps)))
+template <typename T>
+void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride, T* sum_out,
+              int64_t sum_stride, const T* weight, T* out, int64_t out_stride, int64_t rows, int64_t hidden,
+              float eps) {
+  std::vector<float> row(hidden);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * x_stride;
+    if (residual != nullptr) {
+      const T* rr = residual + r * residual_stride;
+      T* sr = sum_out + r * sum_stride;
+      for (int64_t i = 0; i < hidden; ++i) {
+        T s = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
+        sr[i] = s;
+        row[i] = to_float(s);
+      }
+    } else {
+      for (int64_t i = 0; i < hidden; ++i) row[i] = to_float(xr[i]);
+    }
+    float sum_sq = 0.f;
+#pragma omp simd reduction(+ : sum_sq)
+    for (int64_t i = 0; i < hidden; ++i) sum_sq += row[i] * row[i];
+    const float inv_rms = 1.f / std::sqrt(sum_sq / static_cast<float>(hidden) + eps);
+    T* o = out + r * out_stride;
+    for (int64_t i = 0; i < hidden; ++i)
+      o[i] = from_float<T>(to_float(weight[i]) * round_to<T>(row[i] * inv_rms));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU-and-mul over [gate | up] rows: out = T(T(silu(gate)) * up)
+template <typename T>
+void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = x + r * x_stride;
+    const T* up = gate + d;
+    T* o = out + r * out_stride;
+    for (int64_t i = 0; i < d; ++i) {
+      const float g = to_float(gate[i]);
+      const float silu = round_to<T>(g / (1.f + std::exp(-g)));
+      o[i] = from_float<T>(silu * to_float(up[i]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding ("rotate half" layout) of q and k, then the KV store:
+//   q_out[t] = rope(q[t]);  k_cache[slot[t]] = rope(k[t]);  v_cache[slot[t]] = v[t]   (slot < 0: not stored)
+// cos/sin come from a float32 [max_position, head_dim] table (cos half, sin half) and are rounded to T
+// first, like ``cache[positions].to(dtype)``; each product and sum is rounded to T as in torch.
+template <typename T>
+inline void rope_row(const T* x, T* y, const float* cos, const float* sin, int64_t half) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float c = round_to<T>(cos[j]), s = round_to<T>(sin[j]);
+    const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
+    y[j] = from_float<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
+    y[j + half] = from_float<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
+  }
+}
+
+template <typename T>
+void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
+                      const int64_t* positions, const float* cos_sin, T* q_out, T* k_cache, T* v_cache,
+                      const int64_t* slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
+                      int64_t head_dim) {
+  const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* cos = cos_sin + positions[t] * head_dim;
+    const float* sin = cos + half;
+    for (int64_t h = 0; h < num_heads; ++h)
+      rope_row(q + t * q_stride + h * head_dim, q_out + (t * num_heads + h) * head_dim, cos, sin, half);
+    const int64_t slot = slots[t];
+    if (slot < 0) continue;
+    for (int64_t h = 0; h < num_kv_heads; ++h)
+      rope_row(k + t * k_stride + h * head_dim, k_cache + slot * kv_width + h * head_dim, cos, sin, half);
+    std::memcpy(v_cache + slot * kv_width, v + t * v_stride, kv_width * sizeof(T));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp(x) for x <= 0 (softmax after subtracting the max), in plain arithmetic so loops of it
+// vectorise: 2^n * p(r) with Cephes' polynomial, relative error ~2e-7 (torch's Sleef exp: ~1e-7).
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), x <= 0
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // x - n ln 2, in two parts
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention: one query token per sequence, read straight from the block tables.
+// Work item = (sequence, KV head): the query heads sharing that KV head (GQA group) are done
+// together, so every K/V row is loaded once. Two passes over the context: scores + max, then
+// softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
+// HEAD_DIM > 0 fixes the head size at compile time (the inner loops then vectorise with no
+// remainder handling); 0 reads it at run time.
+template <typename T, int HEAD_DIM>
+void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_stride, const int64_t* rows,
+                            const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                            int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, float scale,
+                            int num_threads) {
+  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
+  const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> query(group * head_dim), acc(group * head_dim), row(head_dim), scores, max_score(group),
+        denom(group);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_seqs * num_kv_heads; ++item) {
+      const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
+      const int64_t len = seq_lens[s], r = rows[s];
+      const int32_t* table = block_tables + s * table_stride;
+      const T* qs = q + r * q_stride + kvh * group * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
+      scores.resize(group * len);
+      std::fill(max_score.begin(), max_score.end(), -INFINITY);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* block = k_cache + table[start / block_size] * block_size * kv_width + kvh * head_dim;
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* kr = block + i * kv_width;
+          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(kr[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = query.data() + g * head_dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+            scores[g * len + start + i] = dot;
+            max_score[g] = dot > max_score[g] ? dot : max_score[g];
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        const float m = max_score[g];
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t p = 0; p < len; ++p) {
+          sg[p] = exp_nonpositive(sg[p] - m);
+          total += sg[p];
+        }
+        denom[g] = total;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* block = v_cache + table[start / block_size] * block_size * kv_width + kvh * head_dim;
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* vr = block + i * kv_width;
+          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(vr[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float w = scores[g * len + start + i];
+            float* ag = acc.data() + g * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) ag[d] += w * row[d];
+          }
+        }
+      }
+      T* os = out + r * out_stride + kvh * group * head_dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = 1.f / denom[g];
+        for (int64_t d = 0; d < head_dim; ++d) os[g * head_dim + d] = from_float<T>(acc[g * head_dim + d] * inv);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// C entry points: one per kernel, dispatching on the dtype code.
+#define KI_DISPATCH(dtype, CALL)            \
+  switch (dtype) {                          \
+    case 0: { using T = float; CALL; break; } \
+    case 1: { using T = bf16; CALL; break; }  \
+    case 2: { using T = f16; CALL; break; }   \
+    default: return -1;                     \
+  }                                         \
+  return 0;
+
+extern "C" {
+
+int ki_rms_norm(int dtype, const void* x, int64_t x_stride, const void* residual, int64_t residual_stride,
+                void* sum_out, int64_t sum_stride, const void* weight, void* out, int64_t out_stride, int64_t rows,
+                int64_t hidden, float eps) {
+  KI_DISPATCH(dtype, rms_norm<T>(static_cast<const T*>(x), x_stride, static_cast<const T*>(residual),
+                                 residual_stride, static_cast<T*>(sum_out), sum_stride, static_cast<const T*>(weight),
+                                 static_cast<T*>(out), out_stride, rows, hidden, eps))
+}
+
+int ki_silu_and_mul(int dtype, const void* x, int64_t x_stride, void* out, int64_t out_stride, int64_t rows,
+                    int64_t d) {
+  KI_DISPATCH(dtype, silu_and_mul<T>(static_cast<const T*>(x), x_stride, static_cast<T*>(out), out_stride, rows, d))
+}
+
+int ki_rotary_and_store(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
+                        int64_t v_stride, const int64_t* positions, const float* cos_sin, void* q_out, void* k_cache,
+                        void* v_cache, const int64_t* slots, int64_t tokens, int64_t num_heads,
+                        int64_t num_kv_heads, int64_t head_dim) {
+  KI_DISPATCH(dtype, rotary_and_store<T>(static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride,
+                                         static_cast<const T*>(v), v_stride, positions, cos_sin, static_cast<T*>(q_out),
+                                         static_cast<T*>(k_cache), static_cast<T*>(v_cache), slots, tokens, num_heads,
+                                         num_kv_heads, head_dim))
+}
+
+int ki_paged_decode_attention(int dtype, const void* q, int64_t q_stride, void* out, int64_t out_stride,
+                              const int64_t* rows, const void* k_cache, const void* v_cache,
+                              const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens,
+                              int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, int num_threads) {
+#define KI_ATTENTION(DIM)                                                                                         \
+  paged_decode_attention<T, DIM>(static_cast<const T*>(q), q_stride, static_cast<T*>(out), out_stride, rows,          \
+                                 static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_tables,         \
+                                 table_stride, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale, \
+                                 num_threads)
+  KI_DISPATCH(dtype, switch (head_dim) {
+    case 64: KI_ATTENTION(64); break;
+    case 128: KI_ATTENTION(128); break;
+    default: KI_ATTENTION(0);
+  })
+#undef KI_ATTENTION
+}
+
+}  // extern "C"

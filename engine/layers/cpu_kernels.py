@@ -1,0 +1,123 @@
+"""The C++ CPU kernels (``engine/csrc/cpu_kernels.cpp``) as functions on torch tensors.
+
+Each wrapper checks what the kernel assumes (CPU, a supported dtype, unit stride along the last
+dimension) and passes raw pointers through ctypes, which releases the GIL for the call. Use
+``available()`` first: without a C++ compiler the library does not exist and callers keep torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import torch
+from kubeinfer.engine.csrc import build
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "ki_rms_norm": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32],
+    "ki_silu_and_mul": [_INT, _P, _I64, _P, _I64, _I64, _I64],
+    "ki_rotary_and_store": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64],
+    "ki_paged_decode_attention": [_INT, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+                                  _F32, _INT],
+}
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    lib = build.load()
+    if lib is not None:
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernels handle tensors like ``x`` (CPU, float32/bfloat16/float16)."""
+    return x.device.type == "cpu" and x.dtype in DTYPE_CODES and available()
+
+
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` as 2-D ``[rows, width]`` with unit stride along the rows (a view when possible)."""
+    x = x.reshape(-1, width)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"CPU kernel {name} rejected its arguments (status {status})")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``norm(x)``; with ``residual``: ``(norm(x + residual), x + residual)`` (new tensors, inputs untouched)."""
+    hidden = x.shape[-1]
+    rows = _rows(x, hidden)
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    summed = res = None
+    if residual is not None:
+        res = _rows(residual, hidden)
+        summed = torch.empty(rows.shape, dtype=x.dtype)
+    weight = weight.to(x.dtype).contiguous()
+    _check(_lib().ki_rms_norm(
+        DTYPE_CODES[x.dtype], rows.data_ptr(), rows.stride(0), None if res is None else res.data_ptr(),
+        0 if res is None else res.stride(0), None if summed is None else summed.data_ptr(),
+        0 if summed is None else summed.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), rows.shape[0],
+        hidden, eps), "rms_norm")
+    if summed is None:
+        return out.view(x.shape)
+    return out.view(x.shape), summed.view(x.shape)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2 * d]``."""
+    d = x.shape[-1] // 2
+    rows = _rows(x, 2 * d)
+    out = torch.empty(rows.shape[0], d, dtype=x.dtype)
+    _check(_lib().ki_silu_and_mul(DTYPE_CODES[x.dtype], rows.data_ptr(), rows.stride(0), out.data_ptr(),
+                                  out.stride(0), rows.shape[0], d), "silu_and_mul")
+    return out.view(*x.shape[:-1], d)
+
+
+def rotary_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """RoPE on q and k, k and v written to their cache slots (slot < 0: skipped); returns the rotated q
+    ``[T, num_heads, head_dim]``. ``q``/``k``/``v`` may be row views of one fused QKV output."""
+    q2, k2, v2 = _rows(q, num_heads * head_dim), _rows(k, num_kv_heads * head_dim), _rows(v, num_kv_heads * head_dim)
+    positions = positions.to(torch.int64).contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    table = cos_sin_cache.to(torch.float32).contiguous()
+    if k_cache.dtype != q.dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous and of the activations' dtype")
+    out = torch.empty(q2.shape[0], num_heads, head_dim, dtype=q.dtype)
+    _check(_lib().ki_rotary_and_store(
+        DTYPE_CODES[q.dtype], q2.data_ptr(), q2.stride(0), k2.data_ptr(), k2.stride(0), v2.data_ptr(), v2.stride(0),
+        positions.data_ptr(), table.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        slots.data_ptr(), q2.shape[0], num_heads, num_kv_heads, head_dim), "rotary_and_store")
+    return out
+
+
+def paged_decode_attention(query: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> None:
+    """For each decode i: ``out[rows[i]] = attention(query[rows[i]], its context)``, reading K/V through
+    ``block_tables[i]`` (int32) for ``seq_lens[i]`` (int32) positions. ``query``/``out``: ``[T, heads, head_dim]``."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if not (query.is_contiguous() and out.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_decode_attention needs contiguous query, output and caches")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or rows.dtype != torch.int64:
+        raise ValueError("block_tables and seq_lens must be int32, rows int64")
+    _check(_lib().ki_paged_decode_attention(
+        DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0), rows.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+        seq_lens.data_ptr(), rows.shape[0], num_heads, num_kv_heads, head_dim, block_size, scale,
+        torch.get_num_threads()), "paged_decode_attention")

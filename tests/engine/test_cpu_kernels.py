@@ -1,0 +1,170 @@
+"""The C++ CPU kernels against their plain-torch references (``ops`` and the torch attention backend).
+
+The elementwise kernels round where torch rounds, so RoPE + KV store and the residual sum must be
+bit-identical; RMSNorm and SiLU may differ in the last bit (summation order, exp). Decode attention
+is checked against the torch backend over shuffled block tables, ragged lengths, GQA and
+uninitialised (NaN) cache slots.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+
+import pytest
+import torch
+from kubeinfer.engine.attention_metadata import AttentionMetadata
+from kubeinfer.engine.csrc import build
+from kubeinfer.engine.layers import attention, cpu_attention, cpu_kernels, ops
+from kubeinfer.engine.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build (no C++ compiler?)")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool) -> None:
+    torch.manual_seed(0)
+    wide = torch.randn(37, 2 * 576, dtype=dtype)
+    x = wide[:, 100:676]  # a strided view, like a slice of a fused output
+    weight = (1 + 0.1 * torch.randn(576)).to(dtype)
+    residual = torch.randn(37, 576, dtype=dtype) if with_residual else None
+    got = cpu_kernels.rms_norm(x, weight, 1e-5, residual)
+    expected = ops.rms_norm_reference(x, weight, 1e-5, residual)
+    if with_residual:
+        torch.testing.assert_close(got[1], expected[1], atol=0, rtol=0)
+        got, expected = got[0], expected[0]
+    torch.testing.assert_close(got, expected)
+
+
+def test_rms_norm_of_heads_keeps_shape() -> None:
+    """Qwen3's q/k norm: ``[T, heads, head_dim]`` normalised per head."""
+    x, weight = torch.randn(5, 4, 32), torch.randn(32)
+    got = cpu_kernels.rms_norm(x, weight, 1e-6)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, ops.rms_norm_reference(x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    x = (4 * torch.randn(19, 2 * 1536)).to(dtype)
+    torch.testing.assert_close(cpu_kernels.silu_and_mul(x), ops.silu_and_mul_reference(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_store_is_bit_identical(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    heads, kv_heads, dim, block, tokens = 9, 3, 64, 16, 11
+    rope = RotaryEmbedding(dim, 4096, 1e5, None)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    positions = torch.randint(0, 4096, (tokens,))
+    slots = torch.randperm(6 * block)[:tokens]
+    slots[[3, 7]] = -1  # not stored
+    k_cache, v_cache = torch.zeros(6, block, kv_heads, dim, dtype=dtype), torch.zeros(6, block, kv_heads, dim, dtype=dtype)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+
+    got_q = cpu_kernels.rotary_and_store(positions, q, k, v, rope.cos_sin_cache, k_cache, v_cache, slots, heads,
+                                         kv_heads, dim)
+    want_q, want_k = rope(positions, q, k)
+    attention.store_kv_cache(want_k.reshape(tokens, kv_heads, dim), v.reshape(tokens, kv_heads, dim), ref_k, ref_v,
+                             slots)
+    assert torch.equal(got_q, want_q.reshape(tokens, heads, dim))
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+
+
+def _decode_metadata(seq_lens: list[int], block: int, num_blocks: int, rng: random.Random) -> AttentionMetadata:
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block))] for n in seq_lens]
+    width = max(map(len, tables))
+    slots = [t[(n - 1) // block] * block + (n - 1) % block for t, n in zip(tables, seq_lens, strict=True)]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=1, max_seq_len=max(seq_lens), block_size=block, query_lens_cpu=[1] * len(seq_lens),
+        seq_lens_cpu=seq_lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> None:
+    rng, block, num_blocks = random.Random(3), 16, 64
+    torch.manual_seed(3)
+    seq_lens = [1, 5, 16, 17, 40, 130, 3, 64]
+    md = _decode_metadata(seq_lens, block, num_blocks, rng)
+    # Unwritten slots hold NaN: nothing past a sequence's end may leak into its output.
+    k_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=dtype)
+    v_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=dtype)
+    for table, n in zip(md.block_tables.tolist(), seq_lens, strict=True):
+        for p in range(n):
+            k_cache[table[p // block], p % block] = torch.randn(kv_heads, dim, dtype=dtype)
+            v_cache[table[p // block], p % block] = torch.randn(kv_heads, dim, dtype=dtype)
+    query = torch.randn(len(seq_lens), heads, dim, dtype=dtype)
+
+    got = cpu_attention.paged_attention(query, k_cache, v_cache, md, dim**-0.5)
+    expected = attention.paged_attention(query.float(), k_cache.float(), v_cache.float(), md, dim**-0.5)
+    assert not got.isnan().any()
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_mixed_prefill_and_decode_batch_matches_torch_backend() -> None:
+    """Chunked prefills go through SDPA, decodes through the kernel, each into its own rows."""
+    torch.manual_seed(4)
+    block, kv_heads, heads, dim = 8, 2, 4, 32
+    q_lens, seq_lens = [1, 6, 1, 9, 1], [20, 6, 3, 25, 9]  # the 9-token chunk continues a 16-token prefix
+    free = list(range(40))
+    random.Random(4).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // block))] for n in seq_lens]
+    width = max(map(len, tables))
+    md = AttentionMetadata(
+        slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64),
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens), block_size=block, query_lens_cpu=q_lens,
+        seq_lens_cpu=seq_lens)
+    k_cache, v_cache = torch.randn(40, block, kv_heads, dim), torch.randn(40, block, kv_heads, dim)
+    query = torch.randn(sum(q_lens), heads, dim)
+    got = cpu_attention.paged_attention(query, k_cache, v_cache, md, 0.2)
+    torch.testing.assert_close(got, attention.paged_attention(query, k_cache, v_cache, md, 0.2))
+
+
+def test_refilled_metadata_is_replanned() -> None:
+    rng = random.Random(5)
+    md = _decode_metadata([4, 9], 4, 16, rng)
+    k_cache, v_cache = torch.randn(16, 4, 1, 8), torch.randn(16, 4, 1, 8)
+    query = torch.randn(2, 2, 8)
+    cpu_attention.paged_attention(query, k_cache, v_cache, md, 0.3)
+    md.seq_lens_cpu, md.seq_lens = [3, 9], torch.tensor([3, 9], dtype=torch.int32)
+    torch.testing.assert_close(cpu_attention.paged_attention(query, k_cache, v_cache, md, 0.3),
+                               attention.paged_attention(query, k_cache, v_cache, md, 0.3))
+
+
+def test_torch_override_disables_fused_ops(monkeypatch) -> None:
+    monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+    ops._fused_module.cache_clear()
+    try:
+        assert ops._fused(torch.zeros(1)) is None
+    finally:
+        monkeypatch.delenv(ops.KERNELS_ENV)
+        ops._fused_module.cache_clear()
+    assert ops._fused(torch.zeros(1)) is cpu_kernels
+
+
+def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KUBEINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    compiler = build._compiler()
+    first = build.build(compiler)
+    assert first.parent == tmp_path / "cpu-kernels" and build.build(compiler) == first
+    with pytest.raises(subprocess.CalledProcessError):
+        build.build("false")  # a "compiler" that always fails
+    assert list(tmp_path.rglob("*.so")) == [first], "a failed build must leave nothing behind"
+    monkeypatch.setenv("CXX", "false")
+    assert build.load.__wrapped__() is None
