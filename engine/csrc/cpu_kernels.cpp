@@ -38,16 +38,36 @@ inline float to_float(bf16 x) {
 template <typename T> inline T from_float(float x);
 template <> inline float from_float<float>(float x) { return x; }
 template <> inline f16 from_float<f16>(float x) { return static_cast<f16>(x); }
-template <> inline bf16 from_float<bf16>(float x) {  // round to nearest even, as torch does
+template <> inline bf16 from_float<bf16>(float x) {  // round to nearest even, as torch does; no branch
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16{static_cast<uint16_t>(u >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+  return bf16{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
 }
 
 // Round a float to T and back: what torch's intermediate results of dtype T hold.
 template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// ---------------------------------------------------------------------------------------------
+// exp(x) in plain arithmetic, so that loops of it vectorise (libm's expf does not without
+// -ffast-math): 2^n * p(r) with Cephes' polynomial, relative error ~2e-7 (torch's Sleef exp ~1e-7).
+inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+  const float fn = (x * 1.44269504088896341f + magic) - magic;
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // x - n ln 2, in two parts
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fn) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, optionally after a residual add: sum = T(x + residual); out = T(w * T(sum * rsqrt(mean(sum^2) + eps)))
@@ -89,7 +109,7 @@ void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int6
     T* o = out + r * out_stride;
     for (int64_t i = 0; i < d; ++i) {
       const float g = to_float(gate[i]);
-      const float silu = round_to<T>(g / (1.f + std::exp(-g)));
+      const float silu = round_to<T>(g / (1.f + exp_approx(-g)));
       o[i] = from_float<T>(silu * to_float(up[i]));
     }
   }
@@ -130,31 +150,11 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp(x) for x <= 0 (softmax after subtracting the max), in plain arithmetic so loops of it
-// vectorise: 2^n * p(r) with Cephes' polynomial, relative error ~2e-7 (torch's Sleef exp: ~1e-7).
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), x <= 0
-  const float fn = static_cast<float>(n);
-  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // x - n ln 2, in two parts
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Paged decode attention: one query token per sequence, read straight from the block tables.
-// Work item = (sequence, KV head): the query heads sharing that KV head (GQA group) are done
-// together, so every K/V row is loaded once. Two passes over the context: scores + max, then
-// softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
+// Work item = one sequence, all its heads: a position's K (or V) rows of every KV head are
+// contiguous in the cache, so each block is streamed once per pass, and the query heads sharing a
+// KV head (GQA group) reuse its converted row. Two passes over the context: scores and their max,
+// then the softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
 // HEAD_DIM > 0 fixes the head size at compile time (the inner loops then vectorise with no
 // remainder handling); 0 reads it at run time.
 template <typename T, int HEAD_DIM>
@@ -167,63 +167,66 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> query(group * head_dim), acc(group * head_dim), row(head_dim), scores, max_score(group),
-        denom(group);
+    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), row(head_dim), scores,
+        max_score(num_heads), denom(num_heads);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_seqs * num_kv_heads; ++item) {
-      const int64_t s = item / num_kv_heads, kvh = item % num_kv_heads;
+    for (int64_t s = 0; s < num_seqs; ++s) {
       const int64_t len = seq_lens[s], r = rows[s];
       const int32_t* table = block_tables + s * table_stride;
-      const T* qs = q + r * q_stride + kvh * group * head_dim;
-      for (int64_t i = 0; i < group * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
-      scores.resize(group * len);
+      const T* qs = q + r * q_stride;
+      for (int64_t i = 0; i < num_heads * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
+      scores.resize(num_heads * len);
       std::fill(max_score.begin(), max_score.end(), -INFINITY);
       for (int64_t start = 0; start < len; start += block_size) {
-        const T* block = k_cache + table[start / block_size] * block_size * kv_width + kvh * head_dim;
+        const T* block = k_cache + table[start / block_size] * block_size * kv_width;
         const int64_t n = std::min(block_size, len - start);
         for (int64_t i = 0; i < n; ++i) {
-          const T* kr = block + i * kv_width;
-          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(kr[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = query.data() + g * head_dim;
-            float dot = 0.f;
+          for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+            const T* kr = block + i * kv_width + kvh * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(kr[d]);
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+              const float* qh = query.data() + h * head_dim;
+              float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
-            scores[g * len + start + i] = dot;
-            max_score[g] = dot > max_score[g] ? dot : max_score[g];
+              for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * row[d];
+              scores[h * len + start + i] = dot;
+              max_score[h] = dot > max_score[h] ? dot : max_score[h];
+            }
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
-        const float m = max_score[g];
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* sh = scores.data() + h * len;
+        const float m = max_score[h];
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int64_t p = 0; p < len; ++p) {
-          sg[p] = exp_nonpositive(sg[p] - m);
-          total += sg[p];
+          sh[p] = exp_approx(sh[p] - m);
+          total += sh[p];
         }
-        denom[g] = total;
+        denom[h] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t start = 0; start < len; start += block_size) {
-        const T* block = v_cache + table[start / block_size] * block_size * kv_width + kvh * head_dim;
+        const T* block = v_cache + table[start / block_size] * block_size * kv_width;
         const int64_t n = std::min(block_size, len - start);
         for (int64_t i = 0; i < n; ++i) {
-          const T* vr = block + i * kv_width;
-          for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(vr[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float w = scores[g * len + start + i];
-            float* ag = acc.data() + g * head_dim;
+          for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
+            const T* vr = block + i * kv_width + kvh * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(vr[d]);
+            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+              const float w = scores[h * len + start + i];
+              float* ah = acc.data() + h * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] += w * row[d];
+              for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * row[d];
+            }
           }
         }
       }
-      T* os = out + r * out_stride + kvh * group * head_dim;
-      for (int64_t g = 0; g < group; ++g) {
-        const float inv = 1.f / denom[g];
-        for (int64_t d = 0; d < head_dim; ++d) os[g * head_dim + d] = from_float<T>(acc[g * head_dim + d] * inv);
+      T* os = out + r * out_stride;
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float inv = 1.f / denom[h];
+        for (int64_t d = 0; d < head_dim; ++d) os[h * head_dim + d] = from_float<T>(acc[h * head_dim + d] * inv);
       }
     }
   }

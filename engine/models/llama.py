@@ -122,6 +122,9 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the fused, sharded parameters; every parameter must be set."""
+        for module in self.modules():  # packed copies of the old weights would go stale
+            if getattr(module, "packed_weight", None) is not None:
+                module.packed_weight = None
         params = dict(self.named_parameters())
         missing = set(params)
         for name, tensor in weights:

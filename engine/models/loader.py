@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kubeinfer.engine.layers import onednn
 from kubeinfer.engine.models.config import ModelConfig, check_architecture
 from kubeinfer.engine.models.dtype import resolve_dtype
 from kubeinfer.engine.models.llama import LlamaForCausalLM
@@ -34,10 +35,18 @@ class LoadedModel:
 def load_model(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", revision: str | None = None, tp_rank: int = 0,
                tp_size: int = 1) -> LoadedModel:
-    """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id."""
+    """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id.
+    On the CPU the linear weights are then packed for oneDNN (``onednn.prepack_model``)."""
+    loaded = _load(model, dtype=dtype, device=torch.device(device), revision=revision, tp_rank=tp_rank,
+                   tp_size=tp_size)
+    onednn.prepack_model(loaded.model)
+    return loaded
+
+
+def _load(model: str | Path | None, *, dtype: str | torch.dtype, device: torch.device, revision: str | None,
+          tp_rank: int, tp_size: int) -> LoadedModel:
     from kubeinfer.engine.models.gguf_loader import load_gguf
 
-    device = torch.device(device)
     opts = {"dtype": dtype, "device": device, "tp_rank": tp_rank, "tp_size": tp_size}
     if model is None:
         from kubeinfer.engine.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
