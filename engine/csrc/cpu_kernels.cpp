@@ -19,6 +19,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 struct bf16 {
@@ -149,14 +153,95 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
   }
 }
 
+// Blocks are scattered in memory, so the hardware prefetcher stalls at every block boundary: ask
+// for the next block while the current one is processed.
+inline void prefetch_block(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two inner loops of decode attention, over one block's rows of one KV head, for the `group`
+// query heads that share it. With AVX-512 and a compile-time head size the rows are converted to
+// fp32 in registers and the accumulators stay there; otherwise plain loops the compiler vectorises.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
+
+// scores[g * len + i] = query[g] . k[i]   for i < n
+template <typename T, int HEAD_DIM>
+inline void block_scores(const float* query, const T* k, int64_t row_stride, int64_t n, int64_t group,
+                         int64_t head_dim, float* scores, int64_t len) {
+#if defined(__AVX512F__)
+  if constexpr (HEAD_DIM > 0 && HEAD_DIM % 16 == 0) {
+    constexpr int chunks = HEAD_DIM / 16;
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 qv[chunks];
+      for (int c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(query + g * HEAD_DIM + 16 * c);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* kr = k + i * row_stride;
+        __m512 dot = _mm512_mul_ps(qv[0], load16(kr));
+        for (int c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), dot);
+        scores[g * len + i] = _mm512_reduce_add_ps(dot);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = query + g * head_dim;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* kr = k + i * row_stride;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot = std::fma(qg[d], to_float(kr[d]), dot);
+      scores[g * len + i] = dot;
+    }
+  }
+}
+
+// acc[g] += sum_i weights[g * len + i] * v[i]   for i < n
+template <typename T, int HEAD_DIM>
+inline void block_values(const float* weights, int64_t len, const T* v, int64_t row_stride, int64_t n,
+                         int64_t group, int64_t head_dim, float* acc) {
+#if defined(__AVX512F__)
+  if constexpr (HEAD_DIM > 0 && HEAD_DIM % 16 == 0) {
+    constexpr int chunks = HEAD_DIM / 16;
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 a[chunks];
+      for (int c = 0; c < chunks; ++c) a[c] = _mm512_loadu_ps(acc + g * HEAD_DIM + 16 * c);
+      for (int64_t i = 0; i < n; ++i) {
+        const __m512 w = _mm512_set1_ps(weights[g * len + i]);
+        const T* vr = v + i * row_stride;
+        for (int c = 0; c < chunks; ++c) a[c] = _mm512_fmadd_ps(w, load16(vr + 16 * c), a[c]);
+      }
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + g * HEAD_DIM + 16 * c, a[c]);
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    float* ag = acc + g * head_dim;
+    for (int64_t i = 0; i < n; ++i) {
+      const float w = weights[g * len + i];
+      const T* vr = v + i * row_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) ag[d] = std::fma(w, to_float(vr[d]), ag[d]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention: one query token per sequence, read straight from the block tables.
-// Work item = one sequence, all its heads: a position's K (or V) rows of every KV head are
-// contiguous in the cache, so each block is streamed once per pass, and the query heads sharing a
-// KV head (GQA group) reuse its converted row. Two passes over the context: scores and their max,
-// then the softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
-// HEAD_DIM > 0 fixes the head size at compile time (the inner loops then vectorise with no
-// remainder handling); 0 reads it at run time.
+// Work item = one sequence, all its heads, so each block (every KV head of 16 positions, contiguous
+// in the cache) is streamed once per pass. Two passes over the context: the scores, then the
+// softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
+// HEAD_DIM > 0 fixes the head size at compile time; 0 reads it at run time.
 template <typename T, int HEAD_DIM>
 void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_stride, const int64_t* rows,
                             const T* k_cache, const T* v_cache, const int32_t* block_tables,
@@ -165,10 +250,10 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
                             int num_threads) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
+  const int64_t block_elems = block_size * kv_width, block_bytes = block_elems * static_cast<int64_t>(sizeof(T));
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), row(head_dim), scores,
-        max_score(num_heads), denom(num_heads);
+    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), scores;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < num_seqs; ++s) {
       const int64_t len = seq_lens[s], r = rows[s];
@@ -176,29 +261,20 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
       const T* qs = q + r * q_stride;
       for (int64_t i = 0; i < num_heads * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
       scores.resize(num_heads * len);
-      std::fill(max_score.begin(), max_score.end(), -INFINITY);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const T* block = k_cache + table[start / block_size] * block_size * kv_width;
-        const int64_t n = std::min(block_size, len - start);
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
-            const T* kr = block + i * kv_width + kvh * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(kr[d]);
-            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-              const float* qh = query.data() + h * head_dim;
-              float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * row[d];
-              scores[h * len + start + i] = dot;
-              max_score[h] = dot > max_score[h] ? dot : max_score[h];
-            }
-          }
-        }
+      for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
+        if (start + block_size < len) prefetch_block(k_cache + table[b + 1] * block_elems, block_bytes);
+        const T* block = k_cache + table[b] * block_elems;
+        for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+          block_scores<T, HEAD_DIM>(query.data() + kvh * group * head_dim, block + kvh * head_dim, kv_width,
+                                    std::min(block_size, len - start), group, head_dim,
+                                    scores.data() + kvh * group * len + start, len);
       }
+      std::vector<float> denom(num_heads);
       for (int64_t h = 0; h < num_heads; ++h) {
         float* sh = scores.data() + h * len;
-        const float m = max_score[h];
-        float total = 0.f;
+        float m = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : m)
+        for (int64_t p = 0; p < len; ++p) m = sh[p] > m ? sh[p] : m;
 #pragma omp simd reduction(+ : total)
         for (int64_t p = 0; p < len; ++p) {
           sh[p] = exp_approx(sh[p] - m);
@@ -207,21 +283,13 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
         denom[h] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t start = 0; start < len; start += block_size) {
-        const T* block = v_cache + table[start / block_size] * block_size * kv_width;
-        const int64_t n = std::min(block_size, len - start);
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh) {
-            const T* vr = block + i * kv_width + kvh * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(vr[d]);
-            for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
-              const float w = scores[h * len + start + i];
-              float* ah = acc.data() + h * head_dim;
-#pragma omp simd
-              for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * row[d];
-            }
-          }
-        }
+      for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
+        if (start + block_size < len) prefetch_block(v_cache + table[b + 1] * block_elems, block_bytes);
+        const T* block = v_cache + table[b] * block_elems;
+        for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+          block_values<T, HEAD_DIM>(scores.data() + kvh * group * len + start, len, block + kvh * head_dim,
+                                    kv_width, std::min(block_size, len - start), group, head_dim,
+                                    acc.data() + kvh * group * head_dim);
       }
       T* os = out + r * out_stride;
       for (int64_t h = 0; h < num_heads; ++h) {
