@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import subprocess
@@ -51,7 +52,9 @@ def machine_description() -> str:
         pass
     if torch.cuda.is_available():
         model += f", GPU {torch.cuda.get_device_name(0)}"
-    return f"{model}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    # How idle OpenMP threads wait changes CPU results by ~30% (spinning vs sleeping between kernels).
+    omp = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    return f"{model}, torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP {omp or 'defaults'}"
 
 
 def load_average() -> str:

@@ -46,7 +46,8 @@ def supports(x: torch.Tensor) -> bool:
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` as 2-D ``[rows, width]`` with unit stride along the rows (a view when possible)."""
-    x = x.reshape(-1, width)
+    if x.dim() != 2 or x.shape[1] != width:
+        x = x.reshape(-1, width)
     return x if x.stride(1) == 1 else x.contiguous()
 
 
@@ -65,15 +66,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is not None:
         res = _rows(residual, hidden)
         summed = torch.empty(rows.shape, dtype=x.dtype)
-    weight = weight.to(x.dtype).contiguous()
+    if weight.dtype != x.dtype or not weight.is_contiguous():
+        weight = weight.to(x.dtype).contiguous()
     _check(_lib().ki_rms_norm(
         DTYPE_CODES[x.dtype], rows.data_ptr(), rows.stride(0), None if res is None else res.data_ptr(),
         0 if res is None else res.stride(0), None if summed is None else summed.data_ptr(),
         0 if summed is None else summed.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), rows.shape[0],
         hidden, eps), "rms_norm")
-    if summed is None:
-        return out.view(x.shape)
-    return out.view(x.shape), summed.view(x.shape)
+    if x.dim() != 2:
+        out = out.view(x.shape)
+        summed = None if summed is None else summed.view(x.shape)
+    return out if summed is None else (out, summed)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
