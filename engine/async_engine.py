@@ -387,6 +387,8 @@ class AsyncLLMEngine:
                     engine.add_request(request_id, prompt, params)
                 except Exception as exc:  # bad input: surface to the caller, keep serving
                     error = exc if isinstance(exc, ValueError) else ValueError(str(exc))
+                    with self._lock:  # no longer waiting: the caller may count the queue as soon as it hears
+                        self._adds_in_flight -= 1
                     self._call_in_loop(self._deliver_error, request_id, error)
                     continue
                 self._trackers[request_id] = _Tracker(arrival=arrival)

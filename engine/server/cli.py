@@ -147,10 +147,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def passive_openmp_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning (unless the user chose otherwise). On a shared or
-    CPU-limited host (a pod with a CPU limit) spinning threads of other processes stall ours: on the 2-core
-    dev machine under load, CPU decode went from ~0.85 s to ~0.12 s per token. Must run before torch loads."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Idle OpenMP threads sleep instead of spinning, unless the user chose a wait policy or a spin count
+    (``GOMP_SPINCOUNT``). On a shared or CPU-limited host (a pod with a CPU limit) spinning threads of other
+    processes stall ours: on the 2-core dev machine under load, CPU decode went from ~0.85 s to ~0.12 s per
+    token. On cores of its own a short spin is ~30% faster (bench/RESULTS.md). Must run before torch loads."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

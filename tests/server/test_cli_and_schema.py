@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from fastapi.testclient import TestClient
 from kubeinfer.engine.async_engine import AsyncLLMEngine
@@ -87,3 +89,20 @@ def test_loading_server_answers_probes_and_503() -> None:
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
         assert response.json()["error"]["type"] == "service_unavailable"
         assert http.get("/openapi.json").status_code == 200  # docs stay open
+
+
+@pytest.mark.parametrize(("preset", "expected"), [
+    ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ({"GOMP_SPINCOUNT": "3000"}, {"GOMP_SPINCOUNT": "3000", "OMP_WAIT_POLICY": None}),
+])
+def test_openmp_waiting_defaults_to_passive_unless_chosen(monkeypatch, preset, expected) -> None:
+    from kubeinfer.engine.server.cli import passive_openmp_threads
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in preset.items():
+        monkeypatch.setenv(name, value)
+    passive_openmp_threads()
+    for name, value in expected.items():
+        assert os.environ.get(name) == value
