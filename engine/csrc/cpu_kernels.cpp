@@ -25,15 +25,13 @@
 
 namespace {
 
-struct bf16 {
-  uint16_t bits;
-};
+enum class bf16 : uint16_t {};  // the upper half of a float32 (an enum, not a struct: loops of it vectorise)
 using f16 = _Float16;
 
 inline float to_float(float x) { return x; }
 inline float to_float(f16 x) { return static_cast<float>(x); }
 inline float to_float(bf16 x) {
-  uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  uint32_t u = static_cast<uint32_t>(x) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
@@ -46,7 +44,7 @@ template <> inline bf16 from_float<bf16>(float x) {  // round to nearest even, a
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
-  return bf16{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
+  return static_cast<bf16>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 // Round a float to T and back: what torch's intermediate results of dtype T hold.
