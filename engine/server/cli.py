@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per step")
     engine.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size (tokens)")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--kv-cache-memory", default=None, help="CPU KV cache budget, e.g. 2GiB")
+    engine.add_argument("--kv-cache-memory", default=None, help="CPU KV cache budget, e.g. 2GiB (committed at start-up; default: what --max-model-len x --max-num-seqs needs, at most 1GiB)")
     engine.add_argument("--num-gpu-blocks-override", type=_positive_int, default=None)
     engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)

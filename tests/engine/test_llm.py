@@ -3,6 +3,8 @@ seeds, stop strings, logprobs, abort, bad input (the engine keeps serving), bloc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from kubeinfer.engine import LLM, SamplingParams
 from kubeinfer.engine.llm_engine import LLMEngine
@@ -181,3 +183,21 @@ def test_bad_engine_options_are_clear_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="memory size"):
         EngineConfig(kv_cache_memory="lots")
     assert parse_size("2GiB") == 2 << 30 and parse_size("512MB") == 512_000_000
+
+
+def _resident_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set size from /proc")
+def test_cpu_kv_cache_is_committed_at_allocation(llm: LLM) -> None:
+    """A budget the machine cannot hold must fail at start-up, not under load: every page is touched."""
+    runner = llm.llm_engine.runner
+    num_blocks = (128 << 20) // runner.bytes_per_block
+    before = _resident_bytes()
+    caches = runner._allocate_kv_cache(num_blocks)
+    assert _resident_bytes() - before >= 0.9 * num_blocks * runner.bytes_per_block
+    assert all(not k.any() and not v.any() for k, v in caches)  # and zeroed
