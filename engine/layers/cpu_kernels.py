@@ -123,4 +123,4 @@ def paged_decode_attention(query: torch.Tensor, out: torch.Tensor, rows: torch.T
         DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0), rows.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
         seq_lens.data_ptr(), rows.shape[0], num_heads, num_kv_heads, head_dim, block_size, scale,
-        torch.get_num_threads()), "paged_decode_attention")
+        max(1, min(torch.get_num_threads(), rows.shape[0]))), "paged_decode_attention")  # no idle wake-ups
