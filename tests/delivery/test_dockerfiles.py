@@ -52,6 +52,12 @@ def test_engine_images_run_the_server_with_a_cache_volume() -> None:
     assert all(image.startswith("nvidia/cuda:") and "runtime" in image for image in cuda)
 
 
+def test_cpu_engine_image_can_build_the_cpu_kernels() -> None:
+    """The C++ CPU kernels compile on the node at first start: the runtime stage needs a compiler."""
+    final = final_stage(parse((REPO / "docker" / "engine-cpu.Dockerfile").read_text()))
+    assert any(ins.keyword == "RUN" and "g++" in ins.value for ins in final)
+
+
 def test_operator_image_has_no_torch() -> None:
     text = (REPO / "docker" / "operator.Dockerfile").read_text()
     assert ".[operator]" in text and "torch" not in text.replace("no torch", "")
