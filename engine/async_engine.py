@@ -369,6 +369,7 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
             if stop:
                 self._abort_everything(engine)
+                engine.shutdown()
                 return
             if commands:
                 self._apply(engine, commands)

@@ -253,5 +253,9 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
             num_prefill_chunks_total=sch.num_prefill_chunks_total, num_steps_total=self.runner.num_steps)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine cannot step afterwards)."""
+        self.runner.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer

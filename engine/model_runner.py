@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
@@ -26,6 +27,7 @@ from kubeinfer.engine.config import (
     EngineConfig,
 )
 from kubeinfer.engine.core.scheduler import ScheduledSeq
+from kubeinfer.engine.distributed.workers import WorkerGroup, free_port, init_tensor_parallel
 from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.engine.sequence import Sequence
 
@@ -61,28 +63,107 @@ def _mirror(seq: Sequence) -> np.ndarray:
     return mirror.sync(seq.block_table)
 
 
+@dataclass
+class HostBatch:
+    """One step's flat batch in host memory: what rank 0 builds and every rank moves to its device."""
+
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slot_mapping: np.ndarray  # int64 [T]
+    query_start_loc: np.ndarray  # int32 [B + 1]
+    seq_lens_array: np.ndarray  # int32 [B]
+    block_tables: np.ndarray  # int32 [B, blocks]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_size: int
+
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        def move(array: np.ndarray) -> torch.Tensor:
+            tensor = torch.from_numpy(array)
+            return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
+
+        md = AttentionMetadata(
+            slot_mapping=move(self.slot_mapping), query_start_loc=move(self.query_start_loc),
+            seq_lens=move(self.seq_lens_array), block_tables=move(self.block_tables),
+            max_query_len=max(self.query_lens), max_seq_len=max(self.seq_lens), block_size=self.block_size,
+            query_lens_cpu=self.query_lens, seq_lens_cpu=self.seq_lens)
+        return move(self.input_ids), move(self.positions), md
+
+
+def _device_of_rank(config: EngineConfig, rank: int) -> torch.device:
+    device = torch.device(config.resolved_device())
+    if device.type == "cuda" and config.tensor_parallel_size > 1:
+        return torch.device("cuda", rank)
+    return device
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """Rank 0 of the engine (the only one that schedules and samples) or, with ``rank > 0``, one of its
+    tensor-parallel workers (``distributed/workers.py``)."""
+
+    # Calls a worker answers (the others run without a reply, so a step costs one message per worker).
+    REPLYING_CALLS = frozenset({"kv_cache_budget", "allocate_kv_cache"})
+
+    def __init__(self, config: EngineConfig, rank: int = 0, port: int | None = None) -> None:
         from kubeinfer.engine.models.loader import load_model
 
-        if config.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported by this engine build yet")
         self.config = config
-        self.device = torch.device(config.resolved_device())
-        loaded = load_model(config.model, dtype=config.dtype, device=self.device, revision=config.revision)
+        self.rank, self.world_size = rank, config.tensor_parallel_size
+        self.device = _device_of_rank(config, rank)
+        self.workers: WorkerGroup | None = None
+        if self.world_size > 1:
+            if rank == 0:
+                port = free_port()
+                self.workers = WorkerGroup(config, port)
+            assert port is not None
+            init_tensor_parallel(rank, self.world_size, port, self.device)
+        try:
+            loaded = load_model(config.model, dtype=config.dtype, device=self.device, revision=config.revision,
+                                tp_rank=rank, tp_size=self.world_size)
+        except BaseException:
+            self.shutdown()
+            raise
         self.model = loaded.model
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
         self.block_size = config.block_size
         self.vocab_size = self.model_config.vocab_size
+        self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.max_model_len = self._resolve_max_model_len()
         self.sampler = Sampler()
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, summed over steps
         self.num_steps = 0
         torch.manual_seed(config.seed)
-        self.num_blocks = self._determine_num_blocks()
-        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        if rank == 0:
+            try:
+                if self.workers is not None:
+                    self.workers.results()  # every shard loaded
+                self.num_blocks = self._determine_num_blocks()
+                self._on_all_ranks("allocate_kv_cache", self.num_blocks)
+            except BaseException:
+                self.shutdown()
+                raise
+
+    def _on_all_ranks(self, method: str, *args: Any) -> tuple[Any, list[Any]]:
+        """Run ``method`` on every rank (the workers first, so all enter its collectives): rank 0's result
+        and, for a replying call, the workers' (which raises if one of them failed)."""
+        if self.workers is not None:
+            self.workers.call(method, *args)
+        result = getattr(self, method)(*args)
+        if self.workers is not None and method in self.REPLYING_CALLS:
+            return result, self.workers.results()
+        return result, []
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op without them); safe to call twice."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
     # ---- sizing ---------------------------------------------------------------------------
     def _resolve_max_model_len(self) -> int:
@@ -101,23 +182,28 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
+        """One block's K and V over all layers, on this rank (its share of the KV heads)."""
         cfg = self.model_config
-        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.element_size
+        return 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * self.element_size
 
     def _determine_num_blocks(self) -> int:
         if self.config.num_gpu_blocks_override is not None:
             return self.config.num_gpu_blocks_override
-        if self.device.type == "cuda":
-            budget = self._profile_cuda_budget()
-        else:
-            # Enough for every sequence at full length, but never more than the budget.
-            full_need = self.max_model_len * self.config.max_num_seqs // self.block_size * self.bytes_per_block
-            budget = self.config.kv_cache_bytes() or min(DEFAULT_CPU_KV_CACHE_BYTES, full_need)
+        own, others = self._on_all_ranks("kv_cache_budget")  # every rank measures its own device
+        budget = min([own, *others])
         num_blocks = int(budget // self.bytes_per_block)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget ({budget} bytes) is smaller than one block "
                              f"({self.bytes_per_block} bytes); raise kv_cache_memory or gpu_memory_utilization")
         return num_blocks
+
+    def kv_cache_budget(self) -> int:
+        """Bytes this rank can give its KV cache (the same on every rank on the CPU)."""
+        if self.device.type == "cuda":
+            return self._profile_cuda_budget()
+        # Enough for every sequence at full length, but never more than the budget.
+        full_need = self.max_model_len * self.config.max_num_seqs // self.block_size * self.bytes_per_block
+        return self.config.kv_cache_bytes() or min(DEFAULT_CPU_KV_CACHE_BYTES, full_need)
 
     @torch.inference_mode()
     def _profile_cuda_budget(self) -> int:
@@ -150,17 +236,21 @@ class ModelRunner:
                     total / 2**30, in_use / 2**30, activations / 2**30, budget / 2**30)
         return max(budget, 0)
 
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = self._allocate_kv_cache(num_blocks)
+
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed (attention reads a partial block's unwritten slots: NaN garbage there would poison it)."""
         cfg = self.model_config
-        shape = (num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         if self.device.type != "cpu":
             return [(torch.zeros(shape, dtype=cfg.dtype, device=self.device),
                      torch.zeros(shape, dtype=cfg.dtype, device=self.device)) for _ in range(cfg.num_layers)]
         # On the CPU one zeroed buffer with every page touched now: the RAM is committed at start-up, so a
         # KV budget the machine (or the pod's memory limit) cannot hold fails here rather than under load,
         # and decode steps pay no first-touch page faults (~5 us per page on a VM; bf16 offline bench +3%).
-        per_tensor = num_blocks * self.block_size * cfg.num_kv_heads * cfg.head_dim
+        per_tensor = num_blocks * self.block_size * self.num_kv_heads * cfg.head_dim
         buffer = torch.from_numpy(np.zeros(2 * cfg.num_layers * per_tensor * self.element_size, dtype=np.uint8))
         buffer[:: mmap.PAGESIZE] = 0
         flat = buffer.view(cfg.dtype).view(cfg.num_layers, 2, *shape)
@@ -176,7 +266,7 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
-    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, scheduled: list[ScheduledSeq]) -> HostBatch:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -216,23 +306,8 @@ class ModelRunner:
             block_tables[row, :used] = table[:used]
         query_start = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
-
-        def to_device(array: np.ndarray | list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
-            tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.tensor(array, dtype=dtype)
-            return tensor.to(self.device, non_blocking=True) if self.device.type != "cpu" else tensor
-
-        md = AttentionMetadata(
-            slot_mapping=to_device(slot_np),
-            query_start_loc=to_device(query_start),
-            seq_lens=to_device(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=to_device(block_tables),
-            max_query_len=max(query_lens),
-            max_seq_len=max_seq_len,
-            block_size=bs,
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        return to_device(input_ids, torch.long), to_device(pos_np), md
+        return HostBatch(np.asarray(input_ids, dtype=np.int64), pos_np, slot_np, query_start,
+                         np.asarray(seq_lens, dtype=np.int32), block_tables, query_lens, seq_lens, bs)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
@@ -240,27 +315,30 @@ class ModelRunner:
         """Run one step. ``sample_rows[i]`` is the scheduled index whose last token's logits
         ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row)."""
         t0 = time.perf_counter()
-        self.copy_blocks(block_copies)
-        input_ids, positions, md = self.prepare(scheduled)
-        batch = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
+        batch = self.prepare(scheduled)
+        sampling = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
+        logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_seqs else None
         t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, md, self.kv_caches)
-        result = None
-        if sample_seqs:
-            last_rows = np.cumsum(md.query_lens_cpu) - 1
-            index = torch.as_tensor(last_rows[sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, index))
-            t2 = time.perf_counter()
-            assert batch is not None
-            result = self.sampler(logits, batch)
-        else:
-            t2 = time.perf_counter()
+        logits, _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows)
+        t2 = time.perf_counter()
+        result = self.sampler(logits, sampling) if sampling is not None else None
         t3 = time.perf_counter()
         self.timings["prepare"] += t1 - t0
         self.timings["forward"] += t2 - t1
         self.timings["sample"] += t3 - t2
         self.num_steps += 1
         return result
+
+    @torch.inference_mode()
+    def forward_step(self, batch: HostBatch, block_copies: list[tuple[int, int]],
+                     logits_rows: np.ndarray | None) -> torch.Tensor | None:
+        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)."""
+        self.copy_blocks(block_copies)
+        input_ids, positions, md = batch.to_device(self.device)
+        hidden = self.model(input_ids, positions, md, self.kv_caches)
+        if logits_rows is None:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, torch.as_tensor(logits_rows, device=self.device)))
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),
