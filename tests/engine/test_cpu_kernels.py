@@ -114,11 +114,15 @@ def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, 
 
 
 def test_mixed_prefill_and_decode_batch_matches_torch_backend() -> None:
-    """Chunked prefills go through SDPA, decodes through the kernel, each into its own rows."""
+    """Decodes and short prefill chunks go through the kernel (one causal row per token), a long chunk
+    through SDPA, each into its own rows."""
     torch.manual_seed(4)
     block, kv_heads, heads, dim = 8, 2, 4, 32
-    q_lens, seq_lens = [1, 6, 1, 9, 1], [20, 6, 3, 25, 9]  # the 9-token chunk continues a 16-token prefix
-    free = list(range(40))
+    long = cpu_attention.KERNEL_PREFILL_MAX_TOKENS + 6
+    # the 9-token chunk continues a 16-token prefix, the long one a 10-token prefix
+    q_lens, seq_lens = [1, 6, 1, 9, 1, long], [20, 6, 3, 25, 9, long + 10]
+    num_blocks = sum(-(-n // block) for n in seq_lens) + 4
+    free = list(range(num_blocks))
     random.Random(4).shuffle(free)
     tables = [[free.pop() for _ in range(-(-n // block))] for n in seq_lens]
     width = max(map(len, tables))
@@ -129,7 +133,7 @@ def test_mixed_prefill_and_decode_batch_matches_torch_backend() -> None:
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         max_query_len=max(q_lens), max_seq_len=max(seq_lens), block_size=block, query_lens_cpu=q_lens,
         seq_lens_cpu=seq_lens)
-    k_cache, v_cache = torch.randn(40, block, kv_heads, dim), torch.randn(40, block, kv_heads, dim)
+    k_cache, v_cache = torch.randn(num_blocks, block, kv_heads, dim), torch.randn(num_blocks, block, kv_heads, dim)
     query = torch.randn(sum(q_lens), heads, dim)
     got = cpu_attention.paged_attention(query, k_cache, v_cache, md, 0.2)
     torch.testing.assert_close(got, attention.paged_attention(query, k_cache, v_cache, md, 0.2))
