@@ -18,6 +18,10 @@ pytestmark = pytest.mark.timeout(300)
 MODEL = "SmolLM2-135M-Instruct"
 
 
+# ~20 ms a token on the dev CPU: seconds of streaming, so the drain checks below happen mid-stream.
+STREAM_TOKENS = 200
+
+
 def test_load_then_sigterm_drains_without_cutting_the_stream(tmp_path) -> None:  # type: ignore[no-untyped-def]
     server = ServerProcess(["--drain-timeout", "60"]).start(tmp_path)
     try:
@@ -46,7 +50,7 @@ def test_load_then_sigterm_drains_without_cutting_the_stream(tmp_path) -> None: 
             body = {
                 "model": MODEL,
                 "prompt": "Once upon a time",
-                "max_tokens": 24,
+                "max_tokens": STREAM_TOKENS,  # long enough to still be running while the drain is checked
                 "ignore_eos": True,
                 "logprobs": 0,  # one token list per event: count what arrived
                 "stream": True,
@@ -77,7 +81,7 @@ def test_load_then_sigterm_drains_without_cutting_the_stream(tmp_path) -> None: 
         chunks = [json.loads(e[6:]) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         tokens = [t for c in chunks for choice in c["choices"] for t in choice["logprobs"]["tokens"]]
-        assert len(tokens) == 24  # every token arrived
+        assert len(tokens) == STREAM_TOKENS  # every token arrived
         assert server.process.wait(60) == 0
     finally:
         server.stop()
