@@ -27,8 +27,9 @@ from kubeinfer.engine.config import (
     EngineConfig,
 )
 from kubeinfer.engine.core.scheduler import ScheduledSeq
-from kubeinfer.engine.distributed.workers import WorkerGroup, free_port, init_tensor_parallel
+from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from kubeinfer.engine.ports import free_port
 from kubeinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)

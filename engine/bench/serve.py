@@ -17,7 +17,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+from kubeinfer.engine.ports import free_port
 
 WORDS = [
     "time",
@@ -296,12 +296,6 @@ def run_offline(args: argparse.Namespace, prompts: list[str]) -> Summary:
         for o in outputs
     ]
     return summarize("offline", results, duration, None, None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def local_serve_command(port: int, args: list[str]) -> list[str]:

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import socket
 import weakref
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -26,12 +25,6 @@ logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a rank that died turns a hang into an error after this
 _STARTUP_TIMEOUT_S = 600.0  # loading a large shard can take minutes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_tensor_parallel(rank: int, world_size: int, port: int, device: torch.device) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 
 import httpx
 import yaml
+from kubeinfer.engine.ports import free_port
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
@@ -126,12 +126,6 @@ class Kube:
     def events(self, namespace: str, name: str) -> list[dict[str, Any]]:
         return [e for e in self.list("v1", "Event", namespace)
                 if e["involvedObject"].get("kind") == "InferenceModel" and e["involvedObject"]["name"] == name]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class OperatorProcess:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from kubeinfer.engine.bench.serve import free_port, local_serve_command
+from kubeinfer.engine.bench.serve import local_serve_command
+from kubeinfer.engine.ports import free_port
 
 API_KEY = "test-key"
 # Small KV cache and batch: fast to allocate, plenty for these tests.
