@@ -71,8 +71,6 @@ class HostBatch:
     input_ids: np.ndarray  # int64 [T]
     positions: np.ndarray  # int64 [T]
     slot_mapping: np.ndarray  # int64 [T]
-    query_start_loc: np.ndarray  # int32 [B + 1]
-    seq_lens_array: np.ndarray  # int32 [B]
     block_tables: np.ndarray  # int32 [B, blocks]
     query_lens: list[int]
     seq_lens: list[int]
@@ -83,9 +81,11 @@ class HostBatch:
             tensor = torch.from_numpy(array)
             return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
+        query_start = np.zeros(len(self.query_lens) + 1, dtype=np.int32)
+        np.cumsum(self.query_lens, out=query_start[1:])
         md = AttentionMetadata(
-            slot_mapping=move(self.slot_mapping), query_start_loc=move(self.query_start_loc),
-            seq_lens=move(self.seq_lens_array), block_tables=move(self.block_tables),
+            slot_mapping=move(self.slot_mapping), query_start_loc=move(query_start),
+            seq_lens=move(np.asarray(self.seq_lens, dtype=np.int32)), block_tables=move(self.block_tables),
             max_query_len=max(self.query_lens), max_seq_len=max(self.seq_lens), block_size=self.block_size,
             query_lens_cpu=self.query_lens, seq_lens_cpu=self.seq_lens)
         return move(self.input_ids), move(self.positions), md
@@ -305,10 +305,8 @@ class ModelRunner:
         for row, (table, seq_len) in enumerate(zip(tables, seq_lens, strict=True)):
             used = -(-seq_len // bs)
             block_tables[row, :used] = table[:used]
-        query_start = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=query_start[1:])
-        return HostBatch(np.asarray(input_ids, dtype=np.int64), pos_np, slot_np, query_start,
-                         np.asarray(seq_lens, dtype=np.int32), block_tables, query_lens, seq_lens, bs)
+        return HostBatch(np.asarray(input_ids, dtype=np.int64), pos_np, slot_np, block_tables, query_lens, seq_lens,
+                         bs)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],

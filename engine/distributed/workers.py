@@ -24,7 +24,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)  # a rank that died turns a hang into an error after this
-_STARTUP_TIMEOUT_S = 600.0  # loading a large shard can take minutes
+_REPLY_TIMEOUT_S = 600.0  # the first reply comes after the worker loaded its shard: minutes for a large model
 
 
 def init_tensor_parallel(rank: int, world_size: int, port: int, device: torch.device) -> None:
@@ -69,7 +69,7 @@ class WorkerGroup:
         """Each worker's return value of its last call (waits for them)."""
         out = []
         for conn, process in zip(self.connections, self.processes, strict=True):
-            if not conn.poll(_STARTUP_TIMEOUT_S):
+            if not conn.poll(_REPLY_TIMEOUT_S):
                 raise WorkerError(f"tensor-parallel worker {process.name} did not answer")
             status, value = conn.recv()
             if status == "error":

@@ -39,11 +39,6 @@ def available() -> bool:
     return _lib() is not None
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Whether the kernels handle tensors like ``x`` (CPU, float32/bfloat16/float16)."""
-    return x.device.type == "cpu" and x.dtype in DTYPE_CODES and available()
-
-
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
     """``x`` as 2-D ``[rows, width]`` with unit stride along the rows (a view when possible)."""
     if x.dim() != 2 or x.shape[1] != width:
