@@ -1,4 +1,4 @@
-"""Fused Triton SiLU-and-mul vs ``F.silu(gate) * up`` (what ``LlamaMLP`` computes).
+"""Fused Triton SiLU-and-mul vs ``ops.silu_and_mul_reference`` (``F.silu(gate) * up``, the model's MLP arithmetic).
 
 On the CPU the kernel runs in Triton's interpreter (a spawned worker, see ``in_interpreter``).
 Tolerances: the kernel rounds where torch does, so only exp() differs: fp32 1e-5, fp16 2e-3,
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from kubeinfer.engine.layers.ops import silu_and_mul_reference
 
 from tests.engine.test_triton_attention import (
     compile_for_sm90,
@@ -29,11 +29,6 @@ def interp():
         yield pool
 
 
-def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def check_silu_and_mul(module, shape, dtype, sliced, device="cpu") -> None:
     gen = torch.Generator().manual_seed(sum(shape))
     width = shape[-1] + 6 if sliced else shape[-1]
@@ -41,7 +36,7 @@ def check_silu_and_mul(module, shape, dtype, sliced, device="cpu") -> None:
     if sliced:  # a non-contiguous view
         x = x[..., : shape[-1]]
     got = module.silu_and_mul(x)
-    expected = reference_silu_and_mul(x)
+    expected = silu_and_mul_reference(x)
     assert got.shape == expected.shape and got.dtype == x.dtype
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got, expected, atol=tol, rtol=tol)

@@ -1,4 +1,4 @@
-"""Fused Triton RMSNorm(+residual) vs a plain-torch reference written here and vs ``norm.RMSNorm``.
+"""Fused Triton RMSNorm(+residual) vs the plain-torch reference ``ops.rms_norm_reference`` and vs ``norm.RMSNorm``.
 
 On the CPU the kernel runs in Triton's interpreter (a spawned worker, see ``in_interpreter``).
 Tolerances: the kernel rounds exactly where torch does, so results differ only by the fp32
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kubeinfer.engine.layers.ops import rms_norm_reference
 
 from tests.engine.test_triton_attention import (
     compile_for_sm90,
@@ -28,16 +29,6 @@ def interp():
         yield pool
 
 
-def reference_rms_norm(x, weight, eps, residual=None):
-    """transformers' LlamaRMSNorm, with the residual add first."""
-    if residual is not None:
-        x = x + residual
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * h.to(x.dtype)
-    return out if residual is None else (out, x)
-
-
 def check_rms_norm(module, shape, dtype, with_residual, sliced, device="cpu") -> None:
     gen = torch.Generator().manual_seed(sum(shape))
     hidden = shape[-1]
@@ -47,7 +38,7 @@ def check_rms_norm(module, shape, dtype, with_residual, sliced, device="cpu") ->
     residual = torch.randn(shape, generator=gen).to(dtype).to(device) if with_residual else None
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(device)
     got = module.rms_norm(x, weight, 1e-5, residual=residual)
-    expected = reference_rms_norm(x, weight, 1e-5, residual=residual)
+    expected = rms_norm_reference(x, weight, 1e-5, residual=residual)
     tol = TOLERANCE[dtype]
     if residual is None:
         assert got.shape == x.shape and got.dtype == expected.dtype
