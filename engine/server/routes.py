@@ -8,6 +8,7 @@ from kubeinfer.engine.async_engine import AsyncLLMEngine
 from kubeinfer.engine.server.chat import ChatServing
 from kubeinfer.engine.server.completions import CompletionServing
 from kubeinfer.engine.server.errors import OpenAIError
+from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -23,10 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 
 
-def build_router(engine: AsyncLLMEngine, settings: ServerSettings) -> APIRouter:
+def build_router(engine: AsyncLLMEngine, settings: ServerSettings, prompts: PromptProcessor) -> APIRouter:
     router = APIRouter()
-    chat = ChatServing(engine, settings)
-    completions = CompletionServing(engine, settings)
+    chat = ChatServing(engine, settings, prompts)
+    completions = CompletionServing(engine, settings, prompts)
 
     @router.get("/health", tags=["probes"])
     async def health() -> Response:

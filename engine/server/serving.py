@@ -17,6 +17,7 @@ from kubeinfer.engine.async_engine import (
 )
 from kubeinfer.engine.server.errors import OpenAIError, bad_request
 from kubeinfer.engine.server.logprobs import TokenText
+from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import SamplingFields
 from kubeinfer.engine.server.settings import ServerSettings
 from kubeinfer.engine.server.streaming import SSE_HEADERS, ClientDisconnected, cancel_on_disconnect, sse
@@ -34,9 +35,10 @@ def engine_error(exc: BaseException, settings: ServerSettings) -> OpenAIError:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings, prompts: PromptProcessor) -> None:
         self.engine = engine
         self.settings = settings
+        self.prompts = prompts
         self._token_text: TokenText | None = None
 
     @property
@@ -118,8 +120,13 @@ class OpenAIServing:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    async def encode(
+        self, text: str, *, add_special_tokens: bool, param: str, reserved_tokens: int | None = None
+    ) -> list[int]:
+        """Tokenise on the prompt pool (never on the event loop); refuse at once what cannot fit."""
+        return await self.prompts.encode(
+            text, add_special_tokens=add_special_tokens, param=param, reserved_tokens=reserved_tokens
+        )
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.engine.vocab_size
