@@ -59,6 +59,12 @@ class ChatServing(OpenAIServing):
         )
 
     def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        ids = self.encode(self.render_text(request), add_special_tokens=False)
+        self.check_token_ids(ids, "messages")
+        return ids
+
+    def render_text(self, request: ChatCompletionRequest) -> str:
+        """The conversation through the chat template (also what `/tokenize` counts)."""
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
@@ -69,9 +75,7 @@ class ChatServing(OpenAIServing):
             )
         except Exception as exc:  # jinja2 errors from the template (e.g. an unsupported role order)
             raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
-        ids = self.encode(text, add_special_tokens=False)
-        self.check_token_ids(ids, "messages")
-        return ids
+        return text
 
     def _logprobs(self, request: ChatCompletionRequest, choice: Any, start: int = 0) -> Any:
         if not request.logprobs or choice.logprobs is None:
