@@ -67,7 +67,8 @@ class ChatServing(OpenAIServing):
         return ids
 
     def render_text(self, request: ChatCompletionRequest) -> str:
-        """The conversation through the chat template (runs on the prompt pool)."""
+        """The conversation through the chat template (also what `/tokenize` counts; blocking: run it on
+        the prompt pool)."""
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages

@@ -18,7 +18,9 @@ LINGER_S = 2.0
 
 def _error_body(status: int, message: str, code: str) -> bytes:
     error_type = "invalid_request_error"
-    return json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}}).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+    ).encode()
 
 
 class KubeinferH11Protocol(H11Protocol):
@@ -49,4 +51,3 @@ class KubeinferH11Protocol(H11Protocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
-

@@ -49,7 +49,9 @@ def _length_safe(normalizer: dict[str, Any] | None) -> bool:
 class PromptProcessor:
     """Owns the tokenisation pool; one per app, shared by chat, completions and tokenizer routes."""
 
-    def __init__(self, tokenizer: Callable[[], Any], max_model_len: Callable[[], int | None], workers: int = 2):
+    def __init__(
+        self, tokenizer: Callable[[], Any], max_model_len: Callable[[], int | None], workers: int = 2
+    ):
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubeinfer-prompts")
@@ -64,7 +66,7 @@ class PromptProcessor:
         """Token ids of `text`; 400 (context_length_exceeded) without tokenising when its length alone
         shows that it cannot fit beside `reserved_tokens` (the requested completion; at least 1)."""
         self.check_length(text, reserved_tokens, param)
-        return await self.run(self._encode, text, add_special_tokens, param)
+        return await self.run(self.encode_blocking, text, add_special_tokens, param)
 
     def check_length(self, text: str, reserved_tokens: int | None, param: str) -> None:
         max_model_len = self._max_model_len()
@@ -92,7 +94,8 @@ class PromptProcessor:
             self._max_token_chars = max_token_chars(tokenizer)
         return self._max_token_chars  # type: ignore[return-value]
 
-    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    def encode_blocking(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Tokenise here and now (on the pool: see `run`)."""
         tokenizer = self._tokenizer()
         backend = getattr(tokenizer, "backend_tokenizer", None)
         try:

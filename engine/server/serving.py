@@ -56,6 +56,13 @@ class OpenAIServing:
         return self._token_text
 
     def check_request(self, request: SamplingFields) -> None:
+        """Raise 503 before the model is ready (or while draining), 404 for another model, 400 for
+        stream options without streaming."""
+        self.check_model(request.model)
+        if request.stream_options is not None and not request.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+    def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""
         if not self.engine.is_ready:
             raise engine_error(
@@ -64,12 +71,10 @@ class OpenAIServing:
                 else EngineNotReadyError(f"the model is not ready (engine {self.engine.state})"),
                 self.settings,
             )
-        if request.model is not None and request.model != self.model_name:
+        if model is not None and model != self.model_name:
             raise OpenAIError(
-                404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found"
+                404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
-        if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
     async def submit(self, jobs: list[tuple[str, list[int], Any]]) -> list[RequestOutputStream]:
         """Submit every (request_id, prompt_token_ids, params) and wait until the engine took them
