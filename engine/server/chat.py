@@ -33,8 +33,6 @@ class ChatServing(OpenAIServing):
             request.requested_max_tokens(), len(prompt_ids), self.engine.max_model_len or 0
         )
         top = request.top_logprobs or 0
-        if request.top_logprobs and not request.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         params = build_sampling_params(
             request, max_tokens=max_tokens, logprobs=top if request.logprobs else None
         )

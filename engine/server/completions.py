@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
-from kubeinfer.engine.server.errors import bad_request
+from kubeinfer.engine.server.errors import bad_request, unsupported
 from kubeinfer.engine.server.logprobs import completion_logprobs
 from kubeinfer.engine.server.protocol import (
     CompletionChoice,
@@ -35,9 +35,9 @@ class CompletionServing(OpenAIServing):
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
-            raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
+            raise unsupported("best_of must equal n (beam search is not supported)", "best_of")
         if request.echo and request.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+            raise unsupported("echo together with logprobs is not supported (no prompt logprobs)", "echo")
         prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         jobs = []

@@ -14,6 +14,7 @@ from kubeinfer.engine.async_engine import (
     QueueFullError,
     RequestAbortedError,
     RequestOutputStream,
+    RequestTimeoutError,
 )
 from kubeinfer.engine.server.errors import OpenAIError, bad_request
 from kubeinfer.engine.server.logprobs import TokenText
@@ -32,6 +33,8 @@ def engine_error(exc: BaseException, settings: ServerSettings) -> OpenAIError:
     retry = {"Retry-After": str(settings.retry_after_s)}
     if isinstance(exc, QueueFullError):
         return OpenAIError(429, str(exc), code="queue_full", headers=retry)
+    if isinstance(exc, RequestTimeoutError):
+        return OpenAIError(503, str(exc), code="request_timeout")
     if isinstance(exc, EngineDrainingError | EngineNotReadyError | RequestAbortedError):
         return OpenAIError(503, str(exc), code="unavailable", headers=retry)
     if isinstance(exc, ValueError):
@@ -62,10 +65,16 @@ class OpenAIServing:
 
     def check_request(self, request: SamplingFields) -> None:
         """Raise 503 before the model is ready (or while draining), 404 for another model, 400 for
-        stream options without streaming."""
+        stop token ids outside the vocabulary."""
         self.check_model(request.model)
-        if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        self.check_stop_token_ids(request)
+
+    def check_stop_token_ids(self, request: SamplingFields) -> None:
+        vocab = self.engine.vocab_size
+        ids = request.stop_token_ids or []
+        if vocab is not None and ids and max(ids) >= vocab:
+            message = f"stop token id {max(ids)} is out of range (vocabulary size {vocab})"
+            raise bad_request(message, "stop_token_ids")
 
     def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""
@@ -87,7 +96,9 @@ class OpenAIServing:
         streams: list[RequestOutputStream] = []
         try:
             for request_id, prompt_ids, params in jobs:
-                streams.append(self.engine.add_request(request_id, prompt_ids, params))
+                streams.append(
+                    self.engine.add_request(request_id, prompt_ids, params, timeout=self.settings.request_timeout)
+                )
             for stream in streams:
                 await stream.wait_accepted()
         except BaseException as exc:
@@ -115,7 +126,7 @@ class OpenAIServing:
             body = await cancel_on_disconnect(raw, collect())
         except ClientDisconnected:
             return Response(status_code=499)
-        except (RequestAbortedError, ValueError) as exc:
+        except (RequestAbortedError, RequestTimeoutError, ValueError) as exc:
             raise engine_error(exc, self.settings) from exc
         return JSONResponse(body.model_dump(mode="json"))
 
@@ -124,7 +135,7 @@ class OpenAIServing:
         try:
             async for event in events:
                 yield event
-        except (RequestAbortedError, ValueError) as exc:
+        except (RequestAbortedError, RequestTimeoutError, ValueError) as exc:
             yield sse_error(engine_error(exc, self.settings))
             yield "data: [DONE]\n\n"
         finally:
