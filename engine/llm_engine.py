@@ -20,6 +20,7 @@ from kubeinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_strin
 from kubeinfer.engine.layers.sampler import SamplerOutput, record_token
 from kubeinfer.engine.model_runner import ModelRunner
 from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.sample.grammar import GrammarCompiler, GrammarConstraint, GrammarRejectedToken
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.sequence import Request, Sequence
 
@@ -55,6 +56,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborted requests, handed out by the next step()
         self._eos_token_ids = set(self.model_config.eos_token_ids)
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                list(self.model_config.eos_token_ids))
+        self.grammar_compiler.start_background_init()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info("engine ready: %s", self.runner.describe())
@@ -99,6 +103,8 @@ class LLMEngine:
         params.all_stop_token_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             params.all_stop_token_ids |= self._eos_token_ids
+        if params.structured_outputs is not None:  # InvalidGrammarError (a ValueError) if it does not compile
+            params.compiled_grammar = self.grammar_compiler.compile(params.structured_outputs)
 
         request = Request(request_id, prompt_text, token_ids, params, arrival_time)
         self._init_sequence(request.seqs[0])
@@ -113,6 +119,8 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed + seq.index)
+        if params.compiled_grammar is not None and seq.index == 0:  # forks copy their parent's matcher
+            self.runner.grammar_masks.add(seq.seq_id, GrammarConstraint(params.compiled_grammar))
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Stop requests now and free all their blocks; unknown or finished ids are ignored."""
@@ -125,6 +133,7 @@ class LLMEngine:
             request.aborted = True
             self.scheduler.abort(request.seqs)
             for seq in request.seqs:
+                self.runner.grammar_masks.free(seq.seq_id)
                 if seq.finish_reason is None:
                     seq.finish_reason = "abort"
             request.metrics.finished_time = now
@@ -172,6 +181,7 @@ class LLMEngine:
                 for index in range(1, request.params.n):
                     child = item.seq.fork(index)
                     self._init_sequence(child)
+                    self.runner.grammar_masks.fork(item.seq.seq_id, child.seq_id)
                     self.scheduler.add_forked(item.seq, child)
                     request.seqs.append(child)
                     rows.append(row)
@@ -184,6 +194,11 @@ class LLMEngine:
         for i, (seq, token_id) in enumerate(zip(seqs, result.token_ids, strict=True)):
             seq.token_ids.append(token_id)
             record_token(seq, token_id)
+            try:
+                self.runner.grammar_masks.accept(seq.seq_id, token_id)
+            except GrammarRejectedToken:  # cannot happen with the mask applied; never loop on a broken matcher
+                logger.exception("request %s: the grammar rejected a sampled token", seq.request.request_id)
+                seq.finish_reason = "abort"
             self.generation_tokens_total += 1
             if seq.logprobs is not None:
                 self._append_logprobs(seq, i, token_id, result)
@@ -191,9 +206,11 @@ class LLMEngine:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             request.metrics.last_token_time = now
-            self._check_stop(seq, token_id)
+            if seq.finish_reason is None:
+                self._check_stop(seq, token_id)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+                self.runner.grammar_masks.free(seq.seq_id)
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():

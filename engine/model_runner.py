@@ -30,6 +30,7 @@ from kubeinfer.engine.core.scheduler import ScheduledSeq
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.engine.ports import free_port
+from kubeinfer.engine.sample.grammar_masks import GrammarMasks
 from kubeinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class ModelRunner:
         self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.max_model_len = self._resolve_max_model_len()
         self.sampler = Sampler()
+        self.grammar_masks = GrammarMasks(self.vocab_size)
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, summed over steps
         self.num_steps = 0
         torch.manual_seed(config.seed)
@@ -163,6 +165,8 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
+        if hasattr(self, "grammar_masks"):
+            self.grammar_masks.shutdown()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -317,9 +321,13 @@ class ModelRunner:
         batch = self.prepare(scheduled)
         sampling = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
         logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_seqs else None
+        masks = self.grammar_masks.start([s.seq_id for s in sample_seqs]) if sample_seqs else None
         t1 = time.perf_counter()
         logits, _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows)
         t2 = time.perf_counter()
+        if masks is not None:
+            self.grammar_masks.apply(masks, logits)
+            self.timings["grammar_wait"] += time.perf_counter() - t2
         result = self.sampler(logits, sampling) if sampling is not None else None
         t3 = time.perf_counter()
         self.timings["prepare"] += t1 - t0

@@ -7,6 +7,9 @@ into a 400 error body as is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
@@ -32,8 +35,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM's: JSON schema, regex, choice, grammar
     # Filled in by the engine: the model's EOS ids plus stop_token_ids (min_tokens suppresses them).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+    # Filled in by the engine: the compiled grammar of ``structured_outputs`` (shared by the request's sequences).
+    compiled_grammar: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +82,8 @@ class SamplingParams:
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative integers")
         check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs must be a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:
