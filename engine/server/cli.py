@@ -82,6 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to finish in-flight requests after SIGTERM",
     )
     server.add_argument(
+        "--chat-template",
+        default=None,
+        help="chat template (a Jinja file or the template itself) instead of the model's",
+    )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "qwen", "llama3_json", "mistral"],
+        help="how tool calls are found in the model's text for tool_choice auto",
+    )
+    server.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
     )
     server.add_argument(
@@ -139,6 +156,9 @@ SERVER_ONLY = {
     "drain_timeout",
     "log_level",
     "disable_log_requests",
+    "chat_template",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
 }
 
 

@@ -35,7 +35,13 @@ def _too_long(prompt_len: int, max_model_len: int, requested: int | None, prompt
 
 
 def build_sampling_params(
-    request: SamplingFields, *, max_tokens: int, logprobs: int | None, n: int | None = None
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    n: int | None = None,
+    structured_outputs: Any = None,
+    skip_special_tokens: bool | None = None,
 ) -> Any:
     from kubeinfer.engine.sampling_params import SamplingParams
 
@@ -50,8 +56,11 @@ def build_sampling_params(
         "ignore_eos": request.ignore_eos,
         "min_tokens": request.min_tokens,
         "logprobs": logprobs,
-        "skip_special_tokens": request.skip_special_tokens,
+        "skip_special_tokens": request.skip_special_tokens
+        if skip_special_tokens is None
+        else skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
+        "structured_outputs": structured_outputs,
     }
     optional = {
         "temperature": request.temperature,

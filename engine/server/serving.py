@@ -15,6 +15,7 @@ from kubeinfer.engine.async_engine import (
     RequestAbortedError,
     RequestOutputStream,
 )
+from kubeinfer.engine.sample.grammar_params import InvalidGrammarError
 from kubeinfer.engine.server.errors import OpenAIError, bad_request
 from kubeinfer.engine.server.logprobs import TokenText
 from kubeinfer.engine.server.protocol import SamplingFields
@@ -28,6 +29,8 @@ def engine_error(exc: BaseException, settings: ServerSettings) -> OpenAIError:
         return OpenAIError(429, str(exc), code="queue_full", headers=retry)
     if isinstance(exc, EngineDrainingError | EngineNotReadyError | RequestAbortedError):
         return OpenAIError(503, str(exc), code="unavailable", headers=retry)
+    if isinstance(exc, InvalidGrammarError):
+        return bad_request(str(exc), exc.param)
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     raise exc

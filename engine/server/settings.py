@@ -15,3 +15,6 @@ class ServerSettings:
     log_level: str = "info"
     log_requests: bool = True
     retry_after_s: int = 1  # Retry-After on 429 and 503
+    chat_template: str | None = None  # the template text (--chat-template), instead of the model's
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
