@@ -194,8 +194,9 @@ class LLMEngine:
         for i, (seq, token_id) in enumerate(zip(seqs, result.token_ids, strict=True)):
             seq.token_ids.append(token_id)
             record_token(seq, token_id)
+            grammar_done = False
             try:
-                self.runner.grammar_masks.accept(seq.seq_id, token_id)
+                grammar_done = self.runner.grammar_masks.accept(seq.seq_id, token_id)
             except GrammarRejectedToken:  # cannot happen with the mask applied; never loop on a broken matcher
                 logger.exception("request %s: the grammar rejected a sampled token", seq.request.request_id)
                 seq.finish_reason = "abort"
@@ -208,6 +209,8 @@ class LLMEngine:
             request.metrics.last_token_time = now
             if seq.finish_reason is None:
                 self._check_stop(seq, token_id)
+            if grammar_done and seq.finish_reason is None:  # complete (ignore_eos or min_tokens kept it going)
+                seq.finish_reason = "stop"
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 self.runner.grammar_masks.free(seq.seq_id)

@@ -51,11 +51,14 @@ class GrammarMasks:
     def get(self, seq_id: int) -> GrammarConstraint | None:
         return self._constraints.get(seq_id)
 
-    def accept(self, seq_id: int, token_id: int) -> None:
-        """Advance the sequence's matcher (raises ``GrammarRejectedToken`` if the token breaks the grammar)."""
+    def accept(self, seq_id: int, token_id: int) -> bool:
+        """Advance the sequence's matcher (raises ``GrammarRejectedToken`` if the token breaks the grammar);
+        True once the grammar is complete (it accepted a stop token: nothing may follow)."""
         constraint = self._constraints.get(seq_id)
-        if constraint is not None:
-            constraint.accept_token(token_id)
+        if constraint is None:
+            return False
+        constraint.accept_token(token_id)
+        return constraint.is_terminated
 
     def __len__(self) -> int:
         return len(self._constraints)
@@ -68,7 +71,7 @@ class GrammarMasks:
         rows, constraints = [], []
         for row, seq_id in enumerate(seq_ids):
             constraint = self._constraints.get(seq_id)
-            if constraint is not None:
+            if constraint is not None and not constraint.is_terminated:
                 rows.append(row)
                 constraints.append(constraint)
         if not rows:

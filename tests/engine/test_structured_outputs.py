@@ -177,3 +177,11 @@ def test_masks_cover_only_allowed_tokens(llm: LLM) -> None:
     masks.apply(pending, one)
     assert set(torch.isfinite(one[0]).nonzero().flatten().tolist()) == {ord("d")}
     masks.shutdown()
+
+
+def test_a_complete_grammar_finishes_the_sequence_even_with_ignore_eos(llm: LLM) -> None:
+    so = SO(choice=["done", "over"])
+    [out] = llm.generate("x", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, structured_outputs=so))
+    choice = out.outputs[0]
+    assert choice.finish_reason == "stop" and choice.text in ("done", "over")
+    assert len(choice.token_ids) == 5  # four bytes and the stop token the grammar ended with
