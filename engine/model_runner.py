@@ -30,6 +30,7 @@ from kubeinfer.engine.core.scheduler import ScheduledSeq
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.engine.ports import free_port
+from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
 from kubeinfer.engine.sample.grammar_masks import GrammarMasks
 from kubeinfer.engine.sequence import Sequence
 
@@ -314,16 +315,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
-                sample_rows: list[int], sample_seqs: list[Sequence]) -> SamplerOutput | None:
+                sample_rows: list[int], sample_seqs: list[Sequence], prompt_rows: PromptLogprobRows | None = None
+                ) -> tuple[SamplerOutput | None, PromptScores | None]:
         """Run one step. ``sample_rows[i]`` is the scheduled index whose last token's logits
-        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row)."""
+        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row); ``prompt_rows``
+        are scored for prompt logprobs in the same forward."""
         t0 = time.perf_counter()
         batch = self.prepare(scheduled)
         sampling = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
         logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_seqs else None
         masks = self.grammar_masks.start([s.seq_id for s in sample_seqs]) if sample_seqs else None
         t1 = time.perf_counter()
-        logits, _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows)
+        (logits, prompt_scores), _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows,
+                                                        prompt_rows)
         t2 = time.perf_counter()
         if masks is not None:
             self.grammar_masks.apply(masks, logits)
@@ -334,18 +338,22 @@ class ModelRunner:
         self.timings["forward"] += t2 - t1
         self.timings["sample"] += t3 - t2
         self.num_steps += 1
-        return result
+        return result, prompt_scores
 
     @torch.inference_mode()
     def forward_step(self, batch: HostBatch, block_copies: list[tuple[int, int]],
-                     logits_rows: np.ndarray | None) -> torch.Tensor | None:
-        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)."""
+                     logits_rows: np.ndarray | None, prompt_rows: PromptLogprobRows | None = None
+                     ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)
+        and the scores of ``prompt_rows``."""
         self.copy_blocks(block_copies)
         input_ids, positions, md = batch.to_device(self.device)
         hidden = self.model(input_ids, positions, md, self.kv_caches)
+        scores = score_prompt_rows(self.model, hidden, prompt_rows) if prompt_rows is not None else None
         if logits_rows is None:
-            return None
-        return self.model.compute_logits(hidden.index_select(0, torch.as_tensor(logits_rows, device=self.device)))
+            return None, scores
+        rows = torch.as_tensor(logits_rows, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)), scores
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),

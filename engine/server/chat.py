@@ -26,7 +26,7 @@ from kubeinfer.engine.server.serving import OpenAIServing
 from kubeinfer.engine.server.streaming import SSE_DONE, sse
 from kubeinfer.engine.server.structured import structured_outputs_of
 from kubeinfer.engine.server.tools.output import ChoiceTools
-from kubeinfer.engine.server.tools.plan import ToolPlan, plan_tools
+from kubeinfer.engine.server.tools.plan import ToolPlan, plan_tools, tool_definitions
 
 
 class ChatServing(OpenAIServing):
@@ -38,7 +38,7 @@ class ChatServing(OpenAIServing):
             tool_call_parser=self.settings.tool_call_parser,
         )
         structured = plan.constraint or structured_outputs_of(request)
-        prompt_ids = self._render_prompt(request, plan)
+        prompt_ids = await self._render_prompt(request, plan)
         max_tokens = resolve_max_tokens(
             request.requested_max_tokens(), len(prompt_ids), self.engine.max_model_len or 0
         )
@@ -72,18 +72,27 @@ class ChatServing(OpenAIServing):
             events=lambda: self._events(request_id, request, stream, plan),
         )
 
-    def _render_prompt(self, request: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
-        text = render_chat(
+    async def _render_prompt(self, request: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+        # Templates of long chats take time too: on the prompt pool.
+        text = await self.prompts.run(self.render_text, request, plan)
+        ids = await self.encode(
+            text, add_special_tokens=False, param="messages", reserved_tokens=request.requested_max_tokens()
+        )
+        self.check_token_ids(ids, "messages")
+        return ids
+
+    def render_text(self, request: ChatCompletionRequest, plan: ToolPlan | None = None) -> str:
+        """The conversation through the chat template, tools included (also what `/tokenize` counts;
+        blocking: run it on the prompt pool)."""
+        tools = plan.template_tools if plan is not None else tool_definitions(request)
+        return render_chat(
             self.tokenizer,
             request.messages,
             override=self.settings.chat_template,
-            tools=plan.template_tools,
+            tools=tools,
             add_generation_prompt=request.add_generation_prompt,
             extra=request.chat_template_kwargs,
         )
-        ids = self.encode(text, add_special_tokens=False)
-        self.check_token_ids(ids, "messages")
-        return ids
 
     def _logprobs(self, request: ChatCompletionRequest, choice: Any, start: int = 0) -> Any:
         if not request.logprobs or choice.logprobs is None:

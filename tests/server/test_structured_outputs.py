@@ -50,7 +50,7 @@ def tc(tool_server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
-class Color(str, enum.Enum):
+class Color(enum.StrEnum):
     red = "red"
     green = "green"
     blue = "blue"

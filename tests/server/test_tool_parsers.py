@@ -120,3 +120,10 @@ def test_tool_calls_and_results_round_trip_through_the_template() -> None:
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n{\"temp\": 21}\n</tool_response>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_cli_offers_every_parser() -> None:
+    from kubeinfer.engine.server.cli import TOOL_CALL_PARSERS
+    from kubeinfer.engine.server.tools.parsers import TOOL_PARSERS
+
+    assert sorted(TOOL_CALL_PARSERS) == sorted(TOOL_PARSERS)

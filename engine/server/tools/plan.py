@@ -33,6 +33,11 @@ class ToolPlan:
         return self.parser is not None and self.parser.keep_special_tokens
 
 
+def tool_definitions(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The request's tools as the chat template gets them."""
+    return [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+
+
 def plan_tools(request: ChatCompletionRequest, *, enable_auto_tool_choice: bool,
                tool_call_parser: str | None) -> ToolPlan:
     tools, choice = request.tools or [], request.tool_choice
@@ -40,7 +45,7 @@ def plan_tools(request: ChatCompletionRequest, *, enable_auto_tool_choice: bool,
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return ToolPlan("none")
-    template_tools = [t.model_dump(exclude_none=True) for t in tools]
+    template_tools = tool_definitions(request)
     if choice is None:
         choice = "auto"
     constrained = choice == "required" or isinstance(choice, NamedToolChoice)
