@@ -3,9 +3,12 @@
 For each batch size, the same prompts decode the same number of steps twice, side by side: free (ignore_eos)
 and constrained by a JSON schema that cannot end within the run (a list of at least 64 objects), so every
 step masks every row. A step is one ``LLMEngine.step()`` in decode (the prefill steps are left out).
-Columns: ms per step free and constrained (medians), the overhead in ms and in % of the free step, the
-mask-fill time of the batch alone (``fill``, what the worker thread does while the forward runs) and the
-part of it the step still waited for after the forward (``wait``).
+Columns: ms per step free and constrained (the fastest step of each, the honest number on a shared machine;
+medians in the JSON), the overhead in ms and in % of the free step; then the grammar's own parts: the
+mask fill of the whole batch alone (``fill``, done by the worker thread while the forward runs), what the
+step still waited for it after the forward (``wait``), masking the logits (``apply``) and advancing the
+matchers by the sampled tokens (``accept``), per step. ``wait + apply + accept`` is the grammar's cost on
+the critical path.
 
 Compile: building xgrammar's tokenizer info (once per engine, in the background at start-up), the first
 compile of the schema (what the first request with it waits for) and a cached compile.
@@ -52,42 +55,49 @@ class Row:
     overhead_pct: float
     fill_ms: float  # filling the batch's masks alone
     wait_ms: float  # per step, waiting for the masks after the forward
+    apply_ms: float  # per step, masking the logits
+    accept_ms: float  # per step, advancing the batch's matchers
+    free_median_ms: float
+    constrained_median_ms: float
 
 
-def _decode_steps(engine: LLMEngine, params: list[SamplingParams], steps: int) -> tuple[list[float], float]:
-    """Median-able decode step times, and the summed time the steps waited for masks after the forward."""
+def _decode_steps(engine: LLMEngine, params: list[SamplingParams], steps: int) -> tuple[list[float], float, float]:
+    """Decode step times, and the summed time the steps waited for masks after the forward and applied them."""
     for i, p in enumerate(params):
         engine.add_request(f"r{time.monotonic_ns()}-{i}", PROMPT, p)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(
             engine.scheduler.waiting)):
         engine.step()  # the prefills
-    wait0 = engine.runner.timings["grammar_wait"]
+    wait0, apply0 = engine.runner.timings["grammar_wait"], engine.runner.timings["grammar_apply"]
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
     wait = engine.runner.timings["grammar_wait"] - wait0
+    apply = engine.runner.timings["grammar_apply"] - apply0
     engine.abort_request(list(engine.requests))
     engine.step()
-    return times, wait
+    return times, wait, apply
 
 
-def _fill_ms(engine: LLMEngine, so: StructuredOutputsParams, batch: int, tokens: list[int], repeats: int = 20
-             ) -> float:
-    """Mask fill of ``batch`` matchers that accepted ``tokens``, alone (median ms)."""
+def _fill_and_accept_ms(engine: LLMEngine, so: StructuredOutputsParams, batch: int, tokens: list[int],
+                        repeats: int = 20) -> tuple[float, float]:
+    """Mask fill of ``batch`` matchers that accepted ``tokens`` (median ms), and accepting one token in each."""
     compiled = engine.grammar_compiler.compile(so)
     constraints = [GrammarConstraint(compiled) for _ in range(batch)]
-    for c in constraints:
-        for t in tokens:
+    t0 = time.perf_counter()
+    for t in tokens:
+        for c in constraints:
             c.accept_token(t)
+    accept = (time.perf_counter() - t0) / len(tokens)
     bitmask = torch.empty((batch, (engine.model_config.vocab_size + 31) // 32), dtype=torch.int32)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fill_bitmasks(constraints, bitmask, list(range(batch)))
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times), 1e3 * accept
 
 
 def bench(engine: LLMEngine, batch: int, steps: int) -> Row:
@@ -95,18 +105,20 @@ def bench(engine: LLMEngine, batch: int, steps: int) -> Row:
     free = [SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True) for _ in range(batch)]
     constrained = [SamplingParams(temperature=0, max_tokens=steps + 8, structured_outputs=so) for _ in range(batch)]
     # Interleave the two runs so that machine noise hits both alike; keep the fastest of each.
-    free_t, cons_t, waits = [], [], []
+    free_t, cons_t, waits, applies = [], [], [], []
     for _ in range(2):
-        t, _ = _decode_steps(engine, free, steps)
+        t, _, _ = _decode_steps(engine, free, steps)
         free_t += t
-        t, w = _decode_steps(engine, constrained, steps)
+        t, w, a = _decode_steps(engine, constrained, steps)
         cons_t += t
         waits.append(w / steps)
+        applies.append(a / steps)
     # The tokens a constrained row has accepted mid-run: what the fill is measured on.
     [out] = _generate(engine, so, steps)
-    fill = _fill_ms(engine, so, batch, out)
-    f, c = statistics.median(free_t), statistics.median(cons_t)
-    return Row(batch, 1e3 * f, 1e3 * c, 1e3 * (c - f), 100 * (c - f) / f, fill, 1e3 * min(waits))
+    fill, accept = _fill_and_accept_ms(engine, so, batch, out)
+    f, c = min(free_t), min(cons_t)
+    return Row(batch, 1e3 * f, 1e3 * c, 1e3 * (c - f), 100 * (c - f) / f, fill, 1e3 * min(waits),
+               1e3 * min(applies), accept, 1e3 * statistics.median(free_t), 1e3 * statistics.median(cons_t))
 
 
 def _generate(engine: LLMEngine, so: StructuredOutputsParams, steps: int) -> list[list[int]]:
@@ -149,10 +161,11 @@ def main(argv: list[str] | None = None) -> None:
           f"model={args.model or 'bundled SmolLM2-135M-Instruct'} {args.dtype}  device={engine.runner.device}")
     print(f"grammar: tokenizer info {compile_info['tokenizer_info_s']:.2f} s (once, at start-up), first compile "
           f"{compile_info['first_compile_ms']:.1f} ms, cached {compile_info['cached_compile_ms']:.3f} ms")
-    print(f"{'batch':>5} {'free ms':>8} {'json ms':>8} {'+ms':>7} {'+%':>6} {'fill ms':>8} {'wait ms':>8}")
+    print(f"{'batch':>5} {'free ms':>8} {'json ms':>8} {'+ms':>7} {'+%':>6} {'fill ms':>8} {'wait ms':>8} "
+          f"{'apply ms':>8} {'accept ms':>9}")
     for r in rows:
         print(f"{r.batch:5} {r.free_ms:8.1f} {r.constrained_ms:8.1f} {r.overhead_ms:7.2f} {r.overhead_pct:6.1f} "
-              f"{r.fill_ms:8.2f} {r.wait_ms:8.2f}")
+              f"{r.fill_ms:8.2f} {r.wait_ms:8.2f} {r.apply_ms:8.2f} {r.accept_ms:9.2f}")
     if args.json:
         text = json.dumps({"cpu": cpu_features.describe(), "compile": compile_info,
                            "rows": [asdict(r) for r in rows]}, indent=2)

@@ -330,8 +330,11 @@ class ModelRunner:
                                                         prompt_rows)
         t2 = time.perf_counter()
         if masks is not None:
+            masks.future.result()  # filled while the forward ran
+            t_filled = time.perf_counter()
             self.grammar_masks.apply(masks, logits)
-            self.timings["grammar_wait"] += time.perf_counter() - t2
+            self.timings["grammar_wait"] += t_filled - t2
+            self.timings["grammar_apply"] += time.perf_counter() - t_filled
         result = self.sampler(logits, sampling) if sampling is not None else None
         t3 = time.perf_counter()
         self.timings["prepare"] += t1 - t0
