@@ -29,7 +29,7 @@ class PendingMasks:
 
 
 class GrammarMasks:
-    def __init__(self, vocab_size: int, max_threads: int = 2) -> None:
+    def __init__(self, vocab_size: int, max_threads: int | None = None) -> None:
         self.vocab_size = vocab_size
         self.max_threads = max_threads
         self._constraints: dict[int, GrammarConstraint] = {}
