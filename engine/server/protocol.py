@@ -67,6 +67,8 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[NonNegativeInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[NonNegativeInt] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
