@@ -26,6 +26,7 @@ from kubeinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_strin
 from kubeinfer.engine.errors import ContextLengthError, InvalidRequestError
 from kubeinfer.engine.model_runner import ModelRunner
 from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_logprobs
 from kubeinfer.engine.sample import Sampler, SamplerOutput, SampleRow
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.sequence import Request, Sequence
@@ -188,13 +189,17 @@ class LLMEngine:
         batch = self.sampler.prepare([SampleRow(s.seq_id, s.params, s.num_output_tokens) for s in sample_seqs]) \
             if sample_seqs else None
         t1 = time.perf_counter()
+        prompt_rows = plan_prompt_logprobs(sched.scheduled)
         try:
-            logits = self.runner.execute(sched.scheduled, sched.block_copies, sample_rows)
+            logits, prompt_scores = self.runner.execute(sched.scheduled, sched.block_copies, sample_rows,
+                                                        prompt_rows)
         except Exception as exc:  # fail this step's requests, keep the engine
             outputs.extend(self._fail_step(sched, exc))
             return outputs
         self._consecutive_forward_failures = 0
         t2 = time.perf_counter()
+        if prompt_rows is not None and prompt_scores is not None:
+            record_prompt_logprobs(prompt_rows, prompt_scores, self._decode_token)
         if batch is not None and logits is not None:
             result = self.sampler.sample(logits, batch)
             t3 = time.perf_counter()

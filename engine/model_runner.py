@@ -30,6 +30,7 @@ from kubeinfer.engine.config import (
 from kubeinfer.engine.core.scheduler import ScheduledSeq
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.ports import free_port
+from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
 from kubeinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -309,31 +310,38 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
-                sample_rows: list[int]) -> torch.Tensor | None:
+                sample_rows: list[int], prompt_rows: PromptLogprobRows | None = None
+                ) -> tuple[torch.Tensor | None, PromptScores | None]:
         """Run one step's forward: the float32 logits ``[len(sample_rows), vocab]`` of the last token of
-        each scheduled index in ``sample_rows`` (an ``n > 1`` fork repeats its parent's row), or None."""
+        each scheduled index in ``sample_rows`` (an ``n > 1`` fork repeats its parent's row), or None;
+        and the scores of ``prompt_rows`` for prompt logprobs, from the same forward."""
         for item in scheduled:
             faults.inject("forward", item.seq.params.seed)
         t0 = time.perf_counter()
         batch = self.prepare(scheduled)
         logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_rows else None
         t1 = time.perf_counter()
-        logits, _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows)
+        (logits, prompt_scores), _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows,
+                                                        prompt_rows)
         self.timings["prepare"] += t1 - t0
         self.timings["forward"] += time.perf_counter() - t1
         self.num_steps += 1
-        return logits
+        return logits, prompt_scores
 
     @torch.inference_mode()
     def forward_step(self, batch: HostBatch, block_copies: list[tuple[int, int]],
-                     logits_rows: np.ndarray | None) -> torch.Tensor | None:
-        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)."""
+                     logits_rows: np.ndarray | None, prompt_rows: PromptLogprobRows | None = None
+                     ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)
+        and the scores of ``prompt_rows``."""
         self.copy_blocks(block_copies)
         input_ids, positions, md = batch.to_device(self.device)
         hidden = self.model(input_ids, positions, md, self.kv_caches)
+        scores = score_prompt_rows(self.model, hidden, prompt_rows) if prompt_rows is not None else None
         if logits_rows is None:
-            return None
-        return self.model.compute_logits(hidden.index_select(0, torch.as_tensor(logits_rows, device=self.device)))
+            return None, scores
+        rows = torch.as_tensor(logits_rows, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)), scores
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),

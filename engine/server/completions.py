@@ -38,7 +38,7 @@ class CompletionServing(OpenAIServing):
             raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
         if request.echo and request.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         params = build_sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
         jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
@@ -57,7 +57,7 @@ class CompletionServing(OpenAIServing):
             events=lambda: self._events(base_id, request, prompts, streams),
         )
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         raw = request.prompt
         if isinstance(raw, str):
             raw = [raw]
@@ -68,10 +68,14 @@ class CompletionServing(OpenAIServing):
         prompts = []
         for item in raw:
             if isinstance(item, str):
-                prompts.append(_Prompt(self.encode(item, add_special_tokens=True), item))
+                ids = await self.encode(
+                    item, add_special_tokens=True, param="prompt", reserved_tokens=request.max_tokens
+                )
+                prompts.append(_Prompt(ids, item))
             else:  # the engine checks the ids against the vocabulary
                 ids = list(item)
-                prompts.append(_Prompt(ids, self._echo_text(ids) if request.echo else ""))
+                text = await self.prompts.run(self._echo_text, ids) if request.echo else ""
+                prompts.append(_Prompt(ids, text))
         return prompts
 
     def _echo_text(self, ids: list[int]) -> str:
