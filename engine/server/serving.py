@@ -21,7 +21,12 @@ from kubeinfer.engine.server.logprobs import TokenText
 from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import SamplingFields
 from kubeinfer.engine.server.settings import ServerSettings
-from kubeinfer.engine.server.streaming import SSE_HEADERS, ClientDisconnected, cancel_on_disconnect, sse
+from kubeinfer.engine.server.streaming import (
+    SSE_HEADERS,
+    ClientDisconnected,
+    cancel_on_disconnect,
+    sse_error,
+)
 
 
 def engine_error(exc: BaseException, settings: ServerSettings, prompt_param: str = "prompt") -> OpenAIError:
@@ -133,7 +138,7 @@ class OpenAIServing:
             async for event in events:
                 yield event
         except SERVED_ERRORS as exc:
-            yield sse(engine_error(exc, self.settings).body())
+            yield sse_error(engine_error(exc, self.settings))
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()  # type: ignore[attr-defined]
