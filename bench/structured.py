@@ -68,14 +68,14 @@ def _decode_steps(engine: LLMEngine, params: list[SamplingParams], steps: int) -
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running + list(
             engine.scheduler.waiting)):
         engine.step()  # the prefills
-    wait0, apply0 = engine.runner.timings["grammar_wait"], engine.runner.timings["grammar_apply"]
+    wait0, apply0 = engine.sampler.timings["grammar_wait"], engine.sampler.timings["mask_apply"]
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
-    wait = engine.runner.timings["grammar_wait"] - wait0
-    apply = engine.runner.timings["grammar_apply"] - apply0
+    wait = engine.sampler.timings["grammar_wait"] - wait0
+    apply = engine.sampler.timings["mask_apply"] - apply0
     engine.abort_request(list(engine.requests))
     engine.step()
     return times, wait, apply

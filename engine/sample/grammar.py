@@ -10,11 +10,12 @@ regex, choice, EBNF, Lark) and is vLLM's default backend.
 - ``GrammarCompiler``: one per engine, for the model's tokenizer and vocabulary size. Building xgrammar's
   tokenizer info costs about a second, so it starts in a background thread when the engine starts; compiled
   grammars are kept in an LRU keyed by the constraint (the second request with a schema compiles nothing).
-- ``GrammarConstraint``: one sequence's matcher (the sampler's per-sequence state; see
-  ``sample/constraints.py``). Its state depends only on the tokens it accepted, so a sequence preempted by
+- ``GrammarConstraint``: one sequence's matcher, a ``TokenConstraint`` (``constraints.py``) the sampler owns
+  with the rest of the sequence's state (created when the request is added, forked for ``n > 1``, freed when
+  the sequence finishes or is aborted). Its state depends only on the tokens it accepted, so a sequence preempted by
   recompute keeps it as is, and prefix caching (which only skips recomputing the prompt) does not touch it.
 - ``fill_bitmasks``: the masks of a whole step's constrained rows in one call (xgrammar releases the GIL), so
-  the engine runs it in a worker thread while the forward runs; on a machine with cores to spare a large
+  the sampler runs it in a worker thread while the forward runs; on a machine with cores to spare a large
   batch goes through xgrammar's batch matcher (C++ threads).
 """
 

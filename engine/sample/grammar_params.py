@@ -13,13 +13,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kubeinfer.engine.errors import InvalidRequestError
 
-class InvalidGrammarError(ValueError):
+
+class InvalidGrammarError(InvalidRequestError):
     """A schema, regex, choice list or grammar that cannot be compiled (the request's fault: HTTP 400)."""
 
     def __init__(self, message: str, param: str = "structured_outputs") -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
 
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")

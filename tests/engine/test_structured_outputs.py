@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import torch
 from kubeinfer.engine import LLM, SamplingParams
+from kubeinfer.engine.sample import Sampler, SampleRow
 from kubeinfer.engine.sample.grammar import GrammarConstraint
-from kubeinfer.engine.sample.grammar_masks import GrammarMasks
 from kubeinfer.engine.sample.grammar_params import InvalidGrammarError
 from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams as SO
 
@@ -126,7 +126,7 @@ def test_preemption_and_prefix_cache_keep_the_grammar(tmp_path) -> None:
     # The same seeded request alone (no preemption) samples the same tokens.
     alone = llm.generate(prompt, params[3])[0].outputs[0].token_ids
     assert alone == outs[3].outputs[0].token_ids
-    assert len(engine.runner.grammar_masks) == 0  # every matcher freed
+    assert engine.sampler.num_sequences == 0  # every matcher freed
 
 
 def test_invalid_constraints_are_typed_errors_with_the_reason(llm: LLM) -> None:
@@ -154,29 +154,35 @@ def test_compiled_grammars_are_cached(llm: LLM) -> None:
     assert compiler.compile(SO(json=schema, strict=False)) is not first  # strictness changes the grammar
 
 
-def test_masks_cover_only_allowed_tokens(llm: LLM) -> None:
-    """``GrammarMasks.apply`` leaves exactly the matcher's allowed tokens finite, row by row."""
+def test_sampler_masks_only_the_constrained_rows(llm: LLM) -> None:
+    """The sampler's grammar rows (filled by its worker thread) allow exactly the matcher's tokens; the free
+    row in between samples what it would alone."""
     vocab = llm.llm_engine.model_config.vocab_size
-    masks = GrammarMasks(vocab)
     compiler = llm.llm_engine.grammar_compiler
-    masks.add(101, GrammarConstraint(compiler.compile(SO(choice=["ab", "cd"]))))
-    masks.add(103, GrammarConstraint(compiler.compile(SO(regex="[0-9]+"))))
-    pending = masks.start([101, 102, 103])
-    assert pending is not None and pending.rows == [0, 2]
-    logits = torch.randn(3, vocab)
-    before = logits.clone()
-    masks.apply(pending, logits)
-    allowed = [set(torch.isfinite(logits[r]).nonzero().flatten().tolist()) for r in range(3)]
-    assert allowed[0] == {ord("a"), ord("c")}
-    assert allowed[2] == {ord(c) for c in "0123456789"}
-    assert torch.equal(logits[1], before[1])
-    masks.accept(101, ord("c"))
-    pending = masks.start([101])
-    assert pending is not None
-    one = torch.randn(1, vocab)
-    masks.apply(pending, one)
-    assert set(torch.isfinite(one[0]).nonzero().flatten().tolist()) == {ord("d")}
-    masks.shutdown()
+    sampler = Sampler(vocab, torch.device("cpu"))
+    choice = SamplingParams(temperature=1.0, seed=1, structured_outputs=SO(choice=["ab", "cd"]))
+    choice.compiled_grammar = compiler.compile(choice.structured_outputs)
+    digits = SamplingParams(temperature=1.0, seed=2, structured_outputs=SO(regex="[0-9]+"))
+    digits.compiled_grammar = compiler.compile(digits.structured_outputs)
+    free = SamplingParams(temperature=0)
+    for seq_id, params in ((101, choice), (102, free), (103, digits)):
+        sampler.add_sequence(seq_id, params, [1, 2, 3])
+    rows = [SampleRow(101, choice, 0), SampleRow(102, free, 0), SampleRow(103, digits, 0)]
+    for _ in range(20):  # random logits, again and again: never a token outside the mask
+        logits = torch.randn(3, vocab) * 10
+        out = sampler.sample(logits.clone(), sampler.prepare(rows))
+        assert not out.failed
+        assert out.token_ids[0] in (ord("a"), ord("c")) and chr(out.token_ids[2]).isdigit()
+        assert out.token_ids[1] == int(logits[1].argmax())
+        sampler.free_sequence(101)
+        sampler.free_sequence(103)
+        sampler.add_sequence(101, choice, [1, 2, 3])
+        sampler.add_sequence(103, digits, [1, 2, 3])
+    out = sampler.sample(torch.randn(3, vocab), sampler.prepare(rows))
+    second = SampleRow(101, choice, 1)
+    following = sampler.sample(torch.randn(1, vocab), sampler.prepare([second]))
+    assert chr(following.token_ids[0]) == {"a": "b", "c": "d"}[chr(out.token_ids[0])]
+    assert sampler.timings["grammar_wait"] >= 0 and sampler.timings["mask_apply"] > 0
 
 
 def test_a_complete_grammar_finishes_the_sequence_even_with_ignore_eos(llm: LLM) -> None:
