@@ -31,7 +31,7 @@ from kubeinfer.engine import SamplingParams, cpu_features
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.llm_engine import LLMEngine
 from kubeinfer.engine.sample.grammar import GrammarCompiler, GrammarConstraint, fill_bitmasks
-from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams
 
 SCHEMA = {
     "type": "object",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubeinfer.engine.errors import InvalidRequestError
-from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0

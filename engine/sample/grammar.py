@@ -30,7 +30,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from kubeinfer.engine.sample.grammar_params import InvalidGrammarError, StructuredOutputsParams
+from kubeinfer.engine.structured_outputs import InvalidGrammarError, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ compiles is the engine's call (``InvalidGrammarError`` -> 400 with the reason).
 
 from __future__ import annotations
 
-from kubeinfer.engine.sample.grammar_params import InvalidGrammarError, StructuredOutputsParams
 from kubeinfer.engine.server.errors import bad_request
 from kubeinfer.engine.server.protocol import SamplingFields
+from kubeinfer.engine.structured_outputs import InvalidGrammarError, StructuredOutputsParams
 
 
 def structured_outputs_of(request: SamplingFields) -> StructuredOutputsParams | None:

@@ -18,8 +18,8 @@ import torch
 from kubeinfer.engine import LLM, SamplingParams
 from kubeinfer.engine.sample import Sampler, SampleRow
 from kubeinfer.engine.sample.grammar import GrammarConstraint
-from kubeinfer.engine.sample.grammar_params import InvalidGrammarError
-from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams as SO
+from kubeinfer.engine.structured_outputs import InvalidGrammarError
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams as SO
 
 from tests.engine.tiny_models import make_tiny_checkpoint
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams
 from kubeinfer.engine.server.protocol import ChatTool
 from kubeinfer.engine.server.tools.parsers import ParsedToolCall
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams
 
 _DECODER = json.JSONDecoder()
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}

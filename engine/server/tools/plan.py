@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubeinfer.engine.sample.grammar_params import StructuredOutputsParams
 from kubeinfer.engine.server.errors import bad_request
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatTool, NamedToolChoice
 from kubeinfer.engine.server.tools.forced import named_constraint, required_constraint
 from kubeinfer.engine.server.tools.parsers import ToolParser, get_tool_parser
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams
 
 Mode = Literal["none", "auto", "required", "named"]
 
