@@ -70,7 +70,7 @@ class LLMEngine:
         self.sampler = Sampler(self.model_config.vocab_size, self.runner.device)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                                 list(self.model_config.eos_token_ids))
-        self.grammar_compiler.start_background_init()  # xgrammar's tokenizer info takes a second or more
+        # Built on the first structured request (the server starts it in the background at start-up).
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborted requests, handed out by the next step()
         self._eos_token_ids = set(self.model_config.eos_token_ids)

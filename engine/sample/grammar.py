@@ -8,7 +8,8 @@ cost is the one that matters. It also covers every kind vLLM's ``structured_outp
 regex, choice, EBNF, Lark) and is vLLM's default backend.
 
 - ``GrammarCompiler``: one per engine, for the model's tokenizer and vocabulary size. Building xgrammar's
-  tokenizer info costs about a second, so it starts in a background thread when the engine starts; compiled
+  tokenizer info costs about a second, so the server starts it in a background thread once the model is
+  loaded (offline, the first structured request builds it); compiled
   grammars are kept in an LRU keyed by the constraint (the second request with a schema compiles nothing).
 - ``GrammarConstraint``: one sequence's matcher, a ``TokenConstraint`` (``constraints.py``) the sampler owns
   with the rest of the sequence's state (created when the request is added, forked for ``n > 1``, freed when
