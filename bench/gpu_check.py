@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -57,16 +58,21 @@ def _run(cmd: list[str], timeout: float = 20) -> str | None:
         return f"{cmd[0]} failed: {error}"
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     import torch
-    import transformers
-    import triton
 
     info: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda, "triton": triton.__version__, "transformers": transformers.__version__,
-        "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda, "triton": _version("triton"), "transformers": _version("transformers"),
+        "pydantic": _version("pydantic"), "cuda_available": torch.cuda.is_available(),
         "commit": _run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         "nvidia_smi": _run(["nvidia-smi"]),
         "nvidia_smi_query": _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,"
