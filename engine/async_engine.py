@@ -464,7 +464,10 @@ class AsyncLLMEngine:
         engine_arrival = getattr(metrics, "arrival_time", None)
         if first_scheduled is not None and engine_arrival is not None:
             queue_s = first_scheduled - engine_arrival
-        self.metrics.observe_finished(reason, now - tracker.arrival, queue_s)
+        per_token = None
+        if tracker.first_token is not None and tracker.last_token is not None and tracker.num_tokens > 1:
+            per_token = (tracker.last_token - tracker.first_token) / (tracker.num_tokens - 1)
+        self.metrics.observe_finished(reason, now - tracker.arrival, queue_s, per_token)
         if self.log_requests:
             ttft = None if tracker.first_token is None else round(tracker.first_token - tracker.arrival, 4)
             request_logger.info(

@@ -20,6 +20,7 @@ from kubeinfer.engine.detokenizer import IncrementalDetokenizer, find_stop_strin
 from kubeinfer.engine.layers.sampler import SamplerOutput, record_token
 from kubeinfer.engine.model_runner import ModelRunner
 from kubeinfer.engine.outputs import Logprob, RequestOutput
+from kubeinfer.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_logprobs
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.sequence import Request, Sequence
 
@@ -146,8 +147,12 @@ class LLMEngine:
         now = time.time()
         sample_rows, sample_seqs = self._plan_sampling(sched, now)
         t1 = time.perf_counter()
-        result = self.runner.execute(sched.scheduled, sched.block_copies, sample_rows, sample_seqs)
+        prompt_rows = plan_prompt_logprobs(sched.scheduled)
+        result, prompt_scores = self.runner.execute(sched.scheduled, sched.block_copies, sample_rows, sample_seqs,
+                                                    prompt_rows)
         t2 = time.perf_counter()
+        if prompt_rows is not None and prompt_scores is not None:
+            record_prompt_logprobs(prompt_rows, prompt_scores, self._decode_token)
         if result is not None:
             outputs.extend(self._process_samples(sample_seqs, result))
         timings = self.runner.timings

@@ -31,6 +31,7 @@ from kubeinfer.engine.cuda_graphs import MAX_CAPTURE_BATCH_SIZE, DecodeGraphs, g
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.engine.ports import free_port
+from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
 from kubeinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -332,15 +333,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
-                sample_rows: list[int], sample_seqs: list[Sequence]) -> SamplerOutput | None:
+                sample_rows: list[int], sample_seqs: list[Sequence], prompt_rows: PromptLogprobRows | None = None
+                ) -> tuple[SamplerOutput | None, PromptScores | None]:
         """Run one step. ``sample_rows[i]`` is the scheduled index whose last token's logits
-        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row)."""
+        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row); ``prompt_rows``
+        are scored for prompt logprobs in the same forward."""
         t0 = time.perf_counter()
         batch = self.prepare(scheduled)
         sampling = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
         logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_seqs else None
         t1 = time.perf_counter()
-        logits, _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows)
+        (logits, prompt_scores), _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows,
+                                                        prompt_rows)
         t2 = time.perf_counter()
         result = self.sampler(logits, sampling) if sampling is not None else None
         t3 = time.perf_counter()
@@ -348,21 +352,25 @@ class ModelRunner:
         self.timings["forward"] += t2 - t1
         self.timings["sample"] += t3 - t2
         self.num_steps += 1
-        return result
+        return result, prompt_scores
 
     @torch.inference_mode()
     def forward_step(self, batch: HostBatch, block_copies: list[tuple[int, int]],
-                     logits_rows: np.ndarray | None) -> torch.Tensor | None:
-        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)."""
+                     logits_rows: np.ndarray | None, prompt_rows: PromptLogprobRows | None = None
+                     ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)
+        and the scores of ``prompt_rows``."""
         self.copy_blocks(block_copies)
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             hidden = self.decode_graphs.run(batch)
         else:
             input_ids, positions, md = batch.to_device(self.device)
             hidden = self.model(input_ids, positions, md, self.kv_caches)
+        scores = score_prompt_rows(self.model, hidden, prompt_rows) if prompt_rows is not None else None
         if logits_rows is None:
-            return None
-        return self.model.compute_logits(hidden.index_select(0, torch.as_tensor(logits_rows, device=self.device)))
+            return None, scores
+        rows = torch.as_tensor(logits_rows, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)), scores
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),

@@ -46,3 +46,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -71,7 +71,8 @@ class SamplingParams:
               f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}")
         check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
               f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
-        check(self.prompt_logprobs is None, "prompt_logprobs is not supported")
+        check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+              f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}")
         check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be non-negative integers")

@@ -116,6 +116,14 @@ class Request:
         self.forked = params.n == 1
         self.seqs: list[Sequence] = [Sequence(self, list(prompt_token_ids), 0)]
         self.aborted = False
+        # Filled by prompt_logprobs.py as the prefill goes; the first prompt token has none.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some prompt token still has to be scored (then no prefix-cache hit may skip it)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -132,4 +140,5 @@ class Request:
             finished=finished,
             metrics=self.metrics,
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
         )

@@ -28,7 +28,7 @@ from kubeinfer.engine.server.streaming import SSE_DONE, sse
 class ChatServing(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        prompt_ids = self._render_prompt(request)
+        prompt_ids = await self._render_prompt(request)
         max_tokens = resolve_max_tokens(
             request.requested_max_tokens(), len(prompt_ids), self.engine.max_model_len or 0
         )
@@ -58,7 +58,17 @@ class ChatServing(OpenAIServing):
             events=lambda: self._events(request_id, request, stream),
         )
 
-    def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    async def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        text = await self.prompts.run(self.render_text, request)  # templates of long chats take time too
+        ids = await self.encode(
+            text, add_special_tokens=False, param="messages", reserved_tokens=request.requested_max_tokens()
+        )
+        self.check_token_ids(ids, "messages")
+        return ids
+
+    def render_text(self, request: ChatCompletionRequest) -> str:
+        """The conversation through the chat template (also what `/tokenize` counts; blocking: run it on
+        the prompt pool)."""
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
@@ -69,9 +79,7 @@ class ChatServing(OpenAIServing):
             )
         except Exception as exc:  # jinja2 errors from the template (e.g. an unsupported role order)
             raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
-        ids = self.encode(text, add_special_tokens=False)
-        self.check_token_ids(ids, "messages")
-        return ids
+        return text
 
     def _logprobs(self, request: ChatCompletionRequest, choice: Any, start: int = 0) -> Any:
         if not request.logprobs or choice.logprobs is None:

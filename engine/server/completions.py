@@ -38,7 +38,7 @@ class CompletionServing(OpenAIServing):
             raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
         if request.echo and request.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         jobs = []
         for i, prompt in enumerate(prompts):
@@ -62,7 +62,7 @@ class CompletionServing(OpenAIServing):
             events=lambda: self._events(base_id, request, prompts, streams),
         )
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         raw = request.prompt
         if isinstance(raw, str):
             raw = [raw]
@@ -73,13 +73,16 @@ class CompletionServing(OpenAIServing):
         prompts = []
         for item in raw:
             if isinstance(item, str):
-                ids = self.encode(item, add_special_tokens=True)
+                ids = await self.encode(
+                    item, add_special_tokens=True, param="prompt", reserved_tokens=request.max_tokens
+                )
                 self.check_token_ids(ids, "prompt")
                 prompts.append(_Prompt(ids, item))
             else:
                 ids = list(item)
                 self.check_token_ids(ids, "prompt")
-                prompts.append(_Prompt(ids, self.tokenizer.decode(ids) if request.echo else ""))
+                text = await self.prompts.run(self.tokenizer.decode, ids) if request.echo else ""
+                prompts.append(_Prompt(ids, text))
         return prompts
 
     def _choice_logprobs(self, request: CompletionRequest, c: Any, start: int, offset: int) -> Any:

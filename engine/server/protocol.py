@@ -222,3 +222,45 @@ class ErrorResponse(OpenAIModel):
 
 def dump(model: BaseModel, **kwargs: Any) -> str:
     return model.model_dump_json(**kwargs)
+
+
+# ---------------------------------------------------------------- tokenizer endpoints (vLLM's shapes)
+
+
+class TokenizeCompletionRequest(OpenAIModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(OpenAIModel):
+    """Chat messages rendered by the chat template, as `/v1/chat/completions` would render them
+    (fields the chat endpoint understands, such as tools, pass through to its renderer)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(OpenAIModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[NonNegativeInt]
+
+
+class DetokenizeResponse(OpenAIModel):
+    prompt: str
+
+
+class VersionResponse(OpenAIModel):
+    version: str

@@ -17,6 +17,7 @@ from kubeinfer.engine.async_engine import (
 )
 from kubeinfer.engine.server.errors import OpenAIError, bad_request
 from kubeinfer.engine.server.logprobs import TokenText
+from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import SamplingFields
 from kubeinfer.engine.server.settings import ServerSettings
 from kubeinfer.engine.server.streaming import SSE_HEADERS, ClientDisconnected, cancel_on_disconnect, sse
@@ -34,9 +35,10 @@ def engine_error(exc: BaseException, settings: ServerSettings) -> OpenAIError:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings, prompts: PromptProcessor) -> None:
         self.engine = engine
         self.settings = settings
+        self.prompts = prompts
         self._token_text: TokenText | None = None
 
     @property
@@ -54,6 +56,13 @@ class OpenAIServing:
         return self._token_text
 
     def check_request(self, request: SamplingFields) -> None:
+        """Raise 503 before the model is ready (or while draining), 404 for another model, 400 for
+        stream options without streaming."""
+        self.check_model(request.model)
+        if request.stream_options is not None and not request.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+    def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""
         if not self.engine.is_ready:
             raise engine_error(
@@ -62,12 +71,10 @@ class OpenAIServing:
                 else EngineNotReadyError(f"the model is not ready (engine {self.engine.state})"),
                 self.settings,
             )
-        if request.model is not None and request.model != self.model_name:
+        if model is not None and model != self.model_name:
             raise OpenAIError(
-                404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found"
+                404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
-        if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 
     async def submit(self, jobs: list[tuple[str, list[int], Any]]) -> list[RequestOutputStream]:
         """Submit every (request_id, prompt_token_ids, params) and wait until the engine took them
@@ -118,8 +125,13 @@ class OpenAIServing:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    async def encode(
+        self, text: str, *, add_special_tokens: bool, param: str, reserved_tokens: int | None = None
+    ) -> list[int]:
+        """Tokenise on the prompt pool (never on the event loop); refuse at once what cannot fit."""
+        return await self.prompts.encode(
+            text, add_special_tokens=add_special_tokens, param=param, reserved_tokens=reserved_tokens
+        )
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.engine.vocab_size
