@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -211,11 +212,17 @@ def run_tests(dry_run: bool, timeout: float, log: Path) -> dict[str, Any]:
             cmd = [*_pytest(), "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}", *args]
             out.write(f"\n===== {' '.join(cmd)}\n")
             out.flush()
+            pytest = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
             try:
-                code = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      timeout=max(remaining, 1)).returncode
-            except subprocess.TimeoutExpired:
+                code = pytest.wait(timeout=max(remaining, 1))
+            except subprocess.TimeoutExpired:  # interrupted, pytest still writes the junit file of what ran
                 totals["error"] = f"timed out after {timeout:.0f} s"
+                pytest.send_signal(signal.SIGINT)
+                try:
+                    pytest.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pytest.kill()
+                    pytest.wait()
                 code = -1
             summary = _junit_summary(junit)
             for key in ("passed", "failed", "errors", "skipped"):
