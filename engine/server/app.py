@@ -10,6 +10,7 @@ from kubeinfer.engine.async_engine import AsyncLLMEngine
 from kubeinfer.engine.server.auth import ApiKeyMiddleware
 from kubeinfer.engine.server.body_limit import BodySizeLimitMiddleware
 from kubeinfer.engine.server.errors import install_error_handlers
+from kubeinfer.engine.server.openapi import install_openapi
 from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.routes import build_router
 from kubeinfer.engine.server.settings import ServerSettings
@@ -37,6 +38,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) ->
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.include_router(build_router(engine, settings, prompts))
+    install_openapi(app, api_key=bool(settings.api_key), max_num_seqs=getattr(engine.config, "max_num_seqs", None))
     app.state.engine = engine
     app.state.settings = settings
     return app
