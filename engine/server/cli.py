@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument(
-        "--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="GPU: no CUDA graphs"
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run every step eagerly. Default: on one CUDA GPU, decode steps of up to 256 sequences replay "
+        "CUDA graphs captured at start-up (one per padded batch size); prefills, mixed steps, the CPU and "
+        "tensor parallelism always run eagerly",
     )
 
     server = parser.add_argument_group("server")
