@@ -18,9 +18,10 @@ from kubeinfer.engine.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 from kubeinfer.engine.server.streaming import SSE_DONE, merge, sse
+from kubeinfer.engine.server.structured import structured_outputs_of
 
 
 @dataclass
@@ -38,15 +39,13 @@ class CompletionServing(OpenAIServing):
             raise unsupported("best_of must equal n (beam search is not supported)", "best_of")
         if request.echo and request.logprobs is not None:
             raise unsupported("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        structured = structured_outputs_of(request)
         prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            max_tokens = resolve_max_tokens(
-                request.max_tokens, len(prompt.token_ids), self.engine.max_model_len or 0, "prompt"
-            )
-            params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
-            jobs.append((f"{base_id}-{i}", prompt.token_ids, params))
+        params = build_sampling_params(
+            request, max_tokens=request.max_tokens, logprobs=request.logprobs, structured_outputs=structured
+        )
+        jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
         streams = await self.submit(jobs)
 
         async def collect() -> CompletionResponse:
@@ -76,14 +75,16 @@ class CompletionServing(OpenAIServing):
                 ids = await self.encode(
                     item, add_special_tokens=True, param="prompt", reserved_tokens=request.max_tokens
                 )
-                self.check_token_ids(ids, "prompt")
                 prompts.append(_Prompt(ids, item))
-            else:
+            else:  # the engine checks the ids against the vocabulary
                 ids = list(item)
-                self.check_token_ids(ids, "prompt")
-                text = await self.prompts.run(self.tokenizer.decode, ids) if request.echo else ""
+                text = await self.prompts.run(self._echo_text, ids) if request.echo else ""
                 prompts.append(_Prompt(ids, text))
         return prompts
+
+    def _echo_text(self, ids: list[int]) -> str:
+        vocab = self.engine.vocab_size
+        return self.tokenizer.decode([t for t in ids if vocab is None or t < vocab])
 
     def _choice_logprobs(self, request: CompletionRequest, c: Any, start: int, offset: int) -> Any:
         if request.logprobs is None or c.logprobs is None:

