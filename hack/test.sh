@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 if command -v go >/dev/null 2>&1 && [ -f hack/k8s/build.sh ]; then
   bash hack/k8s/build.sh
 fi
+.venv/bin/python -P -m kubeinfer.engine.cpu_features || true  # the CPU paths this run takes
 exec .venv/bin/pytest -q "$@"
