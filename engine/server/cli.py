@@ -49,6 +49,9 @@ def _optional_seconds(value: str) -> float | None:
     return _positive_float(value)
 
 
+TOOL_CALL_PARSERS = ["hermes", "qwen", "llama3_json", "mistral"]  # = server/tools/parsers.py's (a test checks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubeinfer.engine.server.settings import BODY_BYTES_EXTRA, BODY_BYTES_PER_TOKEN, ServerSettings
 
@@ -115,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=defaults.drain_timeout,
         help="seconds to finish in-flight requests after SIGTERM",
+    )
+    server.add_argument(
+        "--chat-template",
+        default=defaults.chat_template,
+        help="chat template (a Jinja file or the template itself) instead of the model's",
+    )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.enable_auto_tool_choice,
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=defaults.tool_call_parser,
+        choices=TOOL_CALL_PARSERS,
+        help="how tool calls are found in the model's text for tool_choice auto",
     )
     server.add_argument(
         "--max-request-body-bytes",
@@ -189,6 +209,9 @@ SERVER_ONLY = {
     "max_header_bytes",
     "log_level",
     "disable_log_requests",
+    "chat_template",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
 }
 
 
