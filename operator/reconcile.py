@@ -172,6 +172,12 @@ class Reconciler:
             scaled = self.kube.get(KEDA_API, "ScaledObject", im.namespace, im.name)
         except KindNotServed:
             return None, None, None
+        except ApiException as error:
+            if error.status != 403:
+                raise
+            log.warning("cannot read ScaledObject %s/%s (RBAC without keda.sh scaledobjects get)", im.namespace,
+                        im.name)
+            return None, None, None
         target = ((scaled or {}).get("spec") or {}).get("scaleTargetRef") or {}
         if scaled is None or target.get("kind") != KIND or target.get("name") != im.name:
             return None, None, None
