@@ -108,8 +108,12 @@ def test_children_have_the_exact_fields_and_status_becomes_ready(kube: Kube, nam
     wait_for(lambda: any(e["reason"] == "Ready" for e in kube.events(namespace, "smol")), what="a Ready event")
 
     table = kube.kubectl("get", "im", "smol", "-n", namespace)
-    assert table.split("\n")[0].split() == ["NAME", "MODEL", "READY", "REPLICAS", "PHASE", "ENDPOINT", "AGE"]
+    assert table.split("\n")[0].split() == ["NAME", "MODEL", "READY", "REPLICAS", "PHASE", "AUTOSCALING", "ENDPOINT",
+                                             "AGE"]
     assert f"http://smol.{namespace}.svc:8000/v1" in table and "Ready" in table
+    assert "Autoscaling" not in [c["type"] for c in status["conditions"]] and "autoscaling" not in status
+    wide = kube.kubectl("get", "im", "smol", "-n", namespace, "-o", "wide").split("\n")[0].split()
+    assert wide[wide.index("AUTOSCALING") + 1:wide.index("AUTOSCALING") + 3] == ["QUEUE", "DESIRED"]
 
 
 def test_spec_change_rolls_out_new_pods(kube: Kube, namespace: str) -> None:
