@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from kubeinfer.engine.errors import RequestFailedError
 from kubeinfer.engine.metrics import EngineSnapshot, ServingMetrics
 
 if TYPE_CHECKING:
@@ -403,8 +404,12 @@ class AsyncLLMEngine:
             self._call_in_loop(self._accept, accepted)
 
     def _step(self, engine: LLMEngine) -> None:
+        from kubeinfer.engine.llm_engine import EngineDeadError
+
         try:
             outputs = engine.step()
+        except EngineDeadError:
+            raise  # the loop ends: state "failed", /health 503, every stream gets an error
         except Exception:
             logger.exception("engine step failed; aborting the requests in flight")
             ids = list(self._trackers)
@@ -464,7 +469,10 @@ class AsyncLLMEngine:
         engine_arrival = getattr(metrics, "arrival_time", None)
         if first_scheduled is not None and engine_arrival is not None:
             queue_s = first_scheduled - engine_arrival
-        self.metrics.observe_finished(reason, now - tracker.arrival, queue_s)
+        per_token = None
+        if tracker.first_token is not None and tracker.last_token is not None and tracker.num_tokens > 1:
+            per_token = (tracker.last_token - tracker.first_token) / (tracker.num_tokens - 1)
+        self.metrics.observe_finished(reason, now - tracker.arrival, queue_s, per_token)
         if self.log_requests:
             ttft = None if tracker.first_token is None else round(tracker.first_token - tracker.arrival, 4)
             request_logger.info(
@@ -535,7 +543,8 @@ class AsyncLLMEngine:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                stream.put(output)
+                error = getattr(output, "error", None)
+                stream.put(output if error is None else RequestFailedError(error))
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.get(request_id)

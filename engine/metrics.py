@@ -191,6 +191,20 @@ class ServingMetrics:
             buckets=TPOT_BUCKETS,
             registry=self.registry,
         )
+        self.inter_token_latency = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            label,
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.request_time_per_output_token = Histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            label,
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
         self.e2e_request_latency = Histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of end to end request latency in seconds.",
@@ -217,13 +231,22 @@ class ServingMetrics:
         self.time_to_first_token.labels(self._name()).observe(ttft_s)
 
     def observe_token_interval(self, seconds_per_token: float, num_tokens: int) -> None:
-        histogram = self.time_per_output_token.labels(self._name())
+        """Each token after the first: the old name (`time_per_output_token`) and vLLM's current one."""
+        name = self._name()
+        old, new = self.time_per_output_token.labels(name), self.inter_token_latency.labels(name)
         for _ in range(num_tokens):
-            histogram.observe(seconds_per_token)
+            old.observe(seconds_per_token)
+            new.observe(seconds_per_token)
 
-    def observe_finished(self, finish_reason: str, e2e_s: float, queue_s: float | None) -> None:
+    def observe_finished(
+        self, finish_reason: str, e2e_s: float, queue_s: float | None, decode_s_per_token: float | None = None
+    ) -> None:
+        """One finished request; `decode_s_per_token` is its (last - first token time) / (tokens - 1),
+        None when it made fewer than two tokens (vLLM observes nothing then either)."""
         name = self._name()
         self.e2e_request_latency.labels(name).observe(e2e_s)
+        if decode_s_per_token is not None:
+            self.request_time_per_output_token.labels(name).observe(decode_s_per_token)
         if queue_s is not None:
             self.request_queue_time.labels(name).observe(max(queue_s, 0.0))
         self.request_success.labels(name, finish_reason).inc()

@@ -12,15 +12,32 @@
 // them into FMAs. The attention accumulates in fp32 and uses explicit FMAs.
 //
 // dtype codes: 0 float32, 1 bfloat16, 2 float16. Strides are in elements.
+//
+// Variants (chosen when engine/csrc/build.py compiles this file for the CPU it runs on): with
+// __AVX512F__ the inner loops use 16-float vectors, with __AVX2__ + __FMA__ + __F16C__ 8-float ones,
+// otherwise plain loops left to the compiler. The vector layer below (``vec``) does the same IEEE
+// operations in the same order as the scalar code, so every variant gives the same bits for the
+// elementwise kernels; the scalar loops also finish each row's tail.
 
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define KI_VARIANT 2
+#define KI_SIMD 16
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KI_VARIANT 1
+#define KI_SIMD 8
+#else
+#define KI_VARIANT 0
+#define KI_SIMD 0
 #endif
 
 namespace {
@@ -71,6 +88,118 @@ inline float exp_approx(float x) {
   return y * two_n;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The vector layer: W floats per register; loads convert T to fp32, stores round fp32 to T as
+// from_float does (round to nearest even; NaN quieted), ``round<T>`` rounds in registers.
+#if KI_SIMD > 0
+namespace vec {
+#if KI_SIMD == 16
+constexpr int W = 16;
+using V = __m512;
+using VI = __m512i;
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline V load(const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline V load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline V set1(float x) { return _mm512_set1_ps(x); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V div(V a, V b) { return _mm512_div_ps(a, b); }
+inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
+inline VI bf16_bits(V x) {  // from_float<bf16> in 32-bit lanes (the result in the low half)
+  const VI u = _mm512_castps_si512(x);
+  const VI rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))), 16);
+  const VI quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_blend_epi32(nan, rounded, quiet);
+}
+inline void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+inline void store(bf16* p, V x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(x))); }
+inline void store(f16* p, V x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <typename T> inline V round(V x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, bf16>) return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16));
+  else return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline V float_of_int_bits(V fn) {  // 2^fn for integer-valued fn
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fn), _mm512_set1_epi32(127)), 23));
+}
+#else
+constexpr int W = 8;
+using V = __m256;
+using VI = __m256i;
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V load(const bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline V load(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline V set1(float x) { return _mm256_set1_ps(x); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V div(V a, V b) { return _mm256_div_ps(a, b); }
+inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline float reduce_add(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline VI bf16_bits(V x) {
+  const VI u = _mm256_castps_si256(x);
+  const VI rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+  const VI quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const VI nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+inline void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+inline void store(bf16* p, V x) {
+  const VI bits = bf16_bits(x);  // each lane < 2^16: unsigned saturation keeps it
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+inline void store(f16* p, V x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <typename T> inline V round(V x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, bf16>) return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(x), 16));
+  else return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline V float_of_int_bits(V fn) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fn), _mm256_set1_epi32(127)), 23));
+}
+#endif
+
+// exp_approx, lane by lane, with the same operations in the same order (so the same bits).
+inline V exp(V x) {
+  x = vmax(set1(-87.f), vmin(set1(88.f), x));  // min/max return their second operand for NaN: NaN stays NaN
+  const V magic = set1(12582912.f);
+  const V fn = sub(add(mul(x, set1(1.44269504088896341f)), magic), magic);
+  const V r = sub(sub(x, mul(fn, set1(0.693359375f))), mul(fn, set1(-2.12194440e-4f)));
+  V y = set1(1.9875691500e-4f);
+  y = add(mul(y, r), set1(1.3981999507e-3f));
+  y = add(mul(y, r), set1(8.3334519073e-3f));
+  y = add(mul(y, r), set1(4.1665795894e-2f));
+  y = add(mul(y, r), set1(1.6666665459e-1f));
+  y = add(mul(y, r), set1(5.0000001201e-1f));
+  y = add(add(mul(mul(y, r), r), r), set1(1.f));
+  return mul(y, float_of_int_bits(fn));
+}
+}  // namespace vec
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, optionally after a residual add: sum = T(x + residual); out = T(w * T(sum * rsqrt(mean(sum^2) + eps)))
 template <typename T>
@@ -80,24 +209,51 @@ void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_
   std::vector<float> row(hidden);
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * x_stride;
+    int64_t i = 0;
+    float sum_sq = 0.f;
+#if KI_SIMD > 0
+    vec::V sq = vec::set1(0.f);
+#endif
     if (residual != nullptr) {
       const T* rr = residual + r * residual_stride;
       T* sr = sum_out + r * sum_stride;
-      for (int64_t i = 0; i < hidden; ++i) {
-        T s = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
-        sr[i] = s;
-        row[i] = to_float(s);
+#if KI_SIMD > 0
+      for (; i + vec::W <= hidden; i += vec::W) {
+        const vec::V s = vec::round<T>(vec::add(vec::load(xr + i), vec::load(rr + i)));
+        vec::store(sr + i, s);
+        vec::store(row.data() + i, s);
+        sq = vec::fmadd(s, s, sq);
+      }
+#endif
+      for (int64_t j = i; j < hidden; ++j) {
+        T s = from_float<T>(to_float(xr[j]) + to_float(rr[j]));
+        sr[j] = s;
+        row[j] = to_float(s);
       }
     } else {
-      for (int64_t i = 0; i < hidden; ++i) row[i] = to_float(xr[i]);
+#if KI_SIMD > 0
+      for (; i + vec::W <= hidden; i += vec::W) {
+        const vec::V s = vec::load(xr + i);
+        vec::store(row.data() + i, s);
+        sq = vec::fmadd(s, s, sq);
+      }
+#endif
+      for (int64_t j = i; j < hidden; ++j) row[j] = to_float(xr[j]);
     }
-    float sum_sq = 0.f;
 #pragma omp simd reduction(+ : sum_sq)
-    for (int64_t i = 0; i < hidden; ++i) sum_sq += row[i] * row[i];
+    for (int64_t j = i; j < hidden; ++j) sum_sq += row[j] * row[j];
+#if KI_SIMD > 0
+    sum_sq += vec::reduce_add(sq);
+#endif
     const float inv_rms = 1.f / std::sqrt(sum_sq / static_cast<float>(hidden) + eps);
     T* o = out + r * out_stride;
-    for (int64_t i = 0; i < hidden; ++i)
-      o[i] = from_float<T>(to_float(weight[i]) * round_to<T>(row[i] * inv_rms));
+    i = 0;
+#if KI_SIMD > 0
+    const vec::V inv = vec::set1(inv_rms);
+    for (; i + vec::W <= hidden; i += vec::W)
+      vec::store(o + i, vec::mul(vec::load(weight + i), vec::round<T>(vec::mul(vec::load(row.data() + i), inv))));
+#endif
+    for (; i < hidden; ++i) o[i] = from_float<T>(to_float(weight[i]) * round_to<T>(row[i] * inv_rms));
   }
 }
 
@@ -109,7 +265,16 @@ void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int6
     const T* gate = x + r * x_stride;
     const T* up = gate + d;
     T* o = out + r * out_stride;
-    for (int64_t i = 0; i < d; ++i) {
+    int64_t i = 0;
+#if KI_SIMD > 0
+    const vec::V one = vec::set1(1.f), zero = vec::set1(0.f);
+    for (; i + vec::W <= d; i += vec::W) {
+      const vec::V g = vec::load(gate + i);
+      const vec::V silu = vec::round<T>(vec::div(g, vec::add(one, vec::exp(vec::sub(zero, g)))));
+      vec::store(o + i, vec::mul(silu, vec::load(up + i)));
+    }
+#endif
+    for (; i < d; ++i) {
       const float g = to_float(gate[i]);
       const float silu = round_to<T>(g / (1.f + exp_approx(-g)));
       o[i] = from_float<T>(silu * to_float(up[i]));
@@ -124,7 +289,17 @@ void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int6
 // first, like ``cache[positions].to(dtype)``; each product and sum is rounded to T as in torch.
 template <typename T>
 inline void rope_row(const T* x, T* y, const float* cos, const float* sin, int64_t half) {
-  for (int64_t j = 0; j < half; ++j) {
+  int64_t j = 0;
+#if KI_SIMD > 0
+  using vec::round;
+  for (; j + vec::W <= half; j += vec::W) {
+    const vec::V c = round<T>(vec::load(cos + j)), s = round<T>(vec::load(sin + j));
+    const vec::V x1 = vec::load(x + j), x2 = vec::load(x + j + half);
+    vec::store(y + j, vec::sub(round<T>(vec::mul(x1, c)), round<T>(vec::mul(x2, s))));
+    vec::store(y + j + half, vec::add(round<T>(vec::mul(x2, c)), round<T>(vec::mul(x1, s))));
+  }
+#endif
+  for (; j < half; ++j) {
     const float c = round_to<T>(cos[j]), s = round_to<T>(sin[j]);
     const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
     y[j] = from_float<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
@@ -160,32 +335,24 @@ inline void prefetch_block(const void* start, int64_t bytes) {
 
 // ---------------------------------------------------------------------------------------------
 // The two inner loops of decode attention, over one block's rows of one KV head, for the `group`
-// query heads that share it. With AVX-512 and a compile-time head size the rows are converted to
-// fp32 in registers and the accumulators stay there; otherwise plain loops the compiler vectorises.
-#if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-inline __m512 load16(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-#endif
-
+// query heads that share it. With vectors (AVX-512 or AVX2) and a compile-time head size the rows are
+// converted to fp32 in registers and the accumulators stay there; otherwise plain loops the compiler
+// vectorises.
 // scores[g * len + i] = query[g] . k[i]   for i < n
 template <typename T, int HEAD_DIM>
 inline void block_scores(const float* query, const T* k, int64_t row_stride, int64_t n, int64_t group,
                          int64_t head_dim, float* scores, int64_t len) {
-#if defined(__AVX512F__)
-  if constexpr (HEAD_DIM > 0 && HEAD_DIM % 16 == 0) {
-    constexpr int chunks = HEAD_DIM / 16;
+#if KI_SIMD > 0
+  if constexpr (HEAD_DIM > 0 && HEAD_DIM % vec::W == 0) {
+    constexpr int chunks = HEAD_DIM / vec::W;
     for (int64_t g = 0; g < group; ++g) {
-      __m512 qv[chunks];
-      for (int c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(query + g * HEAD_DIM + 16 * c);
+      vec::V qv[chunks];
+      for (int c = 0; c < chunks; ++c) qv[c] = vec::load(query + g * HEAD_DIM + vec::W * c);
       for (int64_t i = 0; i < n; ++i) {
         const T* kr = k + i * row_stride;
-        __m512 dot = _mm512_mul_ps(qv[0], load16(kr));
-        for (int c = 1; c < chunks; ++c) dot = _mm512_fmadd_ps(qv[c], load16(kr + 16 * c), dot);
-        scores[g * len + i] = _mm512_reduce_add_ps(dot);
+        vec::V dot = vec::mul(qv[0], vec::load(kr));
+        for (int c = 1; c < chunks; ++c) dot = vec::fmadd(qv[c], vec::load(kr + vec::W * c), dot);
+        scores[g * len + i] = vec::reduce_add(dot);
       }
     }
     return;
@@ -207,18 +374,18 @@ inline void block_scores(const float* query, const T* k, int64_t row_stride, int
 template <typename T, int HEAD_DIM>
 inline void block_values(const float* weights, int64_t len, const T* v, int64_t row_stride, int64_t n,
                          int64_t group, int64_t head_dim, float* acc) {
-#if defined(__AVX512F__)
-  if constexpr (HEAD_DIM > 0 && HEAD_DIM % 16 == 0) {
-    constexpr int chunks = HEAD_DIM / 16;
+#if KI_SIMD > 0
+  if constexpr (HEAD_DIM > 0 && HEAD_DIM % vec::W == 0) {
+    constexpr int chunks = HEAD_DIM / vec::W;
     for (int64_t g = 0; g < group; ++g) {
-      __m512 a[chunks];
-      for (int c = 0; c < chunks; ++c) a[c] = _mm512_loadu_ps(acc + g * HEAD_DIM + 16 * c);
+      vec::V a[chunks];
+      for (int c = 0; c < chunks; ++c) a[c] = vec::load(acc + g * HEAD_DIM + vec::W * c);
       for (int64_t i = 0; i < n; ++i) {
-        const __m512 w = _mm512_set1_ps(weights[g * len + i]);
+        const vec::V w = vec::set1(weights[g * len + i]);
         const T* vr = v + i * row_stride;
-        for (int c = 0; c < chunks; ++c) a[c] = _mm512_fmadd_ps(w, load16(vr + 16 * c), a[c]);
+        for (int c = 0; c < chunks; ++c) a[c] = vec::fmadd(w, vec::load(vr + vec::W * c), a[c]);
       }
-      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc + g * HEAD_DIM + 16 * c, a[c]);
+      for (int c = 0; c < chunks; ++c) vec::store(acc + g * HEAD_DIM + vec::W * c, a[c]);
     }
     return;
   }
@@ -312,6 +479,8 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   return 0;
 
 extern "C" {
+
+int ki_variant() { return KI_VARIANT; }  // 0 scalar, 1 avx2, 2 avx512: what this build's inner loops use
 
 int ki_rms_norm(int dtype, const void* x, int64_t x_stride, const void* residual, int64_t residual_stride,
                 void* sum_out, int64_t sum_stride, const void* weight, void* out, int64_t out_stride, int64_t rows,

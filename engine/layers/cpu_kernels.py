@@ -17,6 +17,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
+    "ki_variant": [],
     "ki_rms_norm": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32],
     "ki_silu_and_mul": [_INT, _P, _I64, _P, _I64, _I64, _I64],
     "ki_rotary_and_store": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64],
@@ -25,18 +26,31 @@ _SIGNATURES = {
 }
 
 
+VARIANT_NAMES = {code: name for name, code in build.VARIANT_CODES.items()}
+
+
+def configure(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the entry points' signatures on a loaded kernel library (any variant)."""
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
 @cache
 def _lib() -> ctypes.CDLL | None:
     lib = build.load()
-    if lib is not None:
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    return lib
+    return None if lib is None else configure(lib)
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+def variant() -> str | None:
+    """The loaded library's kernel variant (``avx512``, ``avx2``, ``scalar``), None without one."""
+    lib = _lib()
+    return None if lib is None else VARIANT_NAMES[lib.ki_variant()]
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -4,7 +4,9 @@
 paths; oneDNN picks its kernels by CPU features instead, and a weight reordered once into its blocked
 layout saves the per-call reorder. bench: SmolLM2's decode matmuls at batch 32 on a 2-core AMD EPYC
 ran 2.5-3.2x faster in float32 and 1.3-1.8x in bfloat16 (bench/RESULTS.md). Float16 stays on
-``F.linear``, and ``KUBEINFER_KERNELS=torch`` turns packing off.
+``F.linear``, and ``KUBEINFER_KERNELS=torch`` turns packing off. oneDNN packs bfloat16 only on CPUs
+with AVX-512 BW/VL/DQ or AVX-NE-CONVERT (``cpu_features.onednn_packs_bf16``); elsewhere bfloat16
+weights are left to the other CPU paths.
 """
 
 from __future__ import annotations
@@ -13,18 +15,25 @@ import logging
 import os
 
 import torch
+from kubeinfer.engine import cpu_features
 from kubeinfer.engine.layers.ops import KERNELS_ENV
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 BATCH_HINT = 32  # the decode batch oneDNN tunes the layout for; any batch size works
 
 
 def available() -> bool:
     return (os.environ.get(KERNELS_ENV, "").strip().lower() != "torch" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def packs(dtype: torch.dtype, flags: frozenset[str] | None = None) -> bool:
+    """Whether oneDNN can prepack weights of ``dtype`` on this CPU (or on one with ``flags``)."""
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and cpu_features.onednn_packs_bf16(flags)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -49,7 +58,7 @@ def prepack_model(model: nn.Module) -> int:
         weight = getattr(module, "weight", None)
         if not hasattr(module, "packed_weight") or weight is None:
             continue
-        if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES:
+        if weight.device.type != "cpu" or not packs(weight.dtype):
             continue
         try:
             module.packed_weight = pack(weight)

@@ -20,7 +20,7 @@ from kubeinfer.engine.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 from kubeinfer.engine.server.streaming import SSE_DONE, sse
 
@@ -28,18 +28,15 @@ from kubeinfer.engine.server.streaming import SSE_DONE, sse
 class ChatServing(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        prompt_ids = self._render_prompt(request)
-        max_tokens = resolve_max_tokens(
-            request.requested_max_tokens(), len(prompt_ids), self.engine.max_model_len or 0
-        )
+        prompt_ids = await self._render_prompt(request)
         top = request.top_logprobs or 0
         if request.top_logprobs and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         params = build_sampling_params(
-            request, max_tokens=max_tokens, logprobs=top if request.logprobs else None
+            request, max_tokens=request.requested_max_tokens(), logprobs=top if request.logprobs else None
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        [stream] = await self.submit([(request_id, prompt_ids, params)])
+        [stream] = await self.submit([(request_id, prompt_ids, params)], prompt_param="messages")
 
         async def collect() -> ChatCompletionResponse:
             final = None
@@ -58,7 +55,15 @@ class ChatServing(OpenAIServing):
             events=lambda: self._events(request_id, request, stream),
         )
 
-    def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    async def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        text = await self.prompts.run(self.render_text, request)  # templates of long chats take time too
+        return await self.encode(  # the engine validates the ids and the context length
+            text, add_special_tokens=False, param="messages", reserved_tokens=request.requested_max_tokens()
+        )
+
+    def render_text(self, request: ChatCompletionRequest) -> str:
+        """The conversation through the chat template (also what `/tokenize` counts; blocking: run it on
+        the prompt pool)."""
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages
@@ -69,9 +74,7 @@ class ChatServing(OpenAIServing):
             )
         except Exception as exc:  # jinja2 errors from the template (e.g. an unsupported role order)
             raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
-        ids = self.encode(text, add_special_tokens=False)
-        self.check_token_ids(ids, "messages")
-        return ids
+        return text
 
     def _logprobs(self, request: ChatCompletionRequest, choice: Any, start: int = 0) -> Any:
         if not request.logprobs or choice.logprobs is None:

@@ -18,7 +18,7 @@ from kubeinfer.engine.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 from kubeinfer.engine.server.streaming import SSE_DONE, merge, sse
 
@@ -38,15 +38,10 @@ class CompletionServing(OpenAIServing):
             raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
         if request.echo and request.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            max_tokens = resolve_max_tokens(
-                request.max_tokens, len(prompt.token_ids), self.engine.max_model_len or 0, "prompt"
-            )
-            params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
-            jobs.append((f"{base_id}-{i}", prompt.token_ids, params))
+        params = build_sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
+        jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
         streams = await self.submit(jobs)
 
         async def collect() -> CompletionResponse:
@@ -62,7 +57,7 @@ class CompletionServing(OpenAIServing):
             events=lambda: self._events(base_id, request, prompts, streams),
         )
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         raw = request.prompt
         if isinstance(raw, str):
             raw = [raw]
@@ -73,14 +68,19 @@ class CompletionServing(OpenAIServing):
         prompts = []
         for item in raw:
             if isinstance(item, str):
-                ids = self.encode(item, add_special_tokens=True)
-                self.check_token_ids(ids, "prompt")
+                ids = await self.encode(
+                    item, add_special_tokens=True, param="prompt", reserved_tokens=request.max_tokens
+                )
                 prompts.append(_Prompt(ids, item))
-            else:
+            else:  # the engine checks the ids against the vocabulary
                 ids = list(item)
-                self.check_token_ids(ids, "prompt")
-                prompts.append(_Prompt(ids, self.tokenizer.decode(ids) if request.echo else ""))
+                text = await self.prompts.run(self._echo_text, ids) if request.echo else ""
+                prompts.append(_Prompt(ids, text))
         return prompts
+
+    def _echo_text(self, ids: list[int]) -> str:
+        vocab = self.engine.vocab_size
+        return self.tokenizer.decode([t for t in ids if vocab is None or t < vocab])
 
     def _choice_logprobs(self, request: CompletionRequest, c: Any, start: int, offset: int) -> Any:
         if request.logprobs is None or c.logprobs is None:

@@ -8,25 +8,34 @@ from kubeinfer.engine.async_engine import AsyncLLMEngine
 from kubeinfer.engine.server.chat import ChatServing
 from kubeinfer.engine.server.completions import CompletionServing
 from kubeinfer.engine.server.errors import OpenAIError
+from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
 from kubeinfer.engine.server.settings import ServerSettings
+from kubeinfer.engine.server.tokenization import TokenizationServing
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 
 
-def build_router(engine: AsyncLLMEngine, settings: ServerSettings) -> APIRouter:
+def build_router(engine: AsyncLLMEngine, settings: ServerSettings, prompts: PromptProcessor) -> APIRouter:
     router = APIRouter()
-    chat = ChatServing(engine, settings)
-    completions = CompletionServing(engine, settings)
+    chat = ChatServing(engine, settings, prompts)
+    completions = CompletionServing(engine, settings, prompts)
+    tokenization = TokenizationServing(chat)
 
     @router.get("/health", tags=["probes"])
     async def health() -> Response:
@@ -74,4 +83,32 @@ def build_router(engine: AsyncLLMEngine, settings: ServerSettings) -> APIRouter:
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
         return await completions.create(body, raw)
 
+    @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        """A `prompt`, or chat `messages` rendered through the chat template (vLLM's shapes)."""
+        return await tokenization.tokenize(body)
+
+    @router.post(
+        "/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"]
+    )
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await tokenization.detokenize(body)
+
+    @router.get("/tokenizer_info", responses=ERROR_RESPONSES, tags=["tokenizer"])
+    async def tokenizer_info() -> JSONResponse:
+        return JSONResponse(tokenization.tokenizer_info())
+
+    @router.get("/version", response_model=VersionResponse, tags=["probes"])
+    async def version() -> VersionResponse:
+        return VersionResponse(version=package_version())
+
     return router
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kubeinfer")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"

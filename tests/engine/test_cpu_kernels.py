@@ -1,5 +1,9 @@
 """The C++ CPU kernels against their plain-torch references (``ops`` and the torch attention backend).
 
+Every kernel test runs once per kernel variant this CPU can execute (``avx512``, ``avx2``, ``scalar``):
+each variant is built (forced, for the lower ones) and loaded side by side, so the fallbacks are
+proven on any machine that runs them.
+
 The elementwise kernels round where torch rounds, so RoPE + KV store and the residual sum must be
 bit-identical; RMSNorm and SiLU may differ in the last bit (summation order, exp). Decode attention
 is checked against the torch backend over shuffled block tables, ragged lengths, GQA and
@@ -13,6 +17,7 @@ import subprocess
 
 import pytest
 import torch
+from kubeinfer.engine import cpu_features
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.csrc import build
 from kubeinfer.engine.layers import attention, cpu_attention, cpu_kernels, ops
@@ -23,9 +28,20 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU ker
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(params=cpu_features.supported_kernel_variants(cpu_features.detected_flags()))
+def variant(request, monkeypatch) -> str:
+    """The kernels of one variant, in place of the default library for the test."""
+    lib = build.load(variant=request.param)
+    assert lib is not None, f"the {request.param} variant did not build"
+    cpu_kernels.configure(lib)
+    monkeypatch.setattr(cpu_kernels, "_lib", lambda: lib)
+    assert cpu_kernels.variant() == request.param
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool) -> None:
+def test_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool, variant: str) -> None:
     torch.manual_seed(0)
     wide = torch.randn(37, 2 * 576, dtype=dtype)
     x = wide[:, 100:676]  # a strided view, like a slice of a fused output
@@ -39,7 +55,7 @@ def test_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool) -> 
     torch.testing.assert_close(got, expected)
 
 
-def test_rms_norm_of_heads_keeps_shape() -> None:
+def test_rms_norm_of_heads_keeps_shape(variant: str) -> None:
     """Qwen3's q/k norm: ``[T, heads, head_dim]`` normalised per head."""
     x, weight = torch.randn(5, 4, 32), torch.randn(32)
     got = cpu_kernels.rms_norm(x, weight, 1e-6)
@@ -48,14 +64,14 @@ def test_rms_norm_of_heads_keeps_shape() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_matches_reference(dtype: torch.dtype) -> None:
+def test_silu_and_mul_matches_reference(dtype: torch.dtype, variant: str) -> None:
     torch.manual_seed(1)
     x = (4 * torch.randn(19, 2 * 1536)).to(dtype)
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), ops.silu_and_mul_reference(x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_and_store_is_bit_identical(dtype: torch.dtype) -> None:
+def test_rotary_and_store_is_bit_identical(dtype: torch.dtype, variant: str) -> None:
     torch.manual_seed(2)
     heads, kv_heads, dim, block, tokens = 9, 3, 64, 16, 11
     rope = RotaryEmbedding(dim, 4096, 1e5, None)
@@ -92,7 +108,7 @@ def _decode_metadata(seq_lens: list[int], block: int, num_blocks: int, rng: rand
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
-def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> None:
+def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, variant: str) -> None:
     rng, block, num_blocks = random.Random(3), 16, 64
     torch.manual_seed(3)
     seq_lens = [1, 5, 16, 17, 40, 130, 3, 64]
@@ -113,7 +129,7 @@ def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, 
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_mixed_prefill_and_decode_batch_matches_torch_backend() -> None:
+def test_mixed_prefill_and_decode_batch_matches_torch_backend(variant: str) -> None:
     """Decodes and short prefill chunks go through the kernel (one causal row per token), a long chunk
     through SDPA, each into its own rows."""
     torch.manual_seed(4)
@@ -139,7 +155,7 @@ def test_mixed_prefill_and_decode_batch_matches_torch_backend() -> None:
     torch.testing.assert_close(got, attention.paged_attention(query, k_cache, v_cache, md, 0.2))
 
 
-def test_refilled_metadata_is_replanned() -> None:
+def test_refilled_metadata_is_replanned(variant: str) -> None:
     rng = random.Random(5)
     md = _decode_metadata([4, 9], 4, 16, rng)
     k_cache, v_cache = torch.randn(16, 4, 1, 8), torch.randn(16, 4, 1, 8)
@@ -172,3 +188,37 @@ def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch)
     assert list(tmp_path.rglob("*.so")) == [first], "a failed build must leave nothing behind"
     monkeypatch.setenv("CXX", "false")
     assert build.load.__wrapped__() is None
+
+
+def test_every_variant_gives_the_same_bits_for_silu_rope_and_the_residual_sum(monkeypatch) -> None:
+    """The vector layer does the scalar code's operations in its order: only reductions may differ."""
+    variants = cpu_features.supported_kernel_variants(cpu_features.detected_flags())
+    torch.manual_seed(6)
+    rope = RotaryEmbedding(64, 512, 1e4, None)
+    results = {}
+    for name in variants:
+        lib = cpu_kernels.configure(build.load(variant=name))
+        monkeypatch.setattr(cpu_kernels, "_lib", lambda lib=lib: lib)
+        torch.manual_seed(6)
+        out = []
+        for dtype in DTYPES:
+            x = (4 * torch.randn(5, 2 * 100)).to(dtype)  # 100: vector body and scalar tail
+            out.append(cpu_kernels.silu_and_mul(x))
+            out.append(cpu_kernels.rms_norm(x[:, :100], x[0, 100:], 1e-5, x[:, 100:])[1])
+            q, k = torch.randn(3, 2 * 64, dtype=dtype), torch.randn(3, 64, dtype=dtype)
+            k_cache = torch.zeros(1, 4, 1, 64, dtype=dtype)
+            out.append(cpu_kernels.rotary_and_store(torch.tensor([0, 7, 300]), q, k, k, rope.cos_sin_cache, k_cache,
+                                                    k_cache.clone(), torch.tensor([0, 1, 2]), 2, 1, 64))
+            out.append(k_cache)
+        results[name] = out
+    for name, out in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(out, results["scalar"], strict=True)), name
+
+
+def test_each_variant_has_its_own_cached_library(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KUBEINFER_CACHE_DIR", str(tmp_path))
+    compiler = build._compiler()
+    paths = {v: build.build(compiler, variant=v) for v in cpu_features.supported_kernel_variants(
+        cpu_features.detected_flags())}
+    assert len(set(paths.values())) == len(paths)
+    assert all(f"_{v}_" in p.name for v, p in paths.items())

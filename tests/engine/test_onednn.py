@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kubeinfer.engine import cpu_features
 from kubeinfer.engine.layers import onednn, ops
 from kubeinfer.engine.layers.embedding import ParallelLMHead
 from kubeinfer.engine.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -14,7 +15,11 @@ from tests.engine.tiny_models import make_tiny_checkpoint
 pytestmark = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+NO_BF16_PACKING = pytest.mark.skipif(not onednn.packs(torch.bfloat16),
+                                     reason="oneDNN packs bf16 only with AVX-512 BW/VL/DQ or AVX-NE-CONVERT")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=NO_BF16_PACKING)])
 @pytest.mark.parametrize("rows", [1, 7, 32, 300])
 def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
     torch.manual_seed(0)
@@ -45,6 +50,16 @@ def test_prepack_model_packs_linears_and_the_lm_head_only_on_supported_dtypes() 
         torch.testing.assert_close(m(x), dense[name], atol=1e-4, rtol=1e-4)
     half = QKVParallelLinear(64, 16, 4, 2).to(torch.float16)
     assert onednn.prepack_model(half) == 0 and half.packed_weight is None
+
+
+def test_bf16_is_packed_only_where_onednn_can(monkeypatch) -> None:
+    """On an AVX2-only CPU (faked here on any machine) bf16 weights stay unpacked instead of raising."""
+    monkeypatch.setenv(cpu_features.FLAGS_ENV, "avx avx2 fma f16c")
+    layer = RowParallelLinear(64, 64).to(torch.bfloat16)
+    assert not onednn.packs(torch.bfloat16) and onednn.packs(torch.float32)
+    assert onednn.prepack_model(layer) == 0 and layer.packed_weight is None
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
 
 
 def test_torch_kernels_setting_turns_packing_off(monkeypatch) -> None:

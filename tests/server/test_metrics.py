@@ -18,6 +18,8 @@ NAMES = [
     "vllm:cache_config_info",
     "vllm:time_to_first_token_seconds_count",
     "vllm:time_per_output_token_seconds_count",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:request_time_per_output_token_seconds_count",
     "vllm:e2e_request_latency_seconds_count",
     "vllm:request_queue_time_seconds_count",
     "vllm:prompt_tokens_total",
@@ -62,6 +64,14 @@ def test_counters_follow_requests_exactly(server: ServerProcess, client: openai.
     assert delta("vllm:e2e_request_latency_seconds_count") == 1
     assert delta("vllm:time_to_first_token_seconds_count") == 1
     assert delta("vllm:time_per_output_token_seconds_count") == 4  # the tokens after the first
+    assert delta("vllm:inter_token_latency_seconds_count") == 4
+    assert delta("vllm:inter_token_latency_seconds_sum") == pytest.approx(
+        delta("vllm:time_per_output_token_seconds_sum")
+    )
+    assert delta("vllm:request_time_per_output_token_seconds_count") == 1  # one per request
+    assert 0 < delta("vllm:request_time_per_output_token_seconds_sum") <= delta(
+        "vllm:e2e_request_latency_seconds_sum"
+    )
     assert delta("vllm:prefix_cache_queries_total") >= 6
     assert metric(after, "vllm:num_requests_running", model_name=MODEL) == 0
     assert metric(after, "vllm:num_requests_waiting", model_name=MODEL) == 0

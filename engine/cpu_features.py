@@ -1,0 +1,94 @@
+"""The CPU's features, read once, and every CPU-dependent choice the engine makes from them.
+
+Machines of one kind come with different x86 CPUs (AVX2-only AMD Zen 3, AVX-512 + BF16 Zen 5, Intel
+Sapphire Rapids with AMX), so nothing may assume the CPU it was written on. The flags come from
+``/proc/cpuinfo`` (``$KUBEINFER_CPU_FLAGS``, space- or comma-separated, replaces them: tests fake a CPU
+class that way, or pass ``flags=`` to the decision functions). The decisions are pure functions of
+the flags, so one machine can check the choices made for every CPU class.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import cache
+from pathlib import Path
+
+FLAGS_ENV = "KUBEINFER_CPU_FLAGS"
+
+# Kernel variants of engine/csrc, best first: the instruction sets each needs (Linux cpuinfo names).
+KERNEL_VARIANTS: dict[str, frozenset[str]] = {
+    "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
+    "avx2": frozenset({"avx2", "fma", "f16c"}),
+    "scalar": frozenset(),
+}
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+@cache
+def detected_flags() -> frozenset[str]:
+    """The real CPU's flags from ``/proc/cpuinfo`` (ignores the override: what code may execute)."""
+    return frozenset(_cpuinfo_field("flags").split())
+
+
+def flags() -> frozenset[str]:
+    """The CPU's feature flags (``$KUBEINFER_CPU_FLAGS`` when set, else ``/proc/cpuinfo``'s, read once)."""
+    override = os.environ.get(FLAGS_ENV)
+    if override is not None:
+        return frozenset(override.replace(",", " ").split())
+    return detected_flags()
+
+
+@cache
+def model_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def _given(given: frozenset[str] | set[str] | None) -> frozenset[str]:
+    return flags() if given is None else frozenset(given)
+
+
+def has_fast_bf16(given: frozenset[str] | set[str] | None = None) -> bool:
+    """AVX-512 BF16 or AMX: bfloat16 matmuls are then faster than float32 (native bf16 dot products)."""
+    f = _given(given)
+    return "avx512_bf16" in f or "amx_bf16" in f
+
+
+def onednn_packs_bf16(given: frozenset[str] | set[str] | None = None) -> bool:
+    """oneDNN's bf16 weight reorder needs AVX-NE-CONVERT or AVX-512 BW/VL/DQ (torch raises otherwise)."""
+    f = _given(given)
+    return "avx_ne_convert" in f or {"avx512bw", "avx512vl", "avx512dq"} <= f
+
+
+def kernel_variant(given: frozenset[str] | set[str] | None = None) -> str:
+    """The best C++ kernel variant this CPU runs: ``avx512``, ``avx2`` or ``scalar``."""
+    f = _given(given)
+    return next(name for name, needs in KERNEL_VARIANTS.items() if needs <= f)
+
+
+def supported_kernel_variants(given: frozenset[str] | set[str] | None = None) -> list[str]:
+    f = _given(given)
+    return [name for name, needs in KERNEL_VARIANTS.items() if needs <= f]
+
+
+def describe() -> str:
+    """One line for logs and benchmarks: model name and the flags that decide the engine's paths."""
+    interesting = sorted(f for f in flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    return f"{model_name()} | {' '.join(interesting)} | kernels {kernel_variant()}"
+
+
+if __name__ == "__main__":  # `python -m kubeinfer.engine.cpu_features`: what .ci/run prints
+    print(f"CPU: {model_name()}")
+    print(f"flags: {' '.join(sorted(flags()))}")
+    print(f"kernel variant: {kernel_variant()}; fast bf16: {has_fast_bf16()}; oneDNN bf16 packing: "
+          f"{onednn_packs_bf16()}")

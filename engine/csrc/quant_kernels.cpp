@@ -1,0 +1,584 @@
+// kubeinfer quantized matmuls for the CPU: y[m, n] = sum_k x[m, k] * W[n, k], W kept in its quantized blocks.
+//
+// Weight formats (codes are ggml's type ids, so GGUF tensors pass through unchanged):
+//   Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14): rows of GGUF blocks, bit for bit;
+//   INT8_ROW (100): int8 rows with one float scale per output row (weight-only int8, --quantization int8).
+// As llama.cpp does, the activations are quantized to int8 per block of 32 (one float scale per block and
+// the two half-block sums, for the formats with an offset), so each 32-weight group is one int8 dot product:
+// maddubs + madd on AVX2, dpbusd on AVX-512 VNNI, plain loops in the scalar fallback. Accumulation is fp32.
+//
+// Every format is decoded group by group into (32 unsigned or signed ints, weight scale and offset for each
+// half of 16): value = scale * q + offset. That one shape covers all six formats (Q6_K has a scale per 16).
+//
+// One source, three instruction sets: the SIMD part below is compiled twice through `#include "quant_kernels.cpp"  // this file again, as the SIMD pass`
+// under `#pragma GCC target` (AVX2+FMA+F16C, then AVX-512BW/VL+VNNI), so no -march flag is needed and the
+// path is picked at run time from the CPU's features (kq_set_isa caps it, to test the fallbacks).
+// Threads split the output rows; the quantized activations live in a buffer that grows but is never freed,
+// so a call allocates nothing once warm.
+
+#ifndef KQ_SIMD_PASS
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define KQ_X86 1
+#include <immintrin.h>
+#endif
+
+namespace kq {
+
+enum Type : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
+enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
+
+// One block of 32 quantized activations: x ~= d * q; s[h] = d * sum of q over half h (for weight offsets).
+struct QBlock {
+  float d;
+  float s[2];
+  int8_t q[32];
+};
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal half: normalise
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t load_u16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block g (0..7) from the 12 packed bytes.
+inline void k_scale_min(const uint8_t* s, int g, int* sc, int* mn) {
+  if (g < 4) {
+    *sc = s[g] & 63;
+    *mn = s[g + 4] & 63;
+  } else {
+    *sc = (s[g + 4] & 0xF) | ((s[g - 4] >> 6) << 4);
+    *mn = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
+  }
+}
+
+// Bytes per block and elements per block of each format.
+inline bool format_of(int type, int64_t* block_bytes, int64_t* block_elems) {
+  switch (type) {
+    case Q4_0: *block_bytes = 18; *block_elems = 32; return true;
+    case Q4_1: *block_bytes = 20; *block_elems = 32; return true;
+    case Q8_0: *block_bytes = 34; *block_elems = 32; return true;
+    case Q4_K: *block_bytes = 144; *block_elems = 256; return true;
+    case Q5_K: *block_bytes = 176; *block_elems = 256; return true;
+    case Q6_K: *block_bytes = 210; *block_elems = 256; return true;
+    case INT8_ROW: *block_bytes = 32; *block_elems = 32; return true;
+    default: return false;
+  }
+}
+
+// One decoded group of 32 weights: value[i] = scale[i / 16] * q[i] + offset[i / 16].
+struct Group {
+  int q[32];
+  float scale[2];
+  float offset[2];
+};
+
+// Scalar decoders: call fn(group index within the block, Group) for each group of 32.
+template <class Fn> inline void decode_scalar(int type, const uint8_t* b, float row_scale, Fn&& fn) {
+  Group g;
+  switch (type) {
+    case Q8_0: {
+      g.scale[0] = g.scale[1] = half_to_float(load_u16(b));
+      g.offset[0] = g.offset[1] = 0.f;
+      for (int i = 0; i < 32; ++i) g.q[i] = static_cast<int8_t>(b[2 + i]);
+      fn(0, g);
+      return;
+    }
+    case INT8_ROW: {
+      g.scale[0] = g.scale[1] = row_scale;
+      g.offset[0] = g.offset[1] = 0.f;
+      for (int i = 0; i < 32; ++i) g.q[i] = static_cast<int8_t>(b[i]);
+      fn(0, g);
+      return;
+    }
+    case Q4_0:
+    case Q4_1: {
+      const float d = half_to_float(load_u16(b));
+      const float m = type == Q4_0 ? -8.f * d : half_to_float(load_u16(b + 2));
+      const uint8_t* qs = b + (type == Q4_0 ? 2 : 4);
+      g.scale[0] = g.scale[1] = d;
+      g.offset[0] = g.offset[1] = m;
+      for (int i = 0; i < 16; ++i) {
+        g.q[i] = qs[i] & 0xF;
+        g.q[i + 16] = qs[i] >> 4;
+      }
+      fn(0, g);
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {
+      const float d = half_to_float(load_u16(b)), dmin = half_to_float(load_u16(b + 2));
+      const uint8_t* scales = b + 4;
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (type == Q4_K ? 16 : 48);
+      for (int j = 0; j < 8; ++j) {
+        int sc, mn;
+        k_scale_min(scales, j, &sc, &mn);
+        g.scale[0] = g.scale[1] = d * sc;
+        g.offset[0] = g.offset[1] = -dmin * mn;
+        const uint8_t* src = qs + 32 * (j / 2);
+        for (int i = 0; i < 32; ++i) {
+          int q = (j & 1) ? src[i] >> 4 : src[i] & 0xF;
+          if (type == Q5_K) q |= ((qh[i] >> j) & 1) << 4;
+          g.q[i] = q;
+        }
+        fn(j, g);
+      }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = half_to_float(load_u16(b + 208));
+      for (int j = 0; j < 8; ++j) {
+        const int h = j / 4, part = j % 4;
+        const uint8_t* l = ql + 64 * h + 32 * (part & 1);
+        const uint8_t* hb = qh + 32 * h;
+        for (int i = 0; i < 32; ++i) {
+          const int low = (part & 2) ? l[i] >> 4 : l[i] & 0xF;
+          g.q[i] = low | (((hb[i] >> (2 * part)) & 3) << 4);
+        }
+        for (int k = 0; k < 2; ++k) {
+          g.scale[k] = d * sc[2 * j + k];
+          g.offset[k] = -32.f * g.scale[k];
+        }
+        fn(j, g);
+      }
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+namespace scalar {
+
+void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* out, int nthreads) {
+  const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = x + m * ldx + 32 * b;
+      QBlock& o = out[m * nb + b];
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int sums[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        const int q = static_cast<int>(std::nearbyint(v[i] * id));
+        o.q[i] = static_cast<int8_t>(q);
+        sums[i / 16] += q;
+      }
+      o.d = d;
+      o.s[0] = d * sums[0];
+      o.s[1] = d * sums[1];
+    }
+  }
+}
+
+template <int MT> void row_dot(int type, const uint8_t* w, int64_t block_bytes, int64_t groups_per_block,
+                               int64_t nblocks, float row_scale, const QBlock* const* xs, float* res) {
+  float acc[MT] = {};
+  for (int64_t b = 0; b < nblocks; ++b) {
+    decode_scalar(type, w + b * block_bytes, row_scale, [&](int j, const Group& g) {
+      const int64_t gi = b * groups_per_block + j;
+      for (int t = 0; t < MT; ++t) {
+        const QBlock& a = xs[t][gi];
+        int dot[2] = {0, 0};
+        for (int i = 0; i < 32; ++i) dot[i / 16] += g.q[i] * a.q[i];
+        acc[t] += a.d * (g.scale[0] * dot[0] + g.scale[1] * dot[1]) + g.offset[0] * a.s[0] + g.offset[1] * a.s[1];
+      }
+    });
+  }
+  for (int t = 0; t < MT; ++t) res[t] = acc[t];
+}
+
+}  // namespace scalar
+
+// The row loops, shared by every ISA: threads split the output rows in blocks of ROW_BLOCK; within a
+// block, four activation rows at a time reuse each decoded weight group (the weights stay in L1).
+constexpr int64_t ROW_BLOCK = 16;
+constexpr int M_TILE = 4;
+
+template <class RowDot>
+void matmul_rows(const RowDot& row_dot, const uint8_t* w, int64_t row_bytes, const float* row_scales,
+                 const QBlock* xq, int64_t nb32, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  const int64_t nrb = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nrb > 1)
+  for (int64_t rb = 0; rb < nrb; ++rb) {
+    const int64_t n0 = rb * ROW_BLOCK, n1 = std::min(N, n0 + ROW_BLOCK);
+    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+      const int mt = static_cast<int>(std::min<int64_t>(M_TILE, M - m0));
+      const QBlock* xs[M_TILE];
+      for (int t = 0; t < mt; ++t) xs[t] = xq + (m0 + t) * nb32;
+      for (int64_t n = n0; n < n1; ++n) {
+        float res[M_TILE];
+        row_dot(mt, w + n * row_bytes, row_scales ? row_scales[n] : 1.f, xs, res);
+        for (int t = 0; t < mt; ++t) y[(m0 + t) * ldy + n] = res[t];
+      }
+    }
+  }
+}
+
+}  // namespace kq
+
+#if KQ_X86
+#define KQ_SIMD_PASS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace kq::avx2 {
+#include "quant_kernels.cpp"  // this file again, as the SIMD pass
+}
+#pragma GCC pop_options
+#undef KQ_SIMD_PASS
+
+#define KQ_SIMD_PASS 2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+namespace kq::avx512 {
+#include "quant_kernels.cpp"  // this file again, as the SIMD pass
+}
+#pragma GCC pop_options
+#undef KQ_SIMD_PASS
+#endif
+
+namespace kq {
+
+int supported_isa() {
+#if KQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return AVX512_VNNI;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return AVX2;
+#endif
+  return SCALAR;
+}
+
+int g_isa = -1;  // the path in use: the best supported unless capped by kq_set_isa
+
+int current_isa() {
+  if (g_isa < 0) g_isa = supported_isa();
+  return g_isa;
+}
+
+// The activation buffer: grows to the largest call seen, never shrinks (no allocation per call once warm).
+// One per calling thread, so concurrent callers (tests, TP ranks in threads) do not share it.
+QBlock* activation_buffer(int64_t blocks) {
+  thread_local std::vector<QBlock> buffer;
+  if (static_cast<int64_t>(buffer.size()) < blocks) buffer.resize(static_cast<size_t>(blocks));
+  return buffer.data();
+}
+
+}  // namespace kq
+
+extern "C" {
+
+// The best path this CPU supports (0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512BW/VL+VNNI).
+int kq_supported_isa() { return kq::supported_isa(); }
+
+// Use at most `isa` (capped at what the CPU supports); returns the path now in use.
+int kq_set_isa(int isa) {
+  kq::g_isa = std::max(0, std::min(isa, kq::supported_isa()));
+  return kq::g_isa;
+}
+
+int kq_current_isa() { return kq::current_isa(); }
+
+// Bytes of one row of `k` weights in `type`; 0 when the type is unknown or k is not a whole number of blocks.
+int64_t kq_row_bytes(int type, int64_t k) {
+  int64_t bytes, elems;
+  if (!kq::format_of(type, &bytes, &elems) || k % elems != 0) return 0;
+  return k / elems * bytes;
+}
+
+// y[m, n] (row stride ldy) = sum_k x[m, k] (row stride ldx) * W[n, k] for W's rows of `row_bytes` bytes.
+// row_scales: N floats for INT8_ROW (ignored otherwise). Returns 0, or a nonzero code for bad arguments.
+int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
+              float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+  int64_t block_bytes, block_elems;
+  if (!kq::format_of(type, &block_bytes, &block_elems)) return 1;
+  if (K % block_elems != 0 || row_bytes < K / block_elems * block_bytes) return 2;
+  if (M < 0 || N < 0 || ldx < K || ldy < N || (type == kq::INT8_ROW && row_scales == nullptr)) return 3;
+  if (M == 0 || N == 0) return 0;
+  nthreads = std::max(1, nthreads);
+  const int64_t nb32 = K / 32, nblocks = K / block_elems, gpb = block_elems / 32;
+  kq::QBlock* xq = kq::activation_buffer(M * nb32);
+  const auto* wb = static_cast<const uint8_t*>(w);
+  const int isa = kq::current_isa();
+#if KQ_X86
+  if (isa == kq::AVX512_VNNI) {
+    kq::avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
+    return kq::avx512::matmul(type, wb, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads);
+  }
+  if (isa == kq::AVX2) {
+    kq::avx2::quantize_rows(x, ldx, M, K, xq, nthreads);
+    return kq::avx2::matmul(type, wb, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads);
+  }
+#endif
+  kq::scalar::quantize_rows(x, ldx, M, K, xq, nthreads);
+  auto row_dot = [&](int mt, const uint8_t* row, float scale, const kq::QBlock* const* xs, float* res) {
+    switch (mt) {
+      case 1: kq::scalar::row_dot<1>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
+      case 2: kq::scalar::row_dot<2>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
+      case 3: kq::scalar::row_dot<3>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
+      default: kq::scalar::row_dot<4>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
+    }
+  };
+  kq::matmul_rows(row_dot, wb, row_bytes, row_scales, xq, nb32, M, N, y, ldy, nthreads);
+  return 0;
+}
+
+// Dequantise `n` rows of `k` weights to float32 (the reference, and the embedding lookup of a quantized table).
+int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* row_scales, int64_t n, int64_t k,
+                       float* out) {
+  int64_t block_bytes, block_elems;
+  if (!kq::format_of(type, &block_bytes, &block_elems) || k % block_elems != 0) return 1;
+  const auto* wb = static_cast<const uint8_t*>(w);
+  for (int64_t r = 0; r < n; ++r) {
+    float* o = out + r * k;
+    for (int64_t b = 0; b < k / block_elems; ++b) {
+      kq::decode_scalar(type, wb + r * row_bytes + b * block_bytes, row_scales ? row_scales[r] : 1.f,
+                        [&](int j, const kq::Group& g) {
+                          float* dst = o + b * block_elems + 32 * j;
+                          for (int i = 0; i < 32; ++i) dst[i] = g.scale[i / 16] * g.q[i] + g.offset[i / 16];
+                        });
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"
+
+#else  // ---------------------------------------------------------------------------------------------------------
+// The SIMD pass, compiled once per instruction set (KQ_SIMD_PASS 1: AVX2, 2: AVX-512 VNNI), inside kq::<isa>.
+
+using kq::QBlock;
+
+// 8 int32 lanes: lane i sums the products of bytes 4i..4i+3 (lanes 0-3: the first half of 16, 4-7: the second).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if KQ_SIMD_PASS == 2
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float f16(const uint8_t* p) { return _cvtsh_ss(kq::load_u16(p)); }
+
+void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* out, int nthreads) {
+  const int64_t nb = K / 32;
+  const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = x + m * ldx + 32 * b;
+      __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+             v3 = _mm256_loadu_ps(v + 24);
+      __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign_mask, v0), _mm256_andnot_ps(sign_mask, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign_mask, v2), _mm256_andnot_ps(sign_mask, v3)));
+      __m128 a4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+      a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
+      a4 = _mm_max_ss(a4, _mm_movehdup_ps(a4));
+      const float max_abs = _mm_cvtss_f32(a4);
+      const float d = max_abs / 127.f, id = max_abs > 0.f ? 127.f / max_abs : 0.f;
+      const __m256 mul = _mm256_set1_ps(id);
+      constexpr int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), round));
+      __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), round));
+      __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), round));
+      __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), round));
+      QBlock& o = out[m * nb + b];
+      o.d = d;
+      o.s[0] = d * hsum_i32(_mm256_add_epi32(i0, i1));
+      o.s[1] = d * hsum_i32(_mm256_add_epi32(i2, i3));
+      __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.q), _mm256_permutevar8x32_epi32(packed, order));
+    }
+  }
+}
+
+// Decoders: fn(group within block, 32 weight bytes, scale lo/hi, offset lo/hi). SIGNED formats give int8 bytes.
+struct FmtQ8_0 {
+  static constexpr int64_t BYTES = 34, GROUPS = 1;
+  static constexpr bool SIGNED = true, SPLIT = false, OFFSET = false;
+  template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
+    const float d = f16(b);
+    fn(0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)), d, d, 0.f, 0.f);
+  }
+};
+
+struct FmtInt8Row {
+  static constexpr int64_t BYTES = 32, GROUPS = 1;
+  static constexpr bool SIGNED = true, SPLIT = false, OFFSET = false;
+  template <class Fn> static inline void decode(const uint8_t* b, float row_scale, Fn&& fn) {
+    fn(0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), row_scale, row_scale, 0.f, 0.f);
+  }
+};
+
+template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m)
+  static constexpr int64_t BYTES = HAS_MIN ? 20 : 18, GROUPS = 1;
+  static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true;
+  template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
+    const float d = f16(b), m = HAS_MIN ? f16(b + 2) : -8.f * d;
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (HAS_MIN ? 4 : 2)));
+    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    fn(0, _mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, d, m, m);
+  }
+};
+
+template <bool FIVE_BIT> struct FmtK {  // Q4_K and Q5_K: 8 groups of 32, 6-bit scales and mins
+  static constexpr int64_t BYTES = FIVE_BIT ? 176 : 144, GROUPS = 8;
+  static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true;
+  template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* scales = b + 4;
+    const uint8_t* qs = b + (FIVE_BIT ? 48 : 16);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    __m256i qh = FIVE_BIT ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * j));
+      __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      if (FIVE_BIT) {
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+        qh = _mm256_srli_epi16(qh, 2);
+      }
+      int sc, mn;
+      kq::k_scale_min(scales, 2 * j, &sc, &mn);
+      fn(2 * j, lo, d * sc, d * sc, -dmin * mn, -dmin * mn);
+      kq::k_scale_min(scales, 2 * j + 1, &sc, &mn);
+      fn(2 * j + 1, hi, d * sc, d * sc, -dmin * mn, -dmin * mn);
+    }
+  }
+};
+
+struct FmtQ6_K {  // 8 groups of 32 six-bit values (q - 32), an int8 scale per 16
+  static constexpr int64_t BYTES = 210, GROUPS = 8;
+  static constexpr bool SIGNED = false, SPLIT = true, OFFSET = true;
+  template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h));
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32));
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+      const __m256i lows[4] = {_mm256_and_si256(a, low4), _mm256_and_si256(c, low4),
+                               _mm256_and_si256(_mm256_srli_epi16(a, 4), low4),
+                               _mm256_and_si256(_mm256_srli_epi16(c, 4), low4)};
+      for (int part = 0; part < 4; ++part) {
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * part), two);
+        const __m256i q = _mm256_or_si256(lows[part], _mm256_slli_epi16(high, 4));
+        const int j = 4 * h + part;
+        const float s0 = d * sc[2 * j], s1 = d * sc[2 * j + 1];
+        fn(j, q, s0, s1, -32.f * s0, -32.f * s1);
+      }
+    }
+  }
+};
+
+template <class F, int MT>
+inline void row_dot(const uint8_t* w, int64_t nblocks, float row_scale, const QBlock* const* xs, float* res) {
+  __m256 acc[MT];
+  float offsets[MT];
+  for (int t = 0; t < MT; ++t) {
+    acc[t] = _mm256_setzero_ps();
+    offsets[t] = 0.f;
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    F::decode(w + b * F::BYTES, row_scale, [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
+      const int64_t gi = b * F::GROUPS + j;
+      const __m256i uq = F::SIGNED ? _mm256_sign_epi8(q, q) : q;  // |q| for the signed formats
+      for (int t = 0; t < MT; ++t) {
+        const QBlock& a = xs[t][gi];
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q));
+        if (F::SIGNED) xq = _mm256_sign_epi8(xq, q);  // sign of q moved onto x
+        const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(uq, xq));
+        const __m256 scale = F::SPLIT ? _mm256_set_m128(_mm_set1_ps(s1 * a.d), _mm_set1_ps(s0 * a.d))
+                                      : _mm256_set1_ps(s0 * a.d);
+        acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
+        if (F::OFFSET) offsets[t] += o0 * a.s[0] + o1 * a.s[1];
+      }
+    });
+  }
+  for (int t = 0; t < MT; ++t) res[t] = hsum(acc[t]) + offsets[t];
+}
+
+template <class F>
+void run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* xq, int64_t nb32,
+         int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  auto dot = [&](int mt, const uint8_t* row, float scale, const QBlock* const* xs, float* res) {
+    switch (mt) {
+      case 1: row_dot<F, 1>(row, nblocks, scale, xs, res); break;
+      case 2: row_dot<F, 2>(row, nblocks, scale, xs, res); break;
+      case 3: row_dot<F, 3>(row, nblocks, scale, xs, res); break;
+      default: row_dot<F, 4>(row, nblocks, scale, xs, res); break;
+    }
+  };
+  kq::matmul_rows(dot, w, row_bytes, row_scales, xq, nb32, M, N, y, ldy, nthreads);
+}
+
+int matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* xq, int64_t nb32,
+           int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  switch (type) {
+    case kq::Q8_0: run<FmtQ8_0>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::INT8_ROW: run<FmtInt8Row>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_0: run<FmtQ4<false>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_1: run<FmtQ4<true>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_K: run<FmtK<false>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q5_K: run<FmtK<true>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q6_K: run<FmtQ6_K>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    default: return 1;
+  }
+}
+
+#endif  // KQ_SIMD_PASS

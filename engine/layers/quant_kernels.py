@@ -1,0 +1,147 @@
+"""The quantized CPU matmuls (``engine/csrc/quant_kernels.cpp``) as functions on torch tensors.
+
+The library is compiled without ``-march``: its AVX2 and AVX-512 VNNI paths are compiled under GCC target
+pragmas and picked at run time from the CPU's features, so one build serves every x86 CPU and the paths a
+CPU lacks still compile everywhere. ``KUBEINFER_QUANT_ISA=scalar|avx2|avx512`` (or ``set_isa``) caps the
+path, to test the fallbacks. Weights are ``uint8 [N, row_bytes]`` rows of GGUF blocks (ggml's type codes),
+or ``int8 [N, K]`` rows with float32 per-row scales (``INT8_ROW``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from kubeinfer.engine.csrc import build
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(build.__file__).with_name("quant_kernels.cpp")
+FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+ISA_ENV = "KUBEINFER_QUANT_ISA"
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
+_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 2}
+
+# ggml type codes of the block formats the kernels read, and our int8-rows format
+Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, INT8_ROW = 2, 3, 8, 12, 13, 14, 100
+GGUF_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
+# (bytes, elements) of one block
+BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q5_K: (176, 256), Q6_K: (210, 256),
+          INT8_ROW: (32, 32)}
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "kq_supported_isa": ([], _INT),
+    "kq_set_isa": ([_INT], _INT),
+    "kq_current_isa": ([], _INT),
+    "kq_row_bytes": ([_INT, _I64], _I64),
+    "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], _INT),
+    "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
+}
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS]).encode()).hexdigest()
+    target = build.cache_dir() / f"kubeinfer_quant_{key[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:  # built beside the target and renamed: concurrent processes never load a half-written file
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+                       text=True)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+@cache
+def _lib() -> ctypes.CDLL | None:
+    compiler = build._compiler()
+    if compiler is None:
+        logger.warning("no C++ compiler found: quantized CPU kernels unavailable")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        logger.warning("building the quantized CPU kernels failed: %s", detail.strip()[-2000:])
+        return None
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    requested = os.environ.get(ISA_ENV, "").strip().lower()
+    if requested:
+        if requested not in _ISA_CODES:
+            raise ValueError(f"{ISA_ENV}={requested!r}: expected one of scalar, avx2, avx512")
+        lib.kq_set_isa(_ISA_CODES[requested])
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def supported_isa() -> str:
+    return ISA_NAMES[_lib().kq_supported_isa()]
+
+
+def current_isa() -> str:
+    return ISA_NAMES[_lib().kq_current_isa()]
+
+
+def set_isa(name: str) -> str:
+    """Use at most ``name`` (scalar, avx2, avx512; capped at what the CPU supports); returns the path in use."""
+    return ISA_NAMES[_lib().kq_set_isa(_ISA_CODES[name])]
+
+
+def row_bytes(qtype: int, k: int) -> int:
+    """Bytes of one row of ``k`` weights in ``qtype`` (ValueError when ``k`` is not a whole number of blocks)."""
+    block_bytes, block_elems = BLOCKS[qtype]
+    if k % block_elems:
+        raise ValueError(f"{k} input features are not a whole number of {block_elems}-element blocks")
+    return k // block_elems * block_bytes
+
+
+def _check(status: int, name: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"quantized CPU kernel {name} rejected its arguments (status {status})")
+
+
+def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, k] float32 @ W.T`` for ``W`` the ``N`` quantized rows in ``weight`` (``uint8/int8 [N, row_bytes]``);
+    writes ``out`` (``float32 [M, N]``, any row stride; e.g. a column slice of a wider output) when given."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError("matmul needs a float32 [M, k] input with unit stride along k")
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (x.shape[0], n) or out.stride(1) != 1:
+        raise ValueError("out must be float32 [M, N] with unit stride along N")
+    if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
+        raise ValueError("weights and scales must be contiguous")
+    _check(_lib().kq_matmul(qtype, weight.data_ptr(), weight.shape[1], None if scales is None else scales.data_ptr(),
+                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], n, k,
+                            torch.get_num_threads()), "matmul")
+    return out
+
+
+def dequantize(qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 ``[N, k]`` values of quantized rows (embedding lookups; tests)."""
+    weight = weight.contiguous()
+    scales = None if scales is None else scales.contiguous()
+    out = torch.empty(weight.shape[0], k, dtype=torch.float32)
+    _check(_lib().kq_dequantize_rows(qtype, weight.data_ptr(), weight.shape[1],
+                                     None if scales is None else scales.data_ptr(), weight.shape[0], k,
+                                     out.data_ptr()), "dequantize_rows")
+    return out

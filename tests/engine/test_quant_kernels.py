@@ -1,0 +1,145 @@
+"""The quantized CPU matmuls against the dequantised float reference, on every path this CPU runs.
+
+Weights are random GGUF blocks (random bytes with sane fp16 scales; for Q8_0/Q4_0/Q4_1 also real weights
+quantized by the ``gguf`` package's own ``gguf.quants.quantize``), dequantised by ``gguf.quants.dequantize``.
+The kernels quantize the activations to int8 per block of 32 as llama.cpp does, so each result is checked
+twice: tightly against ``dequant(W) @ q8(x)`` (the same arithmetic in float64: catches any decoding or
+indexing bug) and loosely against the plain float reference ``dequant(W) @ x``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kubeinfer.engine.layers import quant_kernels as qk
+
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf.constants import GGMLQuantizationType  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
+
+ISAS = ["scalar", "avx2", "avx512"]
+_ISA_RANK = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2}
+# where each format keeps its fp16 scales: (byte offset, low, high) of sane magnitudes
+_HALF_FIELDS = {
+    qk.Q8_0: [(0, 1e-3, 2e-2)], qk.Q4_0: [(0, 1e-3, 3e-2)], qk.Q4_1: [(0, 1e-3, 3e-2), (2, -0.2, 0.2)],
+    qk.Q4_K: [(0, 1e-4, 2e-3), (2, 1e-4, 2e-3)], qk.Q5_K: [(0, 1e-4, 1e-3), (2, 1e-4, 1e-3)],
+    qk.Q6_K: [(208, 1e-4, 1e-3)],
+}
+K_FOR = {qk.Q8_0: 96, qk.Q4_0: 160, qk.Q4_1: 576, qk.Q4_K: 512, qk.Q5_K: 256, qk.Q6_K: 512}
+ROWS = [1, 2, 3, 4, 5, 7, 8, 333]  # decode rows 1-8 (and odd), prefill 300+
+
+
+def _runs(isa: str) -> bool:
+    return _ISA_RANK[qk.supported_isa()] >= _ISA_RANK[isa]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest):
+    if not _runs(request.param):
+        pytest.skip(f"this CPU has no {request.param} (best: {qk.supported_isa()})")
+    previous = qk.current_isa()
+    assert qk.set_isa(request.param) == {"avx512": "avx512_vnni"}.get(request.param, request.param)
+    yield request.param
+    qk.set_isa(previous)
+
+
+def random_blocks(qtype: int, n: int, k: int, seed: int) -> np.ndarray:
+    """``n`` rows of random valid blocks: random bits, with every fp16 scale field set to a sane value."""
+    rng = np.random.default_rng(seed)
+    block_bytes, block_elems = qk.BLOCKS[qtype]
+    blocks = rng.integers(0, 256, size=(n, k // block_elems, block_bytes), dtype=np.uint8)
+    for offset, low, high in _HALF_FIELDS[qtype]:
+        halves = rng.uniform(low, high, size=blocks.shape[:2]).astype(np.float16)
+        blocks[..., offset:offset + 2] = halves.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(n, -1)
+
+
+def quantized_weights(qtype: int, n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return gguf_quants.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05, GGMLQuantizationType(qtype))
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """What the kernels compute with: x quantized to int8 per block of 32 (scale max|x| / 127), dequantised."""
+    blocks = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(127) / np.maximum(np.abs(blocks).max(axis=-1, keepdims=True), 1e-30), 0)
+    q = np.round(blocks * inv.astype(np.float32))
+    return (q * d).reshape(x.shape).astype(np.float64)
+
+
+def check(qtype: int, weights: np.ndarray, k: int, m: int, seed: int) -> None:
+    reference_w = gguf_quants.dequantize(weights, GGMLQuantizationType(qtype)).reshape(weights.shape[0], k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    got = qk.matmul(x, qtype, torch.from_numpy(weights), k).double().numpy()
+    same_arithmetic = q8_activations(x.numpy()) @ reference_w.astype(np.float64).T
+    plain = x.double().numpy() @ reference_w.astype(np.float64).T
+    scale = np.abs(plain).max() + 1e-12
+    np.testing.assert_allclose(got, same_arithmetic, atol=2e-5 * scale, rtol=1e-4)
+    assert np.linalg.norm(got - plain) <= 0.02 * np.linalg.norm(plain)
+
+
+@pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
+@pytest.mark.parametrize("m", ROWS)
+def test_random_blocks_match_dequantised_reference(isa: str, qtype: int, m: int) -> None:
+    k = K_FOR[qtype]
+    check(qtype, random_blocks(qtype, 37, k, seed=m), k, m, seed=100 + m)
+
+
+@pytest.mark.parametrize("qtype", [qk.Q8_0, qk.Q4_0, qk.Q4_1], ids=["Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("m", [1, 6, 301])
+def test_gguf_quantized_weights_match_dequantised_reference(isa: str, qtype: int, m: int) -> None:
+    check(qtype, quantized_weights(qtype, 300, 576, seed=m), 576, m, seed=m)
+
+
+@pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
+def test_dequantize_rows_is_gguf_dequantize(qtype: int) -> None:
+    k = K_FOR[qtype]
+    weights = random_blocks(qtype, 5, k, seed=qtype)
+    expected = gguf_quants.dequantize(weights, GGMLQuantizationType(qtype)).reshape(5, k)
+    got = qk.dequantize(qtype, torch.from_numpy(weights), k).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("m", [1, 4, 9, 300])
+def test_int8_rows_match_reference(isa: str, m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    q = torch.randint(-127, 128, (45, 192), dtype=torch.int8, generator=gen)
+    scales = torch.rand(45, generator=gen) * 0.01 + 1e-3
+    x = torch.randn(m, 192, generator=gen)
+    reference_w = q.double() * scales.double()[:, None]
+    got = qk.matmul(x, qk.INT8_ROW, q, 192, scales).double()
+    same_arithmetic = torch.from_numpy(q8_activations(x.numpy())) @ reference_w.T
+    torch.testing.assert_close(got, same_arithmetic, atol=2e-5 * same_arithmetic.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(qk.dequantize(qk.INT8_ROW, q, 192, scales).double(), reference_w)
+
+
+def test_output_slice_and_empty_batch(isa: str) -> None:
+    """The kernel writes a column slice of a wider output (fused projections of mixed types) and takes M = 0."""
+    weights = torch.from_numpy(random_blocks(qk.Q4_1, 17, 64, seed=1))
+    x = torch.randn(3, 64)
+    wide = torch.full((3, 40), 7.0)
+    qk.matmul(x, qk.Q4_1, weights, 64, out=wide[:, 20:37])
+    torch.testing.assert_close(wide[:, 20:37], qk.matmul(x, qk.Q4_1, weights, 64))
+    assert (wide[:, :20] == 7).all() and (wide[:, 37:] == 7).all()
+    assert qk.matmul(torch.empty(0, 64), qk.Q4_1, weights, 64).shape == (0, 17)
+
+
+def test_bad_arguments_are_rejected() -> None:
+    weights = torch.from_numpy(random_blocks(qk.Q4_K, 3, 256, seed=2))
+    with pytest.raises(RuntimeError):
+        qk.matmul(torch.randn(1, 32), qk.Q4_K, weights, 32)  # not a whole super-block
+    with pytest.raises(ValueError):
+        qk.row_bytes(qk.Q4_K, 100)
+
+
+def test_isa_is_capped_by_the_cpu() -> None:
+    best = qk.supported_isa()
+    previous = qk.current_isa()
+    try:
+        assert qk.set_isa("avx512") == best
+        assert qk.set_isa("scalar") == "scalar"
+    finally:
+        qk.set_isa(previous)
