@@ -41,6 +41,9 @@ from controlplane import _kill_me_with_parent, free_port
 DEFAULT_SERVE_ARGS = ("--kv-cache-memory", "64MiB", "--max-model-len", "512", "--max-num-seqs", "2",
                       "--log-level", "warning", "--disable-log-requests")
 
+PROBE_TIMEOUT_SECONDS = 3.0
+PROBE_FAILURE_THRESHOLD = 3
+
 
 def prometheus_label(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", name)
@@ -53,6 +56,7 @@ class Engine:
     process: subprocess.Popen
     labels: dict[str, str]
     ready: bool = False
+    failures: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -65,7 +69,7 @@ class EngineHarness:
 
     def __init__(self, api_client: Any, namespace: str, selector: str, served_name: str, sd_file: Path,
                  log_dir: Path, serve_args: tuple[str, ...] = DEFAULT_SERVE_ARGS, threads_per_engine: int = 1,
-                 poll_seconds: float = 0.5):
+                 poll_seconds: float = 0.5, grace_seconds: float = 120.0):
         from kubernetes import client
 
         self.core = client.CoreV1Api(api_client)
@@ -74,11 +78,13 @@ class EngineHarness:
         self.serve_args, self.threads = serve_args, threads_per_engine
         self.poll_seconds = poll_seconds
         self.engines: dict[str, Engine] = {}
+        self.terminating: list[tuple[subprocess.Popen, float]] = []
+        self.grace_seconds = grace_seconds
         self.started_total = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._http = httpx.Client(timeout=1.0)
+        self._http = httpx.Client(timeout=PROBE_TIMEOUT_SECONDS)
         log_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -96,6 +102,11 @@ class EngineHarness:
         with self._lock:
             for name in list(self.engines):
                 self._stop_engine(name)
+            deadline = time.monotonic() + 15
+            while self.terminating and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.2)
+            self._reap(force=True)
         self._write_sd()
         self._http.close()
 
@@ -119,6 +130,7 @@ class EngineHarness:
         running = {p.metadata.name: p for p in pods
                    if p.status.phase == "Running" and p.metadata.deletion_timestamp is None}
         with self._lock:
+            self._reap()
             for name in list(self.engines):
                 if name not in running:
                     self._stop_engine(name)  # the pod was deleted: the kubelet would stop its container
@@ -127,18 +139,24 @@ class EngineHarness:
                     self._start_engine(name, pod.metadata.labels or {})
             changed = False
             for name, engine in self.engines.items():
-                ready = False if engine.process.poll() is not None else self._answers_ready(engine)
+                ready = self._probe(engine)
                 changed |= ready != engine.ready
                 engine.ready = ready
                 self._sync_pod_ready(running[name], ready)
             if changed or set(self.engines) != self._sd_pods():
                 self._write_sd()
 
-    def _answers_ready(self, engine: Engine) -> bool:
-        try:
-            return self._http.get(f"{engine.url}/ready").status_code == 200
-        except httpx.HTTPError:
+    def _probe(self, engine: Engine) -> bool:
+        """A kubelet readiness probe on /ready: timeoutSeconds 3, failureThreshold 3 (a busy engine on
+        two loaded cores may answer late once without being taken out of the Service)."""
+        if engine.process.poll() is not None:
             return False
+        try:
+            ok = self._http.get(f"{engine.url}/ready").status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        engine.failures = 0 if ok else engine.failures + 1
+        return ok or (engine.ready and engine.failures < PROBE_FAILURE_THRESHOLD)
 
     def _sync_pod_ready(self, pod: Any, ready: bool) -> None:
         want = "True" if ready else "False"
@@ -176,16 +194,25 @@ class EngineHarness:
         self.started_total += 1
 
     def _stop_engine(self, pod: str) -> None:
+        """SIGTERM (the engine drains its requests), SIGKILL after the pod's grace period; reaped by _reap."""
         engine = self.engines.pop(pod)
         if engine.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(engine.process.pid, signal.SIGTERM)
-            try:
-                engine.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+            self.terminating.append((engine.process, time.monotonic() + self.grace_seconds))
+
+    def _reap(self, force: bool = False) -> None:
+        still = []
+        for process, deadline in self.terminating:
+            if process.poll() is not None:
+                continue
+            if force or time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(engine.process.pid, signal.SIGKILL)
-                engine.process.wait()
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                continue
+            still.append((process, deadline))
+        self.terminating = still
 
     # ---- service discovery -----------------------------------------------------------------
 

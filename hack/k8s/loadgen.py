@@ -36,9 +36,11 @@ class LoadGenerator:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._next = itertools.count()
+        self.active = False  # between start() and stop(): what the timeline plots as load
 
     def start(self) -> LoadGenerator:
         self._stop.clear()
+        self.active = True
         for i in range(self.concurrency):
             thread = threading.Thread(target=self._worker, name=f"load-{i}", daemon=True)
             thread.start()
@@ -48,14 +50,11 @@ class LoadGenerator:
     def stop(self, wait: float = 60.0) -> None:
         """No new requests; wait up to `wait` s for the ones in flight."""
         self._stop.set()
+        self.active = False
         deadline = time.monotonic() + wait
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive()]
-
-    @property
-    def running(self) -> bool:
-        return not self._stop.is_set() and bool(self._threads)
 
     def _worker(self) -> None:
         with httpx.Client(timeout=self.timeout) as http:

@@ -68,7 +68,7 @@ class Timeline:
                 metric = value.get("averageValue") or value.get("value") or metric
         return {
             "t": round(now - self._t0, 1),
-            "load_workers": self.load.concurrency if self.load.running else 0,
+            "load_workers": self.load.concurrency if self.load.active else 0,
             "in_flight": stats.in_flight,
             "completed": stats.ok,
             "failed": stats.failed,

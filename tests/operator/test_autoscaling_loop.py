@@ -73,6 +73,14 @@ def operator_owns_replicas(kube: Kube, namespace: str, name: str) -> bool:
                for m in live["metadata"]["managedFields"])
 
 
+def hpa_metric(kube: Kube, namespace: str, name: str) -> float | None:
+    """The queue depth per pod as the HPA last saw it (its status.currentMetrics)."""
+    hpa = kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, name) or {}
+    for metric in (hpa.get("status") or {}).get("currentMetrics") or []:
+        return quantity(((metric.get("pods") or {}).get("current") or {}).get("averageValue"))
+    return None
+
+
 def write_timeline(timeline: Timeline, tmp_path: Path, name: str) -> Path:
     directory = Path(os.environ.get("KUBEINFER_TIMELINE_DIR", tmp_path))
     return timeline.write(directory / f"{name}.json")
@@ -83,16 +91,18 @@ def test_hpa_scales_engines_on_queue_depth_and_back(kube: Kube, namespace: str, 
     kube.create(autoscaled_model("auto", namespace))
     harness = EngineHarness(kube.api, namespace, "app.kubernetes.io/component=engine,kubeinfer.dev/model=auto",
                             SERVED, metrics.sd_file, tmp_path / "engines").start()
-    load = LoadGenerator(harness.ready_urls, SERVED, concurrency=10, max_tokens=48)
+    load = LoadGenerator(harness.ready_urls, SERVED, concurrency=8, max_tokens=24)
     timeline = Timeline(kube.get, metrics.query, namespace, "auto", "auto", load).start()
     try:
         wait_phase(kube, namespace, "auto", "Ready", timeout=240)
+        # kwok marks pods Ready at once; the engine itself takes a while to load on two busy cores.
+        wait_for(lambda: harness.ready_urls(), timeout=400, interval=1, what="the first engine to answer /ready")
 
         def autoscaling_true() -> dict[str, Any] | None:
             body = get_im(kube, namespace, "auto")
             return body if condition(body, "Autoscaling").get("status") == "True" else None
 
-        body = wait_for(autoscaling_true, timeout=120, interval=1,
+        body = wait_for(autoscaling_true, timeout=180, interval=1,
                         what=f"the HPA to read its metric through prometheus-adapter\n{metrics.log_tail('prometheus-adapter')}")
         assert condition(body, "Autoscaling")["reason"] == "ValidMetricFound"
         assert condition(body, "Degraded")["status"] == "False"
@@ -100,15 +110,16 @@ def test_hpa_scales_engines_on_queue_depth_and_back(kube: Kube, namespace: str, 
         load.start()
         wait_for(lambda: replicas(kube, namespace, "auto")[0] == MAX, timeout=240, interval=1,
                  what=f"the HPA to scale to {MAX} on the queue; last samples {timeline.samples[-3:]}")
-        wait_for(lambda: replicas(kube, namespace, "auto")[1] == MAX, timeout=300, interval=1,
-                 what=f"{MAX} engines ready; harness: {list(harness.engines)}")
+        wait_for(lambda: len(harness.ready_urls()) == MAX and replicas(kube, namespace, "auto")[1] == MAX,
+                 timeout=300, interval=1, what=f"{MAX} engines ready")
         # With three engines the queue drains below the target while the load goes on.
-        wait_for(lambda: (quantity(timeline.samples[-1].get("hpa_metric")) or 0) < TARGET, timeout=180, interval=1,
+        wait_for(lambda: (hpa_metric(kube, namespace, "auto") or TARGET) < TARGET, timeout=180, interval=1,
                  what="the queue to drain below the target")
         assert not operator_owns_replicas(kube, namespace, "auto")
         load.stop()
         wait_for(lambda: replicas(kube, namespace, "auto")[0] == 1, timeout=180, interval=1,
                  what="the scale-down back to minReplicas")
+        timeline.samples.append(timeline.sample())
     finally:
         timeline.stop()
         load.stop(wait=10)
@@ -123,7 +134,8 @@ def test_hpa_scales_engines_on_queue_depth_and_back(kube: Kube, namespace: str, 
     first_max = counts.index(MAX)
     assert 1 in counts[:first_max] and counts[-1] == 1, counts
     assert harness.started_total >= MAX, "every new pod got an engine"
-    assert load.stats.ok > 0 and load.stats.failed <= load.stats.sent // 10, load.stats
+    # A request sent in the instant its engine's pod goes away may fail (as with a real Service's endpoints).
+    assert load.stats.ok > 0 and load.stats.failed <= 2 + load.stats.sent // 10, load.stats
     hpa = kube.get("autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto")
     assert hpa["status"]["currentMetrics"][0]["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
     assert get_im(kube, namespace, "auto")["spec"].get("replicas", 1) == 1, "nobody wrote the model's replicas"
