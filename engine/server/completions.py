@@ -21,6 +21,7 @@ from kubeinfer.engine.server.protocol import (
 from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 from kubeinfer.engine.server.streaming import SSE_DONE, merge, sse
+from kubeinfer.engine.server.structured import structured_outputs_of
 
 
 @dataclass
@@ -38,9 +39,12 @@ class CompletionServing(OpenAIServing):
             raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
         if request.echo and request.logprobs is not None:
             raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        structured = structured_outputs_of(request)
         prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        params = build_sampling_params(request, max_tokens=request.max_tokens, logprobs=request.logprobs)
+        params = build_sampling_params(
+            request, max_tokens=request.max_tokens, logprobs=request.logprobs, structured_outputs=structured
+        )
         jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
         streams = await self.submit(jobs)
 

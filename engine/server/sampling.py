@@ -23,7 +23,13 @@ def logit_bias_ids(logit_bias: dict[str, float] | None) -> dict[int, float] | No
 
 
 def build_sampling_params(
-    request: SamplingFields, *, max_tokens: int | None, logprobs: int | None, n: int | None = None
+    request: SamplingFields,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    n: int | None = None,
+    structured_outputs: Any = None,
+    skip_special_tokens: bool | None = None,
 ) -> Any:
     from kubeinfer.engine.errors import InvalidRequestError
     from kubeinfer.engine.sampling_params import SamplingParams
@@ -39,8 +45,11 @@ def build_sampling_params(
         "ignore_eos": request.ignore_eos,
         "min_tokens": request.min_tokens,
         "logprobs": logprobs,
-        "skip_special_tokens": request.skip_special_tokens,
+        "skip_special_tokens": request.skip_special_tokens
+        if skip_special_tokens is None
+        else skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
+        "structured_outputs": structured_outputs,
         "logit_bias": logit_bias_ids(request.logit_bias),
         "allowed_token_ids": request.allowed_token_ids,
     }
