@@ -8,8 +8,9 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from kubeinfer.engine.server.choices import ChoiceStream, ChoiceUpdate, sse_events
 from kubeinfer.engine.server.errors import bad_request
-from kubeinfer.engine.server.logprobs import chat_logprobs
+from kubeinfer.engine.server.logprobs import chat_logprobs, engine_prompt_logprobs
 from kubeinfer.engine.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -22,7 +23,6 @@ from kubeinfer.engine.server.protocol import (
 )
 from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
 from kubeinfer.engine.server.serving import OpenAIServing
-from kubeinfer.engine.server.streaming import SSE_DONE, sse
 
 
 class ChatServing(OpenAIServing):
@@ -36,26 +36,24 @@ class ChatServing(OpenAIServing):
         if request.top_logprobs and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         params = build_sampling_params(
-            request, max_tokens=max_tokens, logprobs=top if request.logprobs else None
+            request,
+            max_tokens=max_tokens,
+            logprobs=top if request.logprobs else None,
+            prompt_logprobs=request.prompt_logprobs,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        [stream] = await self.submit([(request_id, prompt_ids, params)])
+        streams = await self.submit([(request_id, prompt_ids, params)])
+        choices = ChoiceStream(streams, request.n, with_logprobs=request.logprobs)
 
         async def collect() -> ChatCompletionResponse:
-            final = None
-            try:
-                async for output in stream:
-                    final = output
-            finally:
-                await stream.aclose()
-            assert final is not None
-            return self._response(request_id, request, final)
+            [final] = await choices.collect()
+            return self._response(request_id, request, final, choices.usage())
 
         return await self.respond(
             raw,
             stream=request.stream,
             collect=collect,
-            events=lambda: self._events(request_id, request, stream),
+            events=lambda: self._events(request_id, request, choices),
         )
 
     def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
@@ -86,7 +84,7 @@ class ChatServing(OpenAIServing):
         )
 
     def _response(
-        self, request_id: str, request: ChatCompletionRequest, final: Any
+        self, request_id: str, request: ChatCompletionRequest, final: Any, usage: UsageInfo
     ) -> ChatCompletionResponse:
         choices = [
             ChatCompletionChoice(
@@ -98,69 +96,43 @@ class ChatServing(OpenAIServing):
             )
             for c in final.outputs
         ]
-        prompt_tokens = len(final.prompt_token_ids)
-        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-        usage = UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=usage,
+            prompt_logprobs=engine_prompt_logprobs(final) if request.prompt_logprobs is not None else None,
         )
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
-    async def _events(
-        self, request_id: str, request: ChatCompletionRequest, stream: Any
+    def _events(
+        self, request_id: str, request: ChatCompletionRequest, choices: ChoiceStream
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            return sse(
-                ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+        def deltas(updates: list[ChoiceUpdate]) -> ChatCompletionChunk:
+            return chunk(
+                [
+                    ChatStreamChoice(
+                        index=u.index,
+                        delta=DeltaMessage(content=u.text),
+                        logprobs=self._logprobs(request, u.output, u.token_start),
+                        finish_reason=u.output.finish_reason,
+                        stop_reason=u.output.stop_reason,
+                    )
+                    for u in updates
+                ]
             )
 
-        sent_text = [0] * request.n
-        sent_tokens = [0] * request.n
-        finished = [False] * request.n
-        yield chunk(
+        role = chunk(
             [
                 ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(request.n)
             ]
         )
-        final = None
-        try:
-            async for output in stream:
-                final = output
-                choices = []
-                for c in output.outputs:
-                    i = c.index
-                    if finished[i]:
-                        continue
-                    delta_text = c.text[sent_text[i] :]
-                    logprobs = self._logprobs(request, c, sent_tokens[i])
-                    sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
-                    finished[i] = c.finish_reason is not None
-                    if not delta_text and not finished[i] and logprobs is None:
-                        continue
-                    choices.append(
-                        ChatStreamChoice(
-                            index=i,
-                            delta=DeltaMessage(content=delta_text),
-                            logprobs=logprobs,
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
-                        )
-                    )
-                if choices:
-                    yield chunk(choices)
-        finally:
-            await stream.aclose()
-        if request.wants_usage_in_stream() and final is not None:
-            prompt_tokens = len(final.prompt_token_ids)
-            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-            yield chunk(
-                [],
-                UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                ),
-            )
-        yield SSE_DONE
+        return sse_events(
+            choices,
+            deltas,
+            usage_chunk=(lambda usage: chunk([], usage)) if request.wants_usage_in_stream() else None,
+            preamble=[role],
+        )

@@ -67,6 +67,7 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[NonNegativeInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -95,7 +96,7 @@ class CompletionRequest(SamplingFields):
     prompt: CompletionPrompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for the legacy endpoint
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -140,6 +141,17 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's per-token entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(OpenAIModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -147,6 +159,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIModel):
@@ -184,6 +197,7 @@ class CompletionChoice(OpenAIModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIModel):

@@ -35,7 +35,12 @@ def _too_long(prompt_len: int, max_model_len: int, requested: int | None, prompt
 
 
 def build_sampling_params(
-    request: SamplingFields, *, max_tokens: int, logprobs: int | None, n: int | None = None
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    n: int | None = None,
 ) -> Any:
     from kubeinfer.engine.sampling_params import SamplingParams
 
@@ -50,6 +55,7 @@ def build_sampling_params(
         "ignore_eos": request.ignore_eos,
         "min_tokens": request.min_tokens,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "skip_special_tokens": request.skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
     }
