@@ -1,10 +1,10 @@
-"""The model runner: loads the model, owns the KV cache, turns a scheduled step into tokens.
+"""The model runner: loads the model, owns the KV cache, turns a scheduled step into logits.
 
 Each step's sequences become one flat batch with no padding (input ids, positions, slot
 mapping, block tables, context lengths). Python work per step is O(number of sequences) plus
 O(new tokens): every sequence keeps a numpy copy of its block table that only ever receives its
 new blocks, and decode rows are a couple of list appends. Logits are computed only for the last
-token of each sequence that samples this step.
+token of each sequence that samples this step; the engine's sampler turns them into tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from kubeinfer.engine import faults
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
@@ -28,7 +29,6 @@ from kubeinfer.engine.config import (
 )
 from kubeinfer.engine.core.scheduler import ScheduledSeq
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
-from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.engine.ports import free_port
 from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
 from kubeinfer.engine.sequence import Sequence
@@ -133,7 +133,6 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.max_model_len = self._resolve_max_model_len()
-        self.sampler = Sampler()
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, summed over steps
         self.num_steps = 0
         torch.manual_seed(config.seed)
@@ -311,26 +310,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
-                sample_rows: list[int], sample_seqs: list[Sequence], prompt_rows: PromptLogprobRows | None = None
-                ) -> tuple[SamplerOutput | None, PromptScores | None]:
-        """Run one step. ``sample_rows[i]`` is the scheduled index whose last token's logits
-        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row); ``prompt_rows``
-        are scored for prompt logprobs in the same forward."""
+                sample_rows: list[int], prompt_rows: PromptLogprobRows | None = None
+                ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """Run one step's forward: the float32 logits ``[len(sample_rows), vocab]`` of the last token of
+        each scheduled index in ``sample_rows`` (an ``n > 1`` fork repeats its parent's row), or None;
+        and the scores of ``prompt_rows`` for prompt logprobs, from the same forward."""
+        for item in scheduled:
+            faults.inject("forward", item.seq.params.seed)
         t0 = time.perf_counter()
         batch = self.prepare(scheduled)
-        sampling = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
-        logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_seqs else None
+        logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_rows else None
         t1 = time.perf_counter()
         (logits, prompt_scores), _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows,
                                                         prompt_rows)
-        t2 = time.perf_counter()
-        result = self.sampler(logits, sampling) if sampling is not None else None
-        t3 = time.perf_counter()
         self.timings["prepare"] += t1 - t0
-        self.timings["forward"] += t2 - t1
-        self.timings["sample"] += t3 - t2
+        self.timings["forward"] += time.perf_counter() - t1
         self.num_steps += 1
-        return result, prompt_scores
+        return logits, prompt_scores
 
     @torch.inference_mode()
     def forward_step(self, batch: HostBatch, block_copies: list[tuple[int, int]],

@@ -21,28 +21,25 @@ from kubeinfer.engine.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 
 
 class ChatServing(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         self.check_request(request)
-        prompt_ids = self._render_prompt(request)
-        max_tokens = resolve_max_tokens(
-            request.requested_max_tokens(), len(prompt_ids), self.engine.max_model_len or 0
-        )
+        prompt_ids = await self._render_prompt(request)
         top = request.top_logprobs or 0
         if request.top_logprobs and not request.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         params = build_sampling_params(
             request,
-            max_tokens=max_tokens,
+            max_tokens=request.requested_max_tokens(),
             logprobs=top if request.logprobs else None,
             prompt_logprobs=request.prompt_logprobs,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self.submit([(request_id, prompt_ids, params)])
+        streams = await self.submit([(request_id, prompt_ids, params)], prompt_param="messages")
         choices = ChoiceStream(streams, request.n, with_logprobs=request.logprobs)
 
         async def collect() -> ChatCompletionResponse:
@@ -56,13 +53,15 @@ class ChatServing(OpenAIServing):
             events=lambda: self._events(request_id, request, choices),
         )
 
-    def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        ids = self.encode(self.render_text(request), add_special_tokens=False)
-        self.check_token_ids(ids, "messages")
-        return ids
+    async def _render_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        text = await self.prompts.run(self.render_text, request)  # templates of long chats take time too
+        return await self.encode(  # the engine validates the ids and the context length
+            text, add_special_tokens=False, param="messages", reserved_tokens=request.requested_max_tokens()
+        )
 
     def render_text(self, request: ChatCompletionRequest) -> str:
-        """The conversation through the chat template (also what `/tokenize` counts)."""
+        """The conversation through the chat template (also what `/tokenize` counts; blocking: run it on
+        the prompt pool)."""
         conversation = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in request.messages

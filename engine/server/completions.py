@@ -31,7 +31,7 @@ from kubeinfer.engine.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 
 
@@ -51,23 +51,15 @@ class CompletionServing(OpenAIServing):
         score_only = request.max_tokens == 0
         if score_only and not request.echo:
             raise bad_request("max_tokens must be at least 1 (0 is only allowed with echo)", "max_tokens")
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            max_tokens = resolve_max_tokens(
-                1 if score_only else request.max_tokens,
-                len(prompt.token_ids),
-                self.engine.max_model_len or 0,
-                "prompt",
-            )
-            params = build_sampling_params(
-                request,
-                max_tokens=max_tokens,
-                logprobs=request.logprobs,
-                prompt_logprobs=self._prompt_logprobs_k(request),
-            )
-            jobs.append((f"{base_id}-{i}", prompt.token_ids, params))
+        params = build_sampling_params(
+            request,
+            max_tokens=1 if score_only else request.max_tokens,
+            logprobs=request.logprobs,
+            prompt_logprobs=self._prompt_logprobs_k(request),
+        )
+        jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
         streams: list[Any] = await self.submit(jobs)
         if score_only:
             streams = [_prompt_only(s) for s in streams]
@@ -92,7 +84,7 @@ class CompletionServing(OpenAIServing):
         ]
         return max(wanted) if wanted else None
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         raw = request.prompt
         if isinstance(raw, str):
             raw = [raw]
@@ -103,14 +95,19 @@ class CompletionServing(OpenAIServing):
         prompts = []
         for item in raw:
             if isinstance(item, str):
-                ids = self.encode(item, add_special_tokens=True)
-                self.check_token_ids(ids, "prompt")
+                ids = await self.encode(
+                    item, add_special_tokens=True, param="prompt", reserved_tokens=request.max_tokens
+                )
                 prompts.append(_Prompt(ids, item))
-            else:
+            else:  # the engine checks the ids against the vocabulary
                 ids = list(item)
-                self.check_token_ids(ids, "prompt")
-                prompts.append(_Prompt(ids, self.tokenizer.decode(ids) if request.echo else ""))
+                text = await self.prompts.run(self._echo_text, ids) if request.echo else ""
+                prompts.append(_Prompt(ids, text))
         return prompts
+
+    def _echo_text(self, ids: list[int]) -> str:
+        vocab = self.engine.vocab_size
+        return self.tokenizer.decode([t for t in ids if vocab is None or t < vocab])
 
     def _choice_logprobs(
         self, request: CompletionRequest, update: ChoiceUpdate, prompt: _Prompt, echoed: bool

@@ -19,6 +19,7 @@ import uvicorn
 from kubeinfer.engine.async_engine import AsyncLLMEngine
 from kubeinfer.engine.server.app import build_app
 from kubeinfer.engine.server.cli import SERVER_ONLY
+from kubeinfer.engine.server.http_protocol import KubeinferH11Protocol
 from kubeinfer.engine.server.logs import configure_logging
 from kubeinfer.engine.server.settings import ServerSettings
 
@@ -100,6 +101,8 @@ def run_server(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_waiting_requests=args.max_waiting_requests,
         drain_timeout=args.drain_timeout,
+        max_request_body_bytes=args.max_request_body_bytes,
+        max_header_bytes=args.max_header_bytes,
         log_level=args.log_level,
         log_requests=not args.disable_log_requests,
     )
@@ -118,6 +121,8 @@ def run_server(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        http=KubeinferH11Protocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = GracefulServer(uvicorn_config, engine, settings)
     server.run()
