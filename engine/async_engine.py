@@ -154,7 +154,9 @@ class _Tracker:
 def _default_engine_factory(config: EngineConfig) -> LLMEngine:
     from kubeinfer.engine.llm_engine import LLMEngine
 
-    return LLMEngine(config)
+    engine = LLMEngine(config)
+    engine.grammar_compiler.start_background_init()  # a server's first structured request need not wait for it
+    return engine
 
 
 class AsyncLLMEngine:

@@ -28,6 +28,7 @@ from kubeinfer.engine.model_runner import ModelRunner
 from kubeinfer.engine.outputs import Logprob, RequestOutput
 from kubeinfer.engine.prompt_logprobs import plan_prompt_logprobs, record_prompt_logprobs
 from kubeinfer.engine.sample import Sampler, SamplerOutput, SampleRow
+from kubeinfer.engine.sample.grammar import GrammarCompiler
 from kubeinfer.engine.sampling_params import SamplingParams
 from kubeinfer.engine.sequence import Request, Sequence
 
@@ -67,6 +68,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.model_config.vocab_size, self.runner.device)
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                list(self.model_config.eos_token_ids))
+        # Built on the first structured request (the server starts it in the background at start-up).
         self.requests: dict[str, Request] = {}
         self._pending_outputs: list[RequestOutput] = []  # aborted requests, handed out by the next step()
         self._eos_token_ids = set(self.model_config.eos_token_ids)
@@ -100,6 +104,8 @@ class LLMEngine:
         params.all_stop_token_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             params.all_stop_token_ids |= self._eos_token_ids
+        if params.structured_outputs is not None:  # InvalidGrammarError (a 400) when it does not compile
+            params.compiled_grammar = self.grammar_compiler.compile(params.structured_outputs)
 
         request = Request(request_id, prompt_text, token_ids, params, arrival_time)
         seq = request.seqs[0]
@@ -291,6 +297,8 @@ class LLMEngine:
             metrics.first_token_time = now
         metrics.last_token_time = now
         self._check_stop(seq, token_id)
+        if seq.finish_reason is None and self.sampler.constraints_complete(seq.seq_id):
+            seq.finish_reason = "stop"  # its grammar ended (ignore_eos or min_tokens kept it going): nothing may follow
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             self.sampler.free_sequence(seq.seq_id)

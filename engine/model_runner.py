@@ -28,6 +28,7 @@ from kubeinfer.engine.config import (
     EngineConfig,
 )
 from kubeinfer.engine.core.scheduler import ScheduledSeq
+from kubeinfer.engine.cuda_graphs import MAX_CAPTURE_BATCH_SIZE, DecodeGraphs, graphs_off_reason
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.ports import free_port
 from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
@@ -138,12 +139,19 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (GPU, rank 0 only)
+        self.cuda_graphs_off: str | None = None  # why decode runs eagerly (None: graphs on)
         if rank == 0:
             try:
                 if self.workers is not None:
                     self.workers.results()  # every shard loaded
                 self.num_blocks = self._determine_num_blocks()
                 self._on_all_ranks("allocate_kv_cache", self.num_blocks)
+                self.cuda_graphs_off = graphs_off_reason(config, self.device, self.world_size)
+                if self.cuda_graphs_off is None:
+                    self.enable_decode_graphs()
+                else:
+                    logger.info("decode steps run without CUDA graphs: %s", self.cuda_graphs_off)
             except BaseException:
                 self.shutdown()
                 raise
@@ -257,6 +265,20 @@ class ModelRunner:
         flat = buffer.view(cfg.dtype).view(cfg.num_layers, 2, *shape)
         return [(flat[i, 0], flat[i, 1]) for i in range(cfg.num_layers)]
 
+    def enable_decode_graphs(self, emulate: bool = False) -> None:
+        """Capture the decode graphs (``emulate``: re-run the captured Python instead, to check the padding and
+        static buffers on the CPU; see ``cuda_graphs``)."""
+        start = time.perf_counter()
+        graphs = DecodeGraphs(
+            lambda ids, positions, md: self.model(ids, positions, md, self.kv_caches), device=self.device,
+            max_batch_size=min(self.config.max_num_seqs, MAX_CAPTURE_BATCH_SIZE),
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size), block_size=self.block_size,
+            max_seq_len=self.max_model_len, emulate=emulate)
+        graphs.capture()
+        self.decode_graphs, self.cuda_graphs_off = graphs, None
+        logger.info("decode CUDA graphs%s for batch sizes %s captured in %.1f s",
+                    " (emulated)" if emulate else "", graphs.sizes, time.perf_counter() - start)
+
     # ---- one step -------------------------------------------------------------------------
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -335,8 +357,11 @@ class ModelRunner:
         """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)
         and the scores of ``prompt_rows``."""
         self.copy_blocks(block_copies)
-        input_ids, positions, md = batch.to_device(self.device)
-        hidden = self.model(input_ids, positions, md, self.kv_caches)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            hidden = self.decode_graphs.run(batch)
+        else:
+            input_ids, positions, md = batch.to_device(self.device)
+            hidden = self.model(input_ids, positions, md, self.kv_caches)
         scores = score_prompt_rows(self.model, hidden, prompt_rows) if prompt_rows is not None else None
         if logits_rows is None:
             return None, scores
@@ -346,4 +371,5 @@ class ModelRunner:
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),
                 "dtype": str(self.model_config.dtype), "max_model_len": self.max_model_len,
-                "kv_cache_bytes": self.num_blocks * self.bytes_per_block}
+                "kv_cache_bytes": self.num_blocks * self.bytes_per_block,
+                "cuda_graphs": self.decode_graphs.sizes if self.decode_graphs else f"off ({self.cuda_graphs_off})"}

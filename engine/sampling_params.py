@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubeinfer.engine.errors import InvalidRequestError
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
@@ -38,10 +40,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM's: JSON schema, regex, choice, grammar
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # sample only among these
     # Filled in by the engine: the model's EOS ids plus stop_token_ids (min_tokens suppresses them).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)
+    # Filled in by the engine: the compiled grammar of ``structured_outputs`` (shared by the request's sequences).
+    compiled_grammar: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -105,6 +110,8 @@ class SamplingParams:
             check(bool(self.allowed_token_ids), "allowed_token_ids", "allowed_token_ids must not be empty")
             check(all(is_int(t) and t >= 0 for t in self.allowed_token_ids), "allowed_token_ids",
                   "allowed_token_ids must be non-negative integers")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              "structured_outputs", "structured_outputs must be a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:

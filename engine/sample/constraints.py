@@ -60,10 +60,17 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Set to -inf, in place, the logits of ``rows`` whose bit in the matching ``bitmask`` row is clear."""
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    """Set to -inf, in place, the logits of ``rows`` whose bit in the matching ``bitmask`` row is clear
+    (xgrammar's kernel: 10-100x faster than unpacking the bits with torch on the CPU)."""
+    import xgrammar as xgr
+
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
+        return
+    full = torch.full((logits.shape[0], bitmask.shape[1]), -1, dtype=torch.int32, device=bitmask.device)
+    full[torch.tensor(rows, dtype=torch.long, device=bitmask.device)] = bitmask
+    xgr.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1], indices=rows)
 
 
 class AllowedTokenIds:
@@ -86,7 +93,11 @@ class AllowedTokenIds:
 
 def make_constraints(params: SamplingParams, vocab_size: int) -> list[TokenConstraint]:
     """The constraints one sequence of a request with ``params`` samples under (most requests: none)."""
+    from kubeinfer.engine.sample.grammar import GrammarConstraint
+
     constraints: list[TokenConstraint] = []
+    if params.compiled_grammar is not None:  # structured outputs (compiled by the engine in add_request)
+        constraints.append(GrammarConstraint(params.compiled_grammar))
     if params.allowed_token_ids:
         constraints.append(AllowedTokenIds(params.allowed_token_ids, vocab_size))
     return constraints

@@ -5,7 +5,8 @@ The engine registers a sequence (``add_sequence`` / ``fork_sequence``), describe
 the sequence finishes or is aborted. Everything that creates or updates state runs here, under
 ``torch.inference_mode``.
 
-Per row, in vLLM's order: allowed-token constraints, ``logit_bias``, ``min_tokens`` (stop ids masked),
+Per row, in vLLM's order: allowed-token constraints (a structured-output grammar's mask is filled by a
+worker thread between ``prepare`` and ``sample``, that is while the forward runs; ``grammar.py``), ``logit_bias``, ``min_tokens`` (stop ids masked),
 penalties; then greedy rows take the argmax and random rows are scaled by temperature, filtered by
 top-k, top-p and min-p and drawn with the exponential race, from the request's own generator when it
 has a seed. Logprobs are the model's raw log-softmax (vLLM's default ``raw_logprobs``). When every
@@ -19,12 +20,16 @@ and the other rows sample normally.
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from kubeinfer.engine import faults
 from kubeinfer.engine.sample.constraints import allocate_bitmask, apply_bitmask, make_constraints
 from kubeinfer.engine.sample.filters import apply_min_p, apply_top_k_top_p, exponential_race
+from kubeinfer.engine.sample.grammar import GrammarConstraint, fill_bitmasks
 from kubeinfer.engine.sample.logit_bias import apply_logit_bias, bias_tensors
 from kubeinfer.engine.sample.penalties import apply_penalties
 from kubeinfer.engine.sample.state import SequenceSamplingState, make_generator
@@ -64,6 +69,7 @@ class SamplingBatch:
     repetition: torch.Tensor | None = None
     mask_rows: list[int] = field(default_factory=list)  # rows with constraints, and their bitmask rows
     bitmask: torch.Tensor | None = None
+    pending_masks: Future[None] | None = None  # grammar rows of ``bitmask`` still being filled
     bias_rows: list[int] = field(default_factory=list)
     biases: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     suppress: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, ids) masked by min_tokens
@@ -95,6 +101,8 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = device
         self._states: dict[int, SequenceSamplingState] = {}
+        self._mask_worker: ThreadPoolExecutor | None = None  # fills grammar masks while the forward runs
+        self.timings: dict[str, float] = defaultdict(float)  # seconds: grammar_wait, mask_apply
 
     # ---- per-sequence state ---------------------------------------------------------------
     @torch.inference_mode()
@@ -114,6 +122,11 @@ class Sampler:
     @property
     def num_sequences(self) -> int:
         return len(self._states)
+
+    def constraints_complete(self, seq_id: int) -> bool:
+        """Whether one of the sequence's constraints is complete (a grammar that accepted its stop token)."""
+        state = self._states.get(seq_id)
+        return state is not None and any(getattr(c, "is_terminated", False) for c in state.constraints)
 
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._states
@@ -138,9 +151,14 @@ class Sampler:
         if constrained:
             bitmask = allocate_bitmask(len(constrained), self.vocab_size)
             scratch = None
+            grammars: list[tuple[int, GrammarConstraint]] = []  # filled by the mask worker during the forward
             for k, i in enumerate(constrained):
                 state = batch.states[i]
                 assert state is not None
+                if len(state.constraints) == 1 and isinstance(state.constraints[0], GrammarConstraint):
+                    if not state.constraints[0].is_terminated:  # a complete grammar's sequence is finishing
+                        grammars.append((k, state.constraints[0]))
+                    continue
                 try:
                     for j, constraint in enumerate(state.constraints):
                         if j == 0:
@@ -153,6 +171,11 @@ class Sampler:
                     batch.failed[i] = exc
                     bitmask[k] = -1
             batch.mask_rows, batch.bitmask = constrained, bitmask
+            if grammars:
+                if self._mask_worker is None:
+                    self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+                batch.pending_masks = self._mask_worker.submit(
+                    fill_bitmasks, [c for _, c in grammars], bitmask, [k for k, _ in grammars])
         for i, state in enumerate(batch.states):
             if state is not None and state.logit_bias is not None:
                 batch.bias_rows.append(i)
@@ -215,8 +238,14 @@ class Sampler:
             faults.inject("sample", p.seed)
         raw = logits.float()
         logits = raw.clone() if batch.processes_in_place else raw
+        if batch.pending_masks is not None:
+            t0 = time.perf_counter()
+            batch.pending_masks.result()  # the grammar masks, filled while the forward ran
+            self.timings["grammar_wait"] += time.perf_counter() - t0
         if batch.bitmask is not None:
+            t0 = time.perf_counter()
             apply_bitmask(logits, batch.bitmask, batch.mask_rows)
+            self.timings["mask_apply"] += time.perf_counter() - t0
         if batch.biases:
             apply_logit_bias(logits, batch.bias_rows, batch.biases)
         for row, ids in batch.suppress:

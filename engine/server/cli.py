@@ -47,6 +47,9 @@ def _optional_seconds(value: str) -> float | None:
     return _positive_float(value)
 
 
+TOOL_CALL_PARSERS = ["hermes", "qwen", "llama3_json", "mistral"]  # = server/tools/parsers.py's (a test checks)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubeinfer.engine.server.settings import BODY_BYTES_EXTRA, BODY_BYTES_PER_TOKEN, ServerSettings
 
@@ -81,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument(
-        "--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="GPU: no CUDA graphs"
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run every step eagerly. Default: on one CUDA GPU, decode steps of up to 256 sequences replay "
+        "CUDA graphs captured at start-up (one per padded batch size); prefills, mixed steps, the CPU and "
+        "tensor parallelism always run eagerly",
     )
 
     server = parser.add_argument_group("server")
@@ -99,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=defaults.drain_timeout,
         help="seconds to finish in-flight requests after SIGTERM",
+    )
+    server.add_argument(
+        "--chat-template",
+        default=defaults.chat_template,
+        help="chat template (a Jinja file or the template itself) instead of the model's",
+    )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.enable_auto_tool_choice,
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=defaults.tool_call_parser,
+        choices=TOOL_CALL_PARSERS,
+        help="how tool calls are found in the model's text for tool_choice auto",
     )
     server.add_argument(
         "--max-request-body-bytes",
@@ -173,6 +198,9 @@ SERVER_ONLY = {
     "max_header_bytes",
     "log_level",
     "disable_log_requests",
+    "chat_template",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
 }
 
 

@@ -33,6 +33,7 @@ from kubeinfer.engine.server.protocol import (
 )
 from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
+from kubeinfer.engine.server.structured import structured_outputs_of
 
 
 @dataclass
@@ -51,6 +52,7 @@ class CompletionServing(OpenAIServing):
         score_only = request.max_tokens == 0
         if score_only and not request.echo:
             raise bad_request("max_tokens must be at least 1 (0 is only allowed with echo)", "max_tokens")
+        structured = structured_outputs_of(request)
         prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
         params = build_sampling_params(
@@ -58,6 +60,7 @@ class CompletionServing(OpenAIServing):
             max_tokens=1 if score_only else request.max_tokens,
             logprobs=request.logprobs,
             prompt_logprobs=self._prompt_logprobs_k(request),
+            structured_outputs=structured,
         )
         jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
         streams: list[Any] = await self.submit(jobs)

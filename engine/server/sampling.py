@@ -29,6 +29,8 @@ def build_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     n: int | None = None,
+    structured_outputs: Any = None,
+    skip_special_tokens: bool | None = None,
 ) -> Any:
     from kubeinfer.engine.errors import InvalidRequestError
     from kubeinfer.engine.sampling_params import SamplingParams
@@ -45,8 +47,11 @@ def build_sampling_params(
         "min_tokens": request.min_tokens,
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
-        "skip_special_tokens": request.skip_special_tokens,
+        "skip_special_tokens": request.skip_special_tokens
+        if skip_special_tokens is None
+        else skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
+        "structured_outputs": structured_outputs,
         "logit_bias": logit_bias_ids(request.logit_bias),
         "allowed_token_ids": request.allowed_token_ids,
     }

@@ -95,6 +95,16 @@ def run_server(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         logger.error("invalid engine configuration: %s", exc)
         return 2
+    from kubeinfer.engine.server.chat_template import load_chat_template
+
+    try:
+        chat_template = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        logger.error("--enable-auto-tool-choice needs --tool-call-parser")
+        return 2
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -105,6 +115,9 @@ def run_server(args: argparse.Namespace) -> int:
         max_header_bytes=args.max_header_bytes,
         log_level=args.log_level,
         log_requests=not args.disable_log_requests,
+        chat_template=chat_template,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     engine = AsyncLLMEngine(
         config,

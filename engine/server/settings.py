@@ -26,6 +26,9 @@ class ServerSettings:
     log_level: str = "info"
     log_requests: bool = True
     retry_after_s: int = 1  # Retry-After on 429 and 503
+    chat_template: str | None = None  # the template text (--chat-template), instead of the model's
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
     max_request_body_bytes: int | None = None  # None: default_max_request_body_bytes(max_model_len)
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     request_timeout: float | None = 600.0  # seconds from arrival to the last byte; None: no limit
