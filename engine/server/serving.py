@@ -76,6 +76,8 @@ class OpenAIServing:
         self.check_model(request.model)
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
     def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""
