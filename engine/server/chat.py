@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 from kubeinfer.engine.server.chat_template import render_chat
-from kubeinfer.engine.server.logprobs import chat_logprobs
+from kubeinfer.engine.server.choices import ChoiceStream, ChoiceUpdate, sse_events
+from kubeinfer.engine.server.logprobs import chat_logprobs, engine_prompt_logprobs
 from kubeinfer.engine.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -22,7 +23,6 @@ from kubeinfer.engine.server.protocol import (
 )
 from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
-from kubeinfer.engine.server.streaming import SSE_DONE, sse
 from kubeinfer.engine.server.structured import structured_outputs_of
 from kubeinfer.engine.server.tools.output import ChoiceTools
 from kubeinfer.engine.server.tools.plan import ToolPlan, plan_tools, tool_definitions
@@ -43,31 +43,29 @@ class ChatServing(OpenAIServing):
             request,
             max_tokens=request.requested_max_tokens(),
             logprobs=top if request.logprobs else None,
+            prompt_logprobs=request.prompt_logprobs,
             structured_outputs=structured,
             skip_special_tokens=False if plan.keep_special_tokens else None,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        [stream] = await self.submit([(request_id, prompt_ids, params)], prompt_param="messages")
+        streams = await self.submit([(request_id, prompt_ids, params)], prompt_param="messages")
+        choices = ChoiceStream(streams, request.n, with_logprobs=request.logprobs)
 
         async def collect() -> ChatCompletionResponse:
-            final = None
-            try:
-                async for output in stream:
-                    final = output
-            finally:
-                await stream.aclose()
-            assert final is not None
-            return self._response(request_id, request, final, plan)
+            [final] = await choices.collect()
+            return self._response(request_id, request, final, plan, choices.usage())
 
         return await self.respond(
             raw,
             stream=request.stream,
             collect=collect,
-            events=lambda: self._events(request_id, request, stream, plan),
+            events=lambda: self._events(request_id, request, choices, plan),
         )
 
     async def _render_prompt(self, request: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
-        text = await self.prompts.run(self.render_text, request, plan)  # templates of long chats take time too
+        text = await self.prompts.run(
+            self.render_text, request, plan
+        )  # templates of long chats take time too
         return await self.encode(  # the engine validates the ids and the context length
             text, add_special_tokens=False, param="messages", reserved_tokens=request.requested_max_tokens()
         )
@@ -94,7 +92,7 @@ class ChatServing(OpenAIServing):
         )
 
     def _response(
-        self, request_id: str, request: ChatCompletionRequest, final: Any, plan: ToolPlan
+        self, request_id: str, request: ChatCompletionRequest, final: Any, plan: ToolPlan, usage: UsageInfo
     ) -> ChatCompletionResponse:
         choices = []
         for c in final.outputs:
@@ -109,72 +107,53 @@ class ChatServing(OpenAIServing):
                     stop_reason=c.stop_reason,
                 )
             )
-        prompt_tokens = len(final.prompt_token_ids)
-        completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-        usage = UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=usage,
+            prompt_logprobs=engine_prompt_logprobs(final) if request.prompt_logprobs is not None else None,
         )
-        return ChatCompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
-    async def _events(
-        self, request_id: str, request: ChatCompletionRequest, stream: Any, plan: ToolPlan
+    def _events(
+        self, request_id: str, request: ChatCompletionRequest, choices: ChoiceStream, plan: ToolPlan
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            return sse(
-                ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
-            )
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
         tools = [ChoiceTools(plan) for _ in range(request.n)]
-        sent_tokens = [0] * request.n
-        finished = [False] * request.n
-        yield chunk(
+
+        def deltas(updates: list[ChoiceUpdate]) -> ChatCompletionChunk | None:
+            out = []
+            for u in updates:
+                c, choice_tools = u.output, tools[u.index]
+                delta_text, call_deltas = choice_tools.delta(c.text, u.finished)
+                logprobs = self._logprobs(request, c, u.token_start)
+                if not delta_text and not call_deltas and not u.finished and logprobs is None:
+                    continue  # text the tool-call parser holds back
+                out.append(
+                    ChatStreamChoice(
+                        index=u.index,
+                        delta=DeltaMessage(
+                            content=delta_text or ("" if not call_deltas else None),
+                            tool_calls=call_deltas or None,
+                        ),
+                        logprobs=logprobs,
+                        finish_reason=choice_tools.finish_reason(c.finish_reason, choice_tools.has_calls),
+                        stop_reason=c.stop_reason,
+                    )
+                )
+            return chunk(out) if out else None
+
+        role = chunk(
             [
                 ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(request.n)
             ]
         )
-        final = None
-        try:
-            async for output in stream:
-                final = output
-                choices = []
-                for c in output.outputs:
-                    i = c.index
-                    if finished[i]:
-                        continue
-                    finished[i] = c.finish_reason is not None
-                    delta_text, call_deltas = tools[i].delta(c.text, finished[i])
-                    logprobs = self._logprobs(request, c, sent_tokens[i])
-                    sent_tokens[i] = len(c.token_ids)
-                    if not delta_text and not call_deltas and not finished[i] and logprobs is None:
-                        continue
-                    choices.append(
-                        ChatStreamChoice(
-                            index=i,
-                            delta=DeltaMessage(
-                                content=delta_text or ("" if not call_deltas else None),
-                                tool_calls=call_deltas or None,
-                            ),
-                            logprobs=logprobs,
-                            finish_reason=tools[i].finish_reason(c.finish_reason, tools[i].has_calls),
-                            stop_reason=c.stop_reason,
-                        )
-                    )
-                if choices:
-                    yield chunk(choices)
-        finally:
-            await stream.aclose()
-        if request.wants_usage_in_stream() and final is not None:
-            prompt_tokens = len(final.prompt_token_ids)
-            completion_tokens = sum(len(c.token_ids) for c in final.outputs)
-            yield chunk(
-                [],
-                UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                ),
-            )
-        yield SSE_DONE
+        return sse_events(
+            choices,
+            deltas,
+            usage_chunk=(lambda usage: chunk([], usage)) if request.wants_usage_in_stream() else None,
+            preamble=[role],
+        )

@@ -173,6 +173,7 @@ class SamplingFields(OpenAIRequest):
     stop_token_ids: list[NonNegativeInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
@@ -218,7 +219,7 @@ class CompletionRequest(SamplingFields):
     prompt: CompletionPrompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for the legacy endpoint
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
     best_of: int | None = Field(None, ge=1)
     suffix: None = Field(None, description="not supported: must be absent or null")
 
@@ -276,6 +277,17 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's per-token entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(OpenAIModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -283,6 +295,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIModel):
@@ -321,6 +334,7 @@ class CompletionChoice(OpenAIModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIModel):

@@ -27,6 +27,7 @@ def build_sampling_params(
     *,
     max_tokens: int | None,
     logprobs: int | None,
+    prompt_logprobs: int | None = None,
     n: int | None = None,
     structured_outputs: Any = None,
     skip_special_tokens: bool | None = None,
@@ -45,6 +46,7 @@ def build_sampling_params(
         "ignore_eos": request.ignore_eos,
         "min_tokens": request.min_tokens,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
         "skip_special_tokens": request.skip_special_tokens
         if skip_special_tokens is None
         else skip_special_tokens,

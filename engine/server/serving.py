@@ -78,6 +78,8 @@ class OpenAIServing:
         stop token ids outside the vocabulary."""
         self.check_model(request.model)
         self.check_stop_token_ids(request)
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
     def check_stop_token_ids(self, request: SamplingFields) -> None:
         vocab = self.engine.vocab_size

@@ -162,13 +162,13 @@ def test_gpu_taint_toleration_can_be_turned_off(settings: OperatorSettings) -> N
 def test_engine_flags_env_and_extra_args() -> None:
     im = make_model({"model": {**HF, "revision": "v2"}, "engine": {
         "maxNumSeqs": 64, "maxNumBatchedTokens": 4096, "blockSize": 32, "gpuMemoryUtilization": 0.85,
-        "dtype": "bfloat16", "enablePrefixCaching": False, "extraArgs": ["--seed", "7"],
+        "dtype": "bfloat16", "enablePrefixCaching": False, "quantization": "int8", "extraArgs": ["--seed", "7"],
         "env": [{"name": "HF_HOME", "value": "/elsewhere"}, {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]}})
     assert engine_args(im.spec) == [
         "--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "meta-llama/Llama-3.1-8B-Instruct",
         "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "1", "--dtype", "bfloat16",
         "--max-num-seqs", "64", "--max-num-batched-tokens", "4096", "--block-size", "32",
-        "--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching", "--seed", "7"]
+        "--gpu-memory-utilization", "0.85", "--quantization", "int8", "--no-enable-prefix-caching", "--seed", "7"]
     settings = OperatorSettings()
     assert container(render_deployment(im, settings))["env"] == [
         {"name": "KUBEINFER_DRAIN_TIMEOUT", "value": "110"},
@@ -204,14 +204,34 @@ def test_hpa_exact() -> None:
             "metrics": [{"type": "Pods", "pods": {"metric": {"name": "queue_depth"},
                                                   "target": {"type": "AverageValue", "averageValue": "3"}}}],
             "behavior": {
-                "scaleUp": {"stabilizationWindowSeconds": 0,
-                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]},
-                "scaleDown": {"stabilizationWindowSeconds": 600,
+                "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max",
+                            "policies": [{"type": "Pods", "value": 8, "periodSeconds": 15}]},
+                "scaleDown": {"stabilizationWindowSeconds": 600, "selectPolicy": "Max",
                               "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]},
             },
         },
     }
     assert render_hpa(make_model({"model": HF}), "queue_depth") is None
+
+
+def test_hpa_scale_up_jumps_to_the_needed_count_by_default() -> None:
+    """One evaluation may add up to maxReplicas pods: 1 -> 8 in one step, not one pod per period."""
+    im = make_model({"model": HF, "autoscaling": {"enabled": True, "maxReplicas": 8}})
+    up = render_hpa(im, "q")["spec"]["behavior"]["scaleUp"]
+    assert up["stabilizationWindowSeconds"] == 0
+    assert up["policies"] == [{"type": "Pods", "value": 8, "periodSeconds": 15}]
+
+
+def test_hpa_behavior_is_configurable() -> None:
+    im = make_model({"model": HF, "autoscaling": {
+        "enabled": True, "maxReplicas": 10,
+        "scaleUp": {"podsPerPeriod": 2, "percentPerPeriod": 50, "periodSeconds": 30, "stabilizationWindowSeconds": 5},
+        "scaleDown": {"stabilizationWindowSeconds": 10, "podsPerPeriod": 3, "periodSeconds": 20}}})
+    behavior = render_hpa(im, "q")["spec"]["behavior"]
+    assert behavior["scaleUp"] == {"stabilizationWindowSeconds": 5, "selectPolicy": "Max", "policies": [
+        {"type": "Pods", "value": 2, "periodSeconds": 30}, {"type": "Percent", "value": 50, "periodSeconds": 30}]}
+    assert behavior["scaleDown"] == {"stabilizationWindowSeconds": 10, "selectPolicy": "Max",
+                                     "policies": [{"type": "Pods", "value": 3, "periodSeconds": 20}]}
 
 
 def test_pdb_only_with_more_than_one_replica() -> None:

@@ -40,9 +40,12 @@ ASK_WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
 def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = ServerProcess(["--api-key", API_KEY, "--max-num-seqs", "8", "--chat-template", str(TEMPLATE),
                           "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
-    proc.start(tmp_path_factory.mktemp("tool-server")).wait_ready(timeout=900)  # slow on a loaded machine
-    yield proc
-    proc.stop()
+    proc.start(tmp_path_factory.mktemp("tool-server"))
+    try:
+        proc.wait_ready(timeout=900)  # slow on a loaded machine
+        yield proc
+    finally:
+        proc.stop()  # also when it never got ready: no server left behind
 
 
 @pytest.fixture(scope="module")
