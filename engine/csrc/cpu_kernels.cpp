@@ -465,6 +465,72 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear layer for small batches: out[m] = T(x[m] . w[n] + bias[n]) with fp32 accumulation, weights in
+// the activations' dtype, row-major [N, K] as loaded (no packing). At batch 1 a linear only streams its
+// weights, so bf16 weights are half the bytes of fp32 ones; this is the path for bf16 on CPUs where
+// oneDNN cannot pack bf16, and for the smallest batches in fp32 where it beats oneDNN (bench/linear.py).
+// Threads split the output rows in blocks of 4; each block's 4 weight rows are streamed once and reused
+// from L1 for every pair of input rows. No allocation.
+template <typename T, int MR>
+inline void dot_rows(const T* x, int64_t x_stride, const T* w, int64_t nr, int64_t K, float sums[2][4]) {
+  int64_t k = 0;
+#if KI_SIMD > 0
+  if (nr == 4) {
+    vec::V acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = vec::set1(0.f);
+    for (; k + vec::W <= K; k += vec::W) {
+      const vec::V w0 = vec::load(w + k), w1 = vec::load(w + K + k), w2 = vec::load(w + 2 * K + k),
+                   w3 = vec::load(w + 3 * K + k);
+      for (int i = 0; i < MR; ++i) {
+        const vec::V xi = vec::load(x + i * x_stride + k);
+        acc[i][0] = vec::fmadd(xi, w0, acc[i][0]);
+        acc[i][1] = vec::fmadd(xi, w1, acc[i][1]);
+        acc[i][2] = vec::fmadd(xi, w2, acc[i][2]);
+        acc[i][3] = vec::fmadd(xi, w3, acc[i][3]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) sums[i][j] = vec::reduce_add(acc[i][j]);
+  } else
+#endif
+  {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) sums[i][j] = 0.f;
+  }
+  const int64_t tail = k;
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < nr; ++j) {
+      const T* xi = x + i * x_stride;
+      const T* wj = w + j * K;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t kk = tail; kk < K; ++kk) dot += to_float(xi[kk]) * to_float(wj[kk]);
+      sums[i][j] += dot;
+    }
+}
+
+template <typename T>
+void linear_small_batch(const T* x, int64_t x_stride, const T* w, const T* bias, T* out, int64_t out_stride,
+                        int64_t M, int64_t N, int64_t K, int num_threads) {
+  const int64_t blocks = (N + 3) / 4;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = 4 * b, nr = std::min<int64_t>(4, N - n0);
+    for (int64_t m = 0; m < M; m += 2) {
+      float sums[2][4];
+      const int64_t mr = std::min<int64_t>(2, M - m);
+      if (mr == 2) dot_rows<T, 2>(x + m * x_stride, x_stride, w + n0 * K, nr, K, sums);
+      else dot_rows<T, 1>(x + m * x_stride, x_stride, w + n0 * K, nr, K, sums);
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < nr; ++j)
+          out[(m + i) * out_stride + n0 + j] =
+              from_float<T>(sums[i][j] + (bias != nullptr ? to_float(bias[n0 + j]) : 0.f));
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -503,6 +569,13 @@ int ki_rotary_and_store(int dtype, const void* q, int64_t q_stride, const void* 
                                          static_cast<const T*>(v), v_stride, positions, cos_sin, static_cast<T*>(q_out),
                                          static_cast<T*>(k_cache), static_cast<T*>(v_cache), slots, tokens, num_heads,
                                          num_kv_heads, head_dim))
+}
+
+int ki_linear(int dtype, const void* x, int64_t x_stride, const void* weight, const void* bias, void* out,
+              int64_t out_stride, int64_t rows, int64_t out_features, int64_t in_features, int num_threads) {
+  KI_DISPATCH(dtype, linear_small_batch<T>(static_cast<const T*>(x), x_stride, static_cast<const T*>(weight),
+                                           static_cast<const T*>(bias), static_cast<T*>(out), out_stride, rows,
+                                           out_features, in_features, num_threads))
 }
 
 int ki_paged_decode_attention(int dtype, const void* q, int64_t q_stride, void* out, int64_t out_stride,

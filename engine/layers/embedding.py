@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kubeinfer.engine.layers import onednn
+from kubeinfer.engine.layers import cpu_linear
 from torch import nn
 
 
@@ -42,8 +42,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed_weight: torch.Tensor | None = None  # set by onednn.prepack_model on the CPU
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            logits = onednn.linear(hidden_states, self.packed_weight, None)
+        if hidden_states.device.type == "cpu":
+            logits = cpu_linear.linear(hidden_states, self.weight, self.packed_weight, None)
         else:
             logits = F.linear(hidden_states, self.weight)
         if self.tp_size > 1:

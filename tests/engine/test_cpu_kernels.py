@@ -222,3 +222,17 @@ def test_each_variant_has_its_own_cached_library(tmp_path, monkeypatch) -> None:
         cpu_features.detected_flags())}
     assert len(set(paths.values())) == len(paths)
     assert all(f"_{v}_" in p.name for v, p in paths.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 9])
+def test_small_batch_linear_matches_f_linear(dtype: torch.dtype, rows: int, variant: str) -> None:
+    torch.manual_seed(7)
+    weight, bias = torch.randn(4 * 37 + 3, 200, dtype=dtype), torch.randn(151, dtype=dtype)  # ragged row block, K tail
+    x = torch.randn(2, rows, 200, dtype=dtype)[1]  # a row view
+    got = cpu_kernels.linear(x, weight, bias)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]  # one rounding of ~14
+    torch.testing.assert_close(got.double(), expected, atol=tolerance * 14, rtol=tolerance)
+    assert got.dtype == dtype and got.shape == (rows, 151)
+    torch.testing.assert_close(cpu_kernels.linear(x.unsqueeze(0), weight), cpu_kernels.linear(x, weight).unsqueeze(0))
