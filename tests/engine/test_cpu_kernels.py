@@ -236,3 +236,27 @@ def test_small_batch_linear_matches_f_linear(dtype: torch.dtype, rows: int, vari
     torch.testing.assert_close(got.double(), expected, atol=tolerance * 14, rtol=tolerance)
     assert got.dtype == dtype and got.shape == (rows, 151)
     torch.testing.assert_close(cpu_kernels.linear(x.unsqueeze(0), weight), cpu_kernels.linear(x, weight).unsqueeze(0))
+
+
+def test_linear_work_pool_is_exact_and_safe_across_threads() -> None:
+    """Any number of pool threads gives the one-thread bits; callers on several threads do not mix jobs."""
+    import threading
+
+    torch.manual_seed(9)
+    weight = torch.randn(4096, 64)
+    inputs = [torch.randn(r, 64) for r in (1, 2, 5)]
+    expected = [cpu_kernels.linear(x, weight, num_threads=1) for x in inputs]
+    failures = []
+
+    def hammer() -> None:
+        for _ in range(50):
+            for x, want in zip(inputs, expected, strict=True):
+                if not torch.equal(cpu_kernels.linear(x, weight, num_threads=3), want):
+                    failures.append(x.shape)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
