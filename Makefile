@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt venv bench-offline bench-serve cluster-up cluster-down k8s-binaries images e2e clean
+.PHONY: run test lint fmt venv bench-offline bench-serve gpu-check cluster-up cluster-down k8s-binaries images e2e clean
 
 $(STAMP): pyproject.toml hack/install.sh
 	bash hack/install.sh
@@ -34,6 +34,11 @@ bench-offline: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(PY) bench/serve.py
+
+## On a CUDA machine: compiled-Triton tests, engine vs transformers, decode bench; one report (< 8 min).
+## `make gpu-check ARGS=--dry-run` runs the same pipeline on the CPU; ARGS="--out DIR" moves the report.
+gpu-check:
+	bash hack/gpu-check.sh $(ARGS)
 
 ## Build (once, cached in ~/.cache/kubeinfer) the Kubernetes control-plane binaries and tools.
 k8s-binaries:

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kubeinfer.engine.llm import LLM
-    from kubeinfer.engine.sampling_params import SamplingParams
+    from kubeinfer.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from kubeinfer.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from kubeinfer.engine.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams
     raise AttributeError(name)

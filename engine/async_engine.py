@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from kubeinfer.engine.errors import RequestFailedError
 from kubeinfer.engine.metrics import EngineSnapshot, ServingMetrics
 
 if TYPE_CHECKING:
@@ -153,7 +154,9 @@ class _Tracker:
 def _default_engine_factory(config: EngineConfig) -> LLMEngine:
     from kubeinfer.engine.llm_engine import LLMEngine
 
-    return LLMEngine(config)
+    engine = LLMEngine(config)
+    engine.grammar_compiler.start_background_init()  # a server's first structured request need not wait for it
+    return engine
 
 
 class AsyncLLMEngine:
@@ -403,8 +406,12 @@ class AsyncLLMEngine:
             self._call_in_loop(self._accept, accepted)
 
     def _step(self, engine: LLMEngine) -> None:
+        from kubeinfer.engine.llm_engine import EngineDeadError
+
         try:
             outputs = engine.step()
+        except EngineDeadError:
+            raise  # the loop ends: state "failed", /health 503, every stream gets an error
         except Exception:
             logger.exception("engine step failed; aborting the requests in flight")
             ids = list(self._trackers)
@@ -538,7 +545,8 @@ class AsyncLLMEngine:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
-                stream.put(output)
+                error = getattr(output, "error", None)
+                stream.put(output if error is None else RequestFailedError(error))
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.get(request_id)

@@ -53,7 +53,7 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = Field(default=1, ge=1)
     seed: int = 0
-    enforce_eager: bool = False  # GPU: skip CUDA graphs for decode
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps (engine/cuda_graphs.py)
 
     @field_validator("dtype")
     @classmethod

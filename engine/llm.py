@@ -7,6 +7,7 @@ from collections.abc import Sequence as SequenceOf
 from typing import Any
 
 from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.errors import RequestFailedError
 from kubeinfer.engine.llm_engine import LLMEngine
 from kubeinfer.engine.outputs import RequestOutput
 from kubeinfer.engine.sampling_params import SamplingParams
@@ -75,6 +76,9 @@ class LLM:
                     pending.discard(out.request_id)
                     finished[out.request_id] = out
         results = [finished[rid] for rid in ids]
+        failed = [out for out in results if out.error is not None]
+        if failed:
+            raise RequestFailedError(f"request {failed[0].request_id} failed: {failed[0].error}")
         for out, text in zip(results, texts, strict=True):
             if text is not None:
                 out.prompt = text

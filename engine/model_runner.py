@@ -1,10 +1,10 @@
-"""The model runner: loads the model, owns the KV cache, turns a scheduled step into tokens.
+"""The model runner: loads the model, owns the KV cache, turns a scheduled step into logits.
 
 Each step's sequences become one flat batch with no padding (input ids, positions, slot
 mapping, block tables, context lengths). Python work per step is O(number of sequences) plus
 O(new tokens): every sequence keeps a numpy copy of its block table that only ever receives its
 new blocks, and decode rows are a couple of list appends. Logits are computed only for the last
-token of each sequence that samples this step.
+token of each sequence that samples this step; the engine's sampler turns them into tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from kubeinfer.engine import faults
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
@@ -27,9 +28,10 @@ from kubeinfer.engine.config import (
     EngineConfig,
 )
 from kubeinfer.engine.core.scheduler import ScheduledSeq
+from kubeinfer.engine.cuda_graphs import MAX_CAPTURE_BATCH_SIZE, DecodeGraphs, graphs_off_reason
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
-from kubeinfer.engine.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from kubeinfer.engine.ports import free_port
+from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
 from kubeinfer.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -132,18 +134,24 @@ class ModelRunner:
         self.vocab_size = self.model_config.vocab_size
         self.num_kv_heads = self.model.num_kv_heads_per_rank
         self.max_model_len = self._resolve_max_model_len()
-        self.sampler = Sampler()
         self.timings: dict[str, float] = defaultdict(float)  # seconds per phase, summed over steps
         self.num_steps = 0
         torch.manual_seed(config.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps (GPU, rank 0 only)
+        self.cuda_graphs_off: str | None = None  # why decode runs eagerly (None: graphs on)
         if rank == 0:
             try:
                 if self.workers is not None:
                     self.workers.results()  # every shard loaded
                 self.num_blocks = self._determine_num_blocks()
                 self._on_all_ranks("allocate_kv_cache", self.num_blocks)
+                self.cuda_graphs_off = graphs_off_reason(config, self.device, self.world_size)
+                if self.cuda_graphs_off is None:
+                    self.enable_decode_graphs()
+                else:
+                    logger.info("decode steps run without CUDA graphs: %s", self.cuda_graphs_off)
             except BaseException:
                 self.shutdown()
                 raise
@@ -257,6 +265,20 @@ class ModelRunner:
         flat = buffer.view(cfg.dtype).view(cfg.num_layers, 2, *shape)
         return [(flat[i, 0], flat[i, 1]) for i in range(cfg.num_layers)]
 
+    def enable_decode_graphs(self, emulate: bool = False) -> None:
+        """Capture the decode graphs (``emulate``: re-run the captured Python instead, to check the padding and
+        static buffers on the CPU; see ``cuda_graphs``)."""
+        start = time.perf_counter()
+        graphs = DecodeGraphs(
+            lambda ids, positions, md: self.model(ids, positions, md, self.kv_caches), device=self.device,
+            max_batch_size=min(self.config.max_num_seqs, MAX_CAPTURE_BATCH_SIZE),
+            max_blocks_per_seq=-(-self.max_model_len // self.block_size), block_size=self.block_size,
+            max_seq_len=self.max_model_len, emulate=emulate)
+        graphs.capture()
+        self.decode_graphs, self.cuda_graphs_off = graphs, None
+        logger.info("decode CUDA graphs%s for batch sizes %s captured in %.1f s",
+                    " (emulated)" if emulate else "", graphs.sizes, time.perf_counter() - start)
+
     # ---- one step -------------------------------------------------------------------------
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -310,36 +332,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], block_copies: list[tuple[int, int]],
-                sample_rows: list[int], sample_seqs: list[Sequence]) -> SamplerOutput | None:
-        """Run one step. ``sample_rows[i]`` is the scheduled index whose last token's logits
-        ``sample_seqs[i]`` samples from (an ``n > 1`` fork repeats its parent's row)."""
+                sample_rows: list[int], prompt_rows: PromptLogprobRows | None = None
+                ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """Run one step's forward: the float32 logits ``[len(sample_rows), vocab]`` of the last token of
+        each scheduled index in ``sample_rows`` (an ``n > 1`` fork repeats its parent's row), or None;
+        and the scores of ``prompt_rows`` for prompt logprobs, from the same forward."""
+        for item in scheduled:
+            faults.inject("forward", item.seq.params.seed)
         t0 = time.perf_counter()
         batch = self.prepare(scheduled)
-        sampling = SamplingBatch.build(sample_seqs, self.vocab_size, self.device) if sample_seqs else None
-        logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_seqs else None
+        logits_rows = (np.cumsum(batch.query_lens) - 1)[sample_rows] if sample_rows else None
         t1 = time.perf_counter()
-        logits, _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows)
-        t2 = time.perf_counter()
-        result = self.sampler(logits, sampling) if sampling is not None else None
-        t3 = time.perf_counter()
+        (logits, prompt_scores), _ = self._on_all_ranks("forward_step", batch, block_copies, logits_rows,
+                                                        prompt_rows)
         self.timings["prepare"] += t1 - t0
-        self.timings["forward"] += t2 - t1
-        self.timings["sample"] += t3 - t2
+        self.timings["forward"] += time.perf_counter() - t1
         self.num_steps += 1
-        return result
+        return logits, prompt_scores
 
     @torch.inference_mode()
     def forward_step(self, batch: HostBatch, block_copies: list[tuple[int, int]],
-                     logits_rows: np.ndarray | None) -> torch.Tensor | None:
-        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)."""
+                     logits_rows: np.ndarray | None, prompt_rows: PromptLogprobRows | None = None
+                     ) -> tuple[torch.Tensor | None, PromptScores | None]:
+        """The model's part of a step, on every rank: the float32 logits of ``logits_rows`` (None: none)
+        and the scores of ``prompt_rows``."""
         self.copy_blocks(block_copies)
-        input_ids, positions, md = batch.to_device(self.device)
-        hidden = self.model(input_ids, positions, md, self.kv_caches)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            hidden = self.decode_graphs.run(batch)
+        else:
+            input_ids, positions, md = batch.to_device(self.device)
+            hidden = self.model(input_ids, positions, md, self.kv_caches)
+        scores = score_prompt_rows(self.model, hidden, prompt_rows) if prompt_rows is not None else None
         if logits_rows is None:
-            return None
-        return self.model.compute_logits(hidden.index_select(0, torch.as_tensor(logits_rows, device=self.device)))
+            return None, scores
+        rows = torch.as_tensor(logits_rows, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows)), scores
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),
                 "dtype": str(self.model_config.dtype), "max_model_len": self.max_model_len,
-                "kv_cache_bytes": self.num_blocks * self.bytes_per_block}
+                "kv_cache_bytes": self.num_blocks * self.bytes_per_block,
+                "cuda_graphs": self.decode_graphs.sizes if self.decode_graphs else f"off ({self.cuda_graphs_off})"}

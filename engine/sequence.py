@@ -3,6 +3,8 @@
 A request starts with a single sequence that prefills the prompt. When that prefill is done
 and ``n > 1``, the sequence forks: the children share every prompt block (reference counts),
 and the shared last partial block is copied on first write (see ``BlockManager``).
+Sampling state (generators, penalty counts, constraints) is not here: the sampler owns it, keyed by
+``seq_id`` (``engine/sample/``).
 """
 
 from __future__ import annotations
@@ -10,13 +12,10 @@ from __future__ import annotations
 import itertools
 import time
 from enum import Enum, auto
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubeinfer.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kubeinfer.engine.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    import torch
 
 _seq_ids = itertools.count()
 
@@ -39,7 +38,6 @@ class Sequence:
         self.block_hashes: list[int] = []  # hash chain of the full blocks of token_ids
         self.num_registered_blocks = 0  # head of block_table already published to the prefix cache
         self.status = SequenceStatus.WAITING
-        self.generator: torch.Generator | None = None
         # Output side.
         self.output_text = ""
         self.logprobs: list[dict[int, Logprob]] | None = [] if request.params.logprobs is not None else None
@@ -47,7 +45,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
-        self.penalty_state: Any = None  # sampler-owned per-sequence tensors
         self.runner_state: Any = None  # model-runner-owned cache of the block table
 
     def __repr__(self) -> str:
@@ -116,6 +113,14 @@ class Request:
         self.forked = params.n == 1
         self.seqs: list[Sequence] = [Sequence(self, list(prompt_token_ids), 0)]
         self.aborted = False
+        # Filled by prompt_logprobs.py as the prefill goes; the first prompt token has none.
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether some prompt token still has to be scored (then no prefix-cache hit may skip it)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -132,4 +137,5 @@ class Request:
             finished=finished,
             metrics=self.metrics,
             num_cached_tokens=self.num_cached_tokens,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
         )

@@ -86,7 +86,8 @@ class Scheduler:
             seats = 1 if seq.request.forked else seq.request.params.n  # an unforked n>1 request grows
             if len(self.running) + seats > self.max_num_seqs:
                 break
-            computed = bm.get_computed_blocks(seq)
+            # Prompt logprobs need the forward of every prompt position: no hit may skip one.
+            computed = [] if seq.request.needs_prompt_logprobs else bm.get_computed_blocks(seq)
             num_cached = len(computed) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             if not bm.allocate_slots(seq, num_new, computed):

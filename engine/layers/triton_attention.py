@@ -45,6 +45,9 @@ import triton.language as tl
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
+# Every per-step fact is read from device memory and no host sync happens: steps can be captured in CUDA
+# graphs (engine/cuda_graphs.py); the host facts (max_seq_len, num_seqs) only pick the launch shape.
+CUDA_GRAPH_SAFE = True
 
 
 # --------------------------------------------------------------------------- KV-cache write

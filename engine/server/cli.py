@@ -31,7 +31,29 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _size(value: str) -> int:
+    from kubeinfer.engine.config import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _optional_seconds(value: str) -> float | None:
+    """Seconds, or 0 / none / off for no limit."""
+    if value.strip().lower() in ("", "0", "none", "off"):
+        return None
+    return _positive_float(value)
+
+
+TOOL_CALL_PARSERS = ["hermes", "qwen", "llama3_json", "mistral"]  # = server/tools/parsers.py's (a test checks)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from kubeinfer.engine.server.settings import BODY_BYTES_EXTRA, BODY_BYTES_PER_TOKEN, ServerSettings
+
+    defaults = ServerSettings()
     parser = argparse.ArgumentParser(
         prog="kubeinfer serve",
         description="OpenAI-compatible LLM server. Every flag can also be set as KUBEINFER_<FLAG> "
@@ -62,24 +84,59 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     engine.add_argument(
-        "--enforce-eager", action=argparse.BooleanOptionalAction, default=False, help="GPU: no CUDA graphs"
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run every step eagerly. Default: on one CUDA GPU, decode steps of up to 256 sequences replay "
+        "CUDA graphs captured at start-up (one per padded batch size); prefills, mixed steps, the CPU and "
+        "tensor parallelism always run eagerly",
     )
 
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="0.0.0.0")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--host", default=defaults.host)
+    server.add_argument("--port", type=int, default=defaults.port)
     server.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1/*")
     server.add_argument(
         "--max-waiting-requests",
         type=_positive_int,
-        default=None,
+        default=defaults.max_waiting_requests,
         help="answer 429 when this many requests already wait (default: no limit)",
     )
     server.add_argument(
         "--drain-timeout",
         type=_positive_float,
-        default=30.0,
+        default=defaults.drain_timeout,
         help="seconds to finish in-flight requests after SIGTERM",
+    )
+    server.add_argument(
+        "--chat-template",
+        default=defaults.chat_template,
+        help="chat template (a Jinja file or the template itself) instead of the model's",
+    )
+    server.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.enable_auto_tool_choice,
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    server.add_argument(
+        "--tool-call-parser",
+        default=defaults.tool_call_parser,
+        choices=TOOL_CALL_PARSERS,
+        help="how tool calls are found in the model's text for tool_choice auto",
+    )
+    server.add_argument(
+        "--max-request-body-bytes",
+        type=_size,
+        default=defaults.max_request_body_bytes,
+        help=f"answer 413 to a larger request body, before reading it (e.g. 4MiB; default: "
+        f"{BODY_BYTES_PER_TOKEN} bytes per token of --max-model-len + {BODY_BYTES_EXTRA >> 20} MiB)",
+    )
+    server.add_argument(
+        "--max-header-bytes",
+        type=_size,
+        default=defaults.max_header_bytes,
+        help="answer 431 to a request line + headers larger than this",
     )
     server.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
@@ -137,8 +194,13 @@ SERVER_ONLY = {
     "api_key",
     "max_waiting_requests",
     "drain_timeout",
+    "max_request_body_bytes",
+    "max_header_bytes",
     "log_level",
     "disable_log_requests",
+    "chat_template",
+    "enable_auto_tool_choice",
+    "tool_call_parser",
 }
 
 

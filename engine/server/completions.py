@@ -1,7 +1,13 @@
-"""`POST /v1/completions`: a string, a list of strings, token ids or lists of token ids; `echo`."""
+"""`POST /v1/completions`: a string, a list of strings, token ids or lists of token ids; `echo`.
+
+`echo` with `logprobs` returns the prompt's token logprobs first (the first token's is null), then
+the completion's; `max_tokens: 0` with `echo` scores the prompt only (the engine still samples one
+token, which the answer leaves out), as lm-evaluation-harness's loglikelihood requests expect.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,8 +15,15 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from kubeinfer.engine.outputs import RequestOutput
+from kubeinfer.engine.server.choices import ChoiceStream, ChoiceUpdate, sse_events
 from kubeinfer.engine.server.errors import bad_request
-from kubeinfer.engine.server.logprobs import completion_logprobs
+from kubeinfer.engine.server.logprobs import (
+    completion_logprobs,
+    concat_logprobs,
+    engine_prompt_logprobs,
+    prompt_completion_logprobs,
+)
 from kubeinfer.engine.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -18,9 +31,9 @@ from kubeinfer.engine.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from kubeinfer.engine.server.sampling import build_sampling_params, resolve_max_tokens
+from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
-from kubeinfer.engine.server.streaming import SSE_DONE, merge, sse
+from kubeinfer.engine.server.structured import structured_outputs_of
 
 
 @dataclass
@@ -36,33 +49,45 @@ class CompletionServing(OpenAIServing):
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
-        if request.echo and request.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
-        prompts = self._prompts(request)
+        score_only = request.max_tokens == 0
+        if score_only and not request.echo:
+            raise bad_request("max_tokens must be at least 1 (0 is only allowed with echo)", "max_tokens")
+        structured = structured_outputs_of(request)
+        prompts = await self._prompts(request)
         base_id = f"cmpl-{uuid.uuid4().hex}"
-        jobs = []
-        for i, prompt in enumerate(prompts):
-            max_tokens = resolve_max_tokens(
-                request.max_tokens, len(prompt.token_ids), self.engine.max_model_len or 0, "prompt"
-            )
-            params = build_sampling_params(request, max_tokens=max_tokens, logprobs=request.logprobs)
-            jobs.append((f"{base_id}-{i}", prompt.token_ids, params))
-        streams = await self.submit(jobs)
+        params = build_sampling_params(
+            request,
+            max_tokens=1 if score_only else request.max_tokens,
+            logprobs=request.logprobs,
+            prompt_logprobs=self._prompt_logprobs_k(request),
+            structured_outputs=structured,
+        )
+        jobs = [(f"{base_id}-{i}", prompt.token_ids, params) for i, prompt in enumerate(prompts)]
+        streams: list[Any] = await self.submit(jobs)
+        if score_only:
+            streams = [_prompt_only(s) for s in streams]
+        choices = ChoiceStream(streams, request.n, with_logprobs=request.logprobs is not None)
 
         async def collect() -> CompletionResponse:
-            finals: list[Any] = [None] * len(streams)
-            async for index, output in merge(streams):
-                finals[index] = output
-            return self._response(base_id, request, prompts, finals)
+            finals = await choices.collect()
+            return self._response(base_id, request, prompts, finals, choices.usage())
 
         return await self.respond(
             raw,
             stream=request.stream,
             collect=collect,
-            events=lambda: self._events(base_id, request, prompts, streams),
+            events=lambda: self._events(base_id, request, prompts, choices),
         )
 
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    @staticmethod
+    def _prompt_logprobs_k(request: CompletionRequest) -> int | None:
+        """Prompt logprobs the engine computes: vLLM's field, and what echo with logprobs shows."""
+        wanted = [
+            k for k in (request.prompt_logprobs, request.logprobs if request.echo else None) if k is not None
+        ]
+        return max(wanted) if wanted else None
+
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         raw = request.prompt
         if isinstance(raw, str):
             raw = [raw]
@@ -73,97 +98,104 @@ class CompletionServing(OpenAIServing):
         prompts = []
         for item in raw:
             if isinstance(item, str):
-                ids = self.encode(item, add_special_tokens=True)
-                self.check_token_ids(ids, "prompt")
+                ids = await self.encode(
+                    item, add_special_tokens=True, param="prompt", reserved_tokens=request.max_tokens
+                )
                 prompts.append(_Prompt(ids, item))
-            else:
+            else:  # the engine checks the ids against the vocabulary
                 ids = list(item)
-                self.check_token_ids(ids, "prompt")
-                prompts.append(_Prompt(ids, self.tokenizer.decode(ids) if request.echo else ""))
+                text = await self.prompts.run(self._echo_text, ids) if request.echo else ""
+                prompts.append(_Prompt(ids, text))
         return prompts
 
-    def _choice_logprobs(self, request: CompletionRequest, c: Any, start: int, offset: int) -> Any:
+    def _echo_text(self, ids: list[int]) -> str:
+        vocab = self.engine.vocab_size
+        return self.tokenizer.decode([t for t in ids if vocab is None or t < vocab])
+
+    def _choice_logprobs(
+        self, request: CompletionRequest, update: ChoiceUpdate, prompt: _Prompt, echoed: bool
+    ) -> CompletionLogprobs | None:
+        """The new tokens' logprobs, after the prompt's when this update carries the echo."""
+        c = update.output
         if request.logprobs is None or c.logprobs is None:
             return None
-        ids = list(c.token_ids[start:])
-        return completion_logprobs(
-            ids, c.logprobs[start : start + len(ids)], request.logprobs, self.token_text, offset
+        offset = (len(prompt.text) if request.echo else 0) + len(c.text) - len(update.text)
+        ids = list(c.token_ids[update.token_start :])
+        generated = completion_logprobs(
+            ids, c.logprobs[update.token_start :][: len(ids)], request.logprobs, self.token_text, offset
         )
+        if not echoed:
+            return generated
+        entries = update.request_output.prompt_logprobs
+        assert entries is not None  # echo with logprobs asked the engine for them
+        head = prompt_completion_logprobs(prompt.token_ids, entries, request.logprobs, self.token_text)
+        return concat_logprobs(head, generated)
 
-    def _usage(self, prompts: list[_Prompt], finals: list[Any]) -> UsageInfo:
-        prompt_tokens = sum(len(p.token_ids) for p in prompts)
-        completion_tokens = sum(len(c.token_ids) for f in finals if f is not None for c in f.outputs)
-        return UsageInfo(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+    def _choice(
+        self, request: CompletionRequest, prompts: list[_Prompt], update: ChoiceUpdate
+    ) -> CompletionChoice:
+        prompt = prompts[update.prompt_index]
+        echoed = request.echo and update.first
+        c = update.output
+        want_prompt_logprobs = request.prompt_logprobs is not None and update.first
+        return CompletionChoice(
+            index=update.index,
+            text=(prompt.text if echoed else "") + update.text,
+            logprobs=self._choice_logprobs(request, update, prompt, echoed),
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+            prompt_logprobs=engine_prompt_logprobs(update.request_output) if want_prompt_logprobs else None,
         )
 
     def _response(
-        self, request_id: str, request: CompletionRequest, prompts: list[_Prompt], finals: list[Any]
+        self,
+        request_id: str,
+        request: CompletionRequest,
+        prompts: list[_Prompt],
+        finals: list[RequestOutput],
+        usage: UsageInfo,
     ) -> CompletionResponse:
-        choices = []
-        for p, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
-            prefix = prompt.text if request.echo else ""
-            for c in final.outputs:
-                choices.append(
-                    CompletionChoice(
-                        index=p * request.n + c.index,
-                        text=prefix + c.text,
-                        logprobs=self._choice_logprobs(request, c, 0, len(prefix)),
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                    )
-                )
-        return CompletionResponse(
-            id=request_id, model=self.model_name, choices=choices, usage=self._usage(prompts, finals)
+        choices = [
+            self._choice(
+                request, prompts, ChoiceUpdate(p * request.n + c.index, p, c, final, c.text, 0, first=True)
+            )
+            for p, final in enumerate(finals)
+            for c in final.outputs
+        ]
+        return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+    def _events(
+        self, request_id: str, request: CompletionRequest, prompts: list[_Prompt], choices: ChoiceStream
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+            return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+        return sse_events(
+            choices,
+            lambda updates: chunk([self._choice(request, prompts, u) for u in updates]),
+            usage_chunk=(lambda usage: chunk([], usage)) if request.wants_usage_in_stream() else None,
         )
 
-    async def _events(
-        self, request_id: str, request: CompletionRequest, prompts: list[_Prompt], streams: list[Any]
-    ) -> AsyncIterator[str]:
-        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
-            return sse(CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage))
 
-        n = request.n
-        sent_text = [0] * (len(prompts) * n)
-        sent_tokens = [0] * (len(prompts) * n)
-        finished = [False] * (len(prompts) * n)
-        finals: list[Any] = [None] * len(prompts)
-        if request.echo:
-            yield chunk(
-                [
-                    CompletionChoice(index=p * n + i, text=prompt.text)
-                    for p, prompt in enumerate(prompts)
-                    for i in range(n)
-                ]
-            )
-        async for p, output in merge(streams):
-            finals[p] = output
-            choices = []
-            for c in output.outputs:
-                k = p * n + c.index
-                if finished[k]:
-                    continue
-                delta_text = c.text[sent_text[k] :]
-                offset = (len(prompts[p].text) if request.echo else 0) + sent_text[k]
-                logprobs: CompletionLogprobs | None = self._choice_logprobs(
-                    request, c, sent_tokens[k], offset
-                )
-                sent_text[k], sent_tokens[k] = len(c.text), len(c.token_ids)
-                finished[k] = c.finish_reason is not None
-                if delta_text or finished[k] or (logprobs is not None and logprobs.tokens):
-                    choices.append(
-                        CompletionChoice(
-                            index=k,
-                            text=delta_text,
-                            logprobs=logprobs,
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
+async def _prompt_only(stream: Any) -> AsyncIterator[RequestOutput]:
+    """A score-only request's outputs without the one token the engine sampled (`max_tokens: 0`)."""
+    try:
+        async for output in stream:
+            if output.finished:
+                yield dataclasses.replace(
+                    output,
+                    outputs=[
+                        dataclasses.replace(
+                            c,
+                            text="",
+                            token_ids=[],
+                            logprobs=[] if c.logprobs is not None else None,
+                            cumulative_logprob=None,
+                            finish_reason="abort" if c.finish_reason == "abort" else "length",
+                            stop_reason=None,
                         )
-                    )
-            if choices:
-                yield chunk(choices)
-        if request.wants_usage_in_stream():
-            yield chunk([], self._usage(prompts, finals))
-        yield SSE_DONE
+                        for c in output.outputs
+                    ],
+                )
+    finally:
+        await stream.aclose()

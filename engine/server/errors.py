@@ -7,7 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from kubeinfer.engine.server.protocol import ErrorInfo, ErrorResponse
+from kubeinfer.engine.server.protocol import ErrorInfo, ErrorResponse, InvalidTextError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("kubeinfer.server")
@@ -57,17 +57,23 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_request")
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _from_validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
+        return bad_request("invalid request")
     first = errors[0]
+    if first.get("type") == "json_invalid":
+        return OpenAIError(400, "the request body is not valid JSON", code="invalid_json")
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidTextError):
+        return OpenAIError(400, str(cause), param=cause.param, code="invalid_unicode")
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     message = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
-        return "request body is not valid JSON", None
-    return (f"{param}: {message}" if param else message), param
+    return bad_request(f"{param}: {message}" if param else message, param)
+
+
+_CODE_BY_STATUS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -77,14 +83,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return OpenAIError(400, message, param=param, code="invalid_request").response()
+        return _from_validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return OpenAIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not UTF-8 (or not decodable at all)
+            return OpenAIError(400, "the request body is not valid UTF-8 JSON", code="invalid_json").response()
+        code = _CODE_BY_STATUS.get(exc.status_code)
+        return OpenAIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error while serving a request")
-        return OpenAIError(500, f"internal error: {type(exc).__name__}").response()
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error while serving %s %s", request.method, request.url.path)
+        return OpenAIError(500, "internal server error (logged by the server)", code="internal_error").response()

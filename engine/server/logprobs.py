@@ -6,7 +6,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from kubeinfer.engine.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from kubeinfer.engine.server.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 
 
 class TokenText:
@@ -81,3 +88,56 @@ def completion_logprobs(
         result.text_offset.append(offset)
         offset += len(token)
     return result
+
+
+def prompt_completion_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[dict[int, Any] | None], top: int, text_of: TokenText
+) -> CompletionLogprobs:
+    """The prompt's part of `echo` with `logprobs` (OpenAI's shape): the first token has no logprob."""
+    result = CompletionLogprobs()
+    offset = 0
+    for token_id, entries in zip(token_ids, logprobs, strict=True):
+        if entries is None:
+            token = text_of(token_id)
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            sampled = entries[token_id]
+            token = text_of(token_id, sampled)
+            result.token_logprobs.append(_logprob_value(sampled.logprob))
+            top_map = {text_of(tid, lp): _logprob_value(lp.logprob) for tid, lp in _ranked(entries)[:top]}
+            top_map.setdefault(token, _logprob_value(sampled.logprob))
+            result.top_logprobs.append(top_map)
+        result.tokens.append(token)
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+def concat_logprobs(head: CompletionLogprobs, tail: CompletionLogprobs | None) -> CompletionLogprobs:
+    if tail is None:
+        return head
+    return CompletionLogprobs(
+        text_offset=head.text_offset + tail.text_offset,
+        token_logprobs=head.token_logprobs + tail.token_logprobs,
+        tokens=head.tokens + tail.tokens,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+    )
+
+
+def engine_prompt_logprobs(output: Any) -> PromptLogprobs | None:
+    """The engine's `RequestOutput.prompt_logprobs` in vLLM's JSON shape."""
+    entries = output.prompt_logprobs
+    if entries is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(tid): PromptLogprob(
+                logprob=_logprob_value(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token
+            )
+            for tid, lp in entry.items()
+        }
+        for entry in entries
+    ]

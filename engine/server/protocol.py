@@ -1,39 +1,96 @@
 """Pydantic models of the OpenAI chat/completions protocol (plus vLLM's extra sampling fields).
 
 Unknown request fields are ignored, as OpenAI does. Field bounds follow OpenAI's documentation;
-a value out of bounds becomes an OpenAI-shaped 400 (see errors.py).
+a value out of bounds becomes an OpenAI-shaped 400 (see errors.py). Requests are validated strictly
+(`"max_tokens": "5"` is a 400, not 5: a number or boolean must be one) and no string may hold a lone
+surrogate (`"\ud800"` is valid JSON but not Unicode text).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class InvalidTextError(ValueError):
+    """A string in the request is not valid Unicode; `param` is where (e.g. ``messages.0.content``)."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(f"{param} contains a lone surrogate, which is not valid Unicode text")
+        self.param = param
+
+
+def _find_lone_surrogate(value: Any, path: tuple[str, ...]) -> str | None:
+    if isinstance(value, str):
+        return ".".join(path) if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _LONE_SURROGATE.search(key):
+            return ".".join(path) or "body"
+        found = _find_lone_surrogate(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
+class OpenAIRequest(OpenAIModel):
+    """A request body (or a part of one): strict types, Unicode text only."""
+
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, data: Any) -> Any:
+        found = _find_lone_surrogate(data, ())
+        if found is not None:
+            raise InvalidTextError(found)
+        return data
+
+
 # ---------------------------------------------------------------- requests
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(OpenAIRequest):
     include_usage: bool = False
 
 
-class TextContentPart(OpenAIModel):
+class TextContentPart(OpenAIRequest):
     type: Literal["text"] = "text"
     text: str
 
 
-class ChatMessage(OpenAIModel):
+class FunctionCall(OpenAIRequest):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIRequest):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call this is the result of
 
     def text(self) -> str:
         if self.content is None:
@@ -43,7 +100,54 @@ class ChatMessage(OpenAIModel):
         return "".join(part.text for part in self.content)
 
 
-class SamplingFields(OpenAIModel):
+class JsonSchemaFormat(OpenAIRequest):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIRequest):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(OpenAIRequest):
+    """vLLM's ``structured_outputs`` request field: exactly one of these."""
+
+    # A constraint we do not know must not be dropped silently: unknown keys are a 400.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDefinition(OpenAIRequest):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIRequest):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIRequest):
+    name: str
+
+
+class NamedToolChoice(OpenAIRequest):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class SamplingFields(OpenAIRequest):
     """Fields shared by chat and completions requests (OpenAI's and vLLM's)."""
 
     model: str | None = None
@@ -52,7 +156,7 @@ class SamplingFields(OpenAIModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
@@ -67,6 +171,11 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[NonNegativeInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[NonNegativeInt] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -78,26 +187,48 @@ class SamplingFields(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    # top_logprobs > 0 needs logprobs: true (OpenAI's rule), said in JSON Schema for the OpenAPI document.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {
+                "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+                "required": ["top_logprobs"],
+            },
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-CompletionPrompt = str | list[str] | list[NonNegativeInt] | list[list[NonNegativeInt]]
+NonEmptyText = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+# An empty prompt (or list) is refused: the model needs at least one token to continue from.
+CompletionPrompt = (
+    NonEmptyText
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(SamplingFields):
     prompt: CompletionPrompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for the legacy endpoint
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; 0 only with echo (score the prompt)
     best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    suffix: None = Field(None, description="not supported: must be absent or null")
 
 
 # ---------------------------------------------------------------- responses
@@ -126,6 +257,19 @@ class ChatLogprobs(OpenAIModel):
 class ChatResponseMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class FunctionCallDelta(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(OpenAIModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
 
 
 class ChatCompletionChoice(OpenAIModel):
@@ -140,6 +284,17 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's per-token entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(OpenAIModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -147,11 +302,13 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(OpenAIModel):
@@ -184,6 +341,7 @@ class CompletionChoice(OpenAIModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIModel):
@@ -227,14 +385,14 @@ def dump(model: BaseModel, **kwargs: Any) -> str:
 # ---------------------------------------------------------------- tokenizer endpoints (vLLM's shapes)
 
 
-class TokenizeCompletionRequest(OpenAIModel):
+class TokenizeCompletionRequest(OpenAIRequest):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(OpenAIModel):
+class TokenizeChatRequest(OpenAIRequest):
     """Chat messages rendered by the chat template, as `/v1/chat/completions` would render them
     (fields the chat endpoint understands, such as tools, pass through to its renderer)."""
 
@@ -253,7 +411,7 @@ class TokenizeResponse(OpenAIModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
     tokens: list[NonNegativeInt]
 

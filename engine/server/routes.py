@@ -8,6 +8,7 @@ from kubeinfer.engine.async_engine import AsyncLLMEngine
 from kubeinfer.engine.server.chat import ChatServing
 from kubeinfer.engine.server.completions import CompletionServing
 from kubeinfer.engine.server.errors import OpenAIError
+from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -30,10 +31,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
 
 
-def build_router(engine: AsyncLLMEngine, settings: ServerSettings) -> APIRouter:
+def build_router(engine: AsyncLLMEngine, settings: ServerSettings, prompts: PromptProcessor) -> APIRouter:
     router = APIRouter()
-    chat = ChatServing(engine, settings)
-    completions = CompletionServing(engine, settings)
+    chat = ChatServing(engine, settings, prompts)
+    completions = CompletionServing(engine, settings, prompts)
     tokenization = TokenizationServing(chat)
 
     @router.get("/health", tags=["probes"])
@@ -85,13 +86,13 @@ def build_router(engine: AsyncLLMEngine, settings: ServerSettings) -> APIRouter:
     @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         """A `prompt`, or chat `messages` rendered through the chat template (vLLM's shapes)."""
-        return tokenization.tokenize(body)
+        return await tokenization.tokenize(body)
 
     @router.post(
         "/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"]
     )
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        return tokenization.detokenize(body)
+        return await tokenization.detokenize(body)
 
     @router.get("/tokenizer_info", responses=ERROR_RESPONSES, tags=["tokenizer"])
     async def tokenizer_info() -> JSONResponse:

@@ -1,42 +1,38 @@
-"""Turn an OpenAI request into the engine's `SamplingParams`, checking the context length first."""
+"""Turn an OpenAI request into the engine's `SamplingParams`.
+
+Only the HTTP shape is checked here; the engine validates the values (ranges, vocabulary, context
+length) once, with typed errors the routes map to 400s (see `serving.engine_error`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from kubeinfer.engine.server.errors import OpenAIError, bad_request
+from kubeinfer.engine.server.errors import bad_request
 from kubeinfer.engine.server.protocol import SamplingFields
 
 
-def resolve_max_tokens(
-    requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str = "messages"
-) -> int:
-    """vLLM's rule: prompt + completion must fit the context; no max_tokens means "the rest of it"."""
-    room = max_model_len - prompt_len
-    if requested is None:
-        if room <= 0:
-            raise _too_long(prompt_len, max_model_len, None, prompt_param)
-        return room
-    if requested > room:
-        raise _too_long(prompt_len, max_model_len, requested, prompt_param)
-    return requested
-
-
-def _too_long(prompt_len: int, max_model_len: int, requested: int | None, prompt_param: str) -> OpenAIError:
-    asked = prompt_len + (requested or 0)
-    detail = f"{prompt_len} in the prompt" + (f", {requested} in the completion" if requested else "")
-    return OpenAIError(
-        400,
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{asked} tokens ({detail}). Please reduce the length of the prompt or the completion.",
-        param=prompt_param if requested is None else "max_tokens",
-        code="context_length_exceeded",
-    )
+def logit_bias_ids(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's string keys as token ids."""
+    if not logit_bias:
+        return None
+    try:
+        return {int(key): value for key, value in logit_bias.items()}
+    except ValueError:
+        raise bad_request("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
 
 
 def build_sampling_params(
-    request: SamplingFields, *, max_tokens: int, logprobs: int | None, n: int | None = None
+    request: SamplingFields,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    n: int | None = None,
+    structured_outputs: Any = None,
+    skip_special_tokens: bool | None = None,
 ) -> Any:
+    from kubeinfer.engine.errors import InvalidRequestError
     from kubeinfer.engine.sampling_params import SamplingParams
 
     kwargs: dict[str, Any] = {
@@ -50,8 +46,14 @@ def build_sampling_params(
         "ignore_eos": request.ignore_eos,
         "min_tokens": request.min_tokens,
         "logprobs": logprobs,
-        "skip_special_tokens": request.skip_special_tokens,
+        "prompt_logprobs": prompt_logprobs,
+        "skip_special_tokens": request.skip_special_tokens
+        if skip_special_tokens is None
+        else skip_special_tokens,
         "include_stop_str_in_output": request.include_stop_str_in_output,
+        "structured_outputs": structured_outputs,
+        "logit_bias": logit_bias_ids(request.logit_bias),
+        "allowed_token_ids": request.allowed_token_ids,
     }
     optional = {
         "temperature": request.temperature,
@@ -61,11 +63,7 @@ def build_sampling_params(
         "repetition_penalty": request.repetition_penalty,
     }
     kwargs.update({key: value for key, value in optional.items() if value is not None})
-    if kwargs["min_tokens"] > max_tokens:
-        raise bad_request(
-            f"min_tokens ({request.min_tokens}) must be at most max_tokens ({max_tokens})", "min_tokens"
-        )
     try:
         return SamplingParams(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise bad_request(f"invalid sampling parameters: {exc}") from exc
+    except InvalidRequestError as exc:
+        raise bad_request(exc.message, exc.param) from exc

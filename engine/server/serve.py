@@ -19,6 +19,7 @@ import uvicorn
 from kubeinfer.engine.async_engine import AsyncLLMEngine
 from kubeinfer.engine.server.app import build_app
 from kubeinfer.engine.server.cli import SERVER_ONLY
+from kubeinfer.engine.server.http_protocol import KubeinferH11Protocol
 from kubeinfer.engine.server.logs import configure_logging
 from kubeinfer.engine.server.settings import ServerSettings
 
@@ -94,14 +95,29 @@ def run_server(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         logger.error("invalid engine configuration: %s", exc)
         return 2
+    from kubeinfer.engine.server.chat_template import load_chat_template
+
+    try:
+        chat_template = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        logger.error("--enable-auto-tool-choice needs --tool-call-parser")
+        return 2
     settings = ServerSettings(
         host=args.host,
         port=args.port,
         api_key=args.api_key or None,
         max_waiting_requests=args.max_waiting_requests,
         drain_timeout=args.drain_timeout,
+        max_request_body_bytes=args.max_request_body_bytes,
+        max_header_bytes=args.max_header_bytes,
         log_level=args.log_level,
         log_requests=not args.disable_log_requests,
+        chat_template=chat_template,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
     )
     engine = AsyncLLMEngine(
         config,
@@ -118,6 +134,8 @@ def run_server(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        http=KubeinferH11Protocol,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = GracefulServer(uvicorn_config, engine, settings)
     server.run()

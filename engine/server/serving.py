@@ -15,28 +15,45 @@ from kubeinfer.engine.async_engine import (
     RequestAbortedError,
     RequestOutputStream,
 )
+from kubeinfer.engine.errors import InvalidRequestError, RequestFailedError
 from kubeinfer.engine.server.errors import OpenAIError, bad_request
 from kubeinfer.engine.server.logprobs import TokenText
+from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import SamplingFields
 from kubeinfer.engine.server.settings import ServerSettings
-from kubeinfer.engine.server.streaming import SSE_HEADERS, ClientDisconnected, cancel_on_disconnect, sse
+from kubeinfer.engine.server.streaming import (
+    SSE_HEADERS,
+    ClientDisconnected,
+    cancel_on_disconnect,
+    sse_error,
+)
 
 
-def engine_error(exc: BaseException, settings: ServerSettings) -> OpenAIError:
+def engine_error(exc: BaseException, settings: ServerSettings, prompt_param: str = "prompt") -> OpenAIError:
+    """The engine's typed errors as HTTP: 400 (naming the field), 429, 503, 500 for a request it failed."""
     retry = {"Retry-After": str(settings.retry_after_s)}
     if isinstance(exc, QueueFullError):
         return OpenAIError(429, str(exc), code="queue_full", headers=retry)
     if isinstance(exc, EngineDrainingError | EngineNotReadyError | RequestAbortedError):
         return OpenAIError(503, str(exc), code="unavailable", headers=retry)
+    if isinstance(exc, InvalidRequestError):
+        param = prompt_param if exc.param == "prompt" else exc.param
+        return OpenAIError(400, exc.message, param=param, code=exc.code)
+    if isinstance(exc, RequestFailedError):
+        return OpenAIError(500, exc.message, code=exc.code)
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     raise exc
 
 
+SERVED_ERRORS = (RequestAbortedError, RequestFailedError, ValueError)  # what a running request may end with
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings) -> None:
+    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings, prompts: PromptProcessor) -> None:
         self.engine = engine
         self.settings = settings
+        self.prompts = prompts
         self._token_text: TokenText | None = None
 
     @property
@@ -59,6 +76,8 @@ class OpenAIServing:
         self.check_model(request.model)
         if request.stream_options is not None and not request.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if request.prompt_logprobs is not None and request.stream:
+            raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
     def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""
@@ -74,9 +93,12 @@ class OpenAIServing:
                 404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
 
-    async def submit(self, jobs: list[tuple[str, list[int], Any]]) -> list[RequestOutputStream]:
+    async def submit(
+        self, jobs: list[tuple[str, list[int], Any]], prompt_param: str = "prompt"
+    ) -> list[RequestOutputStream]:
         """Submit every (request_id, prompt_token_ids, params) and wait until the engine took them
-        (at most one engine step), so that its refusals become proper HTTP errors; all or nothing."""
+        (at most one engine step), so that its refusals (it validates every request) become proper HTTP
+        errors, the prompt's named `prompt_param`; all or nothing."""
         streams: list[RequestOutputStream] = []
         try:
             for request_id, prompt_ids, params in jobs:
@@ -87,7 +109,7 @@ class OpenAIServing:
             for stream in streams:
                 await stream.aclose()
             if isinstance(exc, Exception):
-                raise engine_error(exc, self.settings) from exc
+                raise engine_error(exc, self.settings, prompt_param) from exc
             raise
         return streams
 
@@ -108,7 +130,7 @@ class OpenAIServing:
             body = await cancel_on_disconnect(raw, collect())
         except ClientDisconnected:
             return Response(status_code=499)
-        except (RequestAbortedError, ValueError) as exc:
+        except SERVED_ERRORS as exc:
             raise engine_error(exc, self.settings) from exc
         return JSONResponse(body.model_dump(mode="json"))
 
@@ -117,18 +139,16 @@ class OpenAIServing:
         try:
             async for event in events:
                 yield event
-        except (RequestAbortedError, ValueError) as exc:
-            yield sse(engine_error(exc, self.settings).body())
+        except SERVED_ERRORS as exc:
+            yield sse_error(engine_error(exc, self.settings))
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-    def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.engine.vocab_size
-        if not ids:
-            raise bad_request("the prompt is empty", param)
-        if vocab is not None and max(ids) >= vocab:
-            raise bad_request(f"token id {max(ids)} is out of range (vocabulary size {vocab})", param)
+    async def encode(
+        self, text: str, *, add_special_tokens: bool, param: str, reserved_tokens: int | None = None
+    ) -> list[int]:
+        """Tokenise on the prompt pool (never on the event loop); refuse at once what cannot fit."""
+        return await self.prompts.encode(
+            text, add_special_tokens=add_special_tokens, param=param, reserved_tokens=reserved_tokens
+        )

@@ -25,6 +25,11 @@ def sse(event: BaseModel | dict[str, Any]) -> str:
     return f"data: {payload}\n\n"
 
 
+def sse_error(error: Any) -> str:
+    """An OpenAIError as an SSE event, every field present (`param` and `code` may be null)."""
+    return f"data: {error.body().model_dump_json()}\n\n"
+
+
 class ClientDisconnected(Exception):
     pass
 

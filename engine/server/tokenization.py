@@ -23,32 +23,32 @@ _NOT_CONFIG = {"tokenizer_object", "added_tokens_decoder", "vocab_file", "tokeni
 
 class TokenizationServing(OpenAIServing):
     def __init__(self, chat: ChatServing) -> None:
-        super().__init__(chat.engine, chat.settings)
+        super().__init__(chat.engine, chat.settings, chat.prompts)
         self.chat = chat
 
-    def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         self.check_model(request.model)
         if isinstance(request, TokenizeChatRequest):
             fields = request.model_dump(exclude=_TOKENIZE_ONLY_FIELDS, exclude_none=True)
             chat_request = ChatCompletionRequest.model_validate(fields)
-            ids = self.encode(
-                self.chat.render_text(chat_request), add_special_tokens=request.add_special_tokens
-            )
+            text = await self.prompts.run(self.chat.render_text, chat_request)
         else:
-            ids = self.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            text = request.prompt
+        # No context-length check: counting is the point (the body limit bounds the work).
+        ids = await self.prompts.run(self.prompts.encode_blocking, text, request.add_special_tokens, "prompt")
         strs = list(self.tokenizer.convert_ids_to_tokens(ids)) if request.return_token_strs else None
         return TokenizeResponse(
             count=len(ids), max_model_len=self.engine.max_model_len or 0, tokens=ids, token_strs=strs
         )
 
-    def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(request.model)
         vocab = self.engine.vocab_size
         if vocab is not None and request.tokens and max(request.tokens) >= vocab:
             raise bad_request(
                 f"token id {max(request.tokens)} is out of range (vocabulary size {vocab})", "tokens"
             )
-        return DetokenizeResponse(prompt=self.tokenizer.decode(request.tokens))
+        return DetokenizeResponse(prompt=await self.prompts.run(self.tokenizer.decode, request.tokens))
 
     def tokenizer_info(self) -> dict[str, Any]:
         """The tokenizer's configuration (its init kwargs, as vLLM returns them) plus what clients

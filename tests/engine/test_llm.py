@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from kubeinfer.engine import LLM, SamplingParams
+from kubeinfer.engine.errors import ContextLengthError, InvalidRequestError
 from kubeinfer.engine.llm_engine import LLMEngine
 
 from tests.engine.tiny_models import make_tiny_checkpoint
@@ -23,6 +24,7 @@ def assert_blocks_released(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished_requests()
     assert bm.num_free_blocks == bm.num_blocks and all(b.ref_count == 0 for b in bm.blocks)
+    assert engine.sampler.num_sequences == 0  # every sequence's sampling state was freed
 
 
 def test_generate_accepts_strings_token_ids_and_keeps_order(llm: LLM) -> None:
@@ -150,8 +152,17 @@ def test_bad_input_raises_clearly_and_engine_keeps_serving(llm: LLM) -> None:
         engine.add_request("empty", "", SamplingParams())
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("empty-ids", [], SamplingParams())
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ContextLengthError, match="maximum context length is 256") as info:
         engine.add_request("long", list(range(10)) * 30, SamplingParams())
+    assert info.value.param == "prompt" and info.value.code == "context_length_exceeded"
+    with pytest.raises(ContextLengthError, match="maximum context length is 256") as info:
+        engine.add_request("long-output", list(range(10)) * 20, SamplingParams(max_tokens=100))
+    assert info.value.param == "max_tokens"
+    for param, params in (("logit_bias", SamplingParams(logit_bias={10**6: 1.0})),
+                          ("allowed_token_ids", SamplingParams(allowed_token_ids=[1, 10**6]))):
+        with pytest.raises(InvalidRequestError, match="vocabulary") as info:
+            engine.add_request(param, "x", params)
+        assert info.value.param == param
     with pytest.raises(ValueError, match="max_tokens"):
         engine.add_request("zero", "x", SamplingParams(max_tokens=0))
     with pytest.raises(ValueError, match="token ids"):

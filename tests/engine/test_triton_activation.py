@@ -1,6 +1,7 @@
 """Fused Triton SiLU-and-mul vs ``ops.silu_and_mul_reference`` (``F.silu(gate) * up``, the model's MLP arithmetic).
 
-On the CPU the kernel runs in Triton's interpreter (a spawned worker, see ``in_interpreter``).
+On the CPU the kernel runs in Triton's interpreter (a spawned worker, see ``in_interpreter``); with a
+CUDA GPU the same checks run compiled on it (``compiled_mode``).
 Tolerances: the kernel rounds where torch does, so only exp() differs: fp32 1e-5, fp16 2e-3,
 bf16 2e-2 (the interpreter also truncates fp32 -> bf16 where compiled Triton rounds to nearest).
 """
@@ -15,6 +16,7 @@ from tests.engine.test_triton_attention import (
     compile_for_sm90,
     in_interpreter,
     interpreter_pool,
+    kernel_device,
     requires_cuda,
     skip_unless_sm90_compiles,
 )
@@ -29,7 +31,8 @@ def interp():
         yield pool
 
 
-def check_silu_and_mul(module, shape, dtype, sliced, device="cpu") -> None:
+def check_silu_and_mul(module, shape, dtype, sliced, device=None) -> None:
+    device = device or kernel_device()
     gen = torch.Generator().manual_seed(sum(shape))
     width = shape[-1] + 6 if sliced else shape[-1]
     x = (torch.randn(*shape[:-1], width, generator=gen) * 4).to(dtype).to(device)
@@ -55,9 +58,10 @@ def test_matches_reference(interp, shape, sliced, dtype):
 
 
 def check_errors_and_empty(module) -> None:
+    device = kernel_device()
     with pytest.raises(ValueError, match="even"):
-        module.silu_and_mul(torch.zeros(2, 7))
-    assert module.silu_and_mul(torch.zeros(0, 8)).shape == (0, 4)
+        module.silu_and_mul(torch.zeros(2, 7, device=device))
+    assert module.silu_and_mul(torch.zeros(0, 8, device=device)).shape == (0, 4)
 
 
 def test_bad_shapes_raise_clear_errors(interp):

@@ -3,7 +3,8 @@
 On the CPU the kernels run in Triton's interpreter: the module is loaded as a private copy
 with ``TRITON_INTERPRET=1`` set while its kernels are decorated, so the check exercises the
 real kernel code (asserted below) and never leaks interpreter mode into other tests. With a
-CUDA GPU, the compiled kernels are also checked on larger fp16/bf16 shapes.
+CUDA GPU the same checks run compiled, in this process, on the GPU (``compiled_mode``; asserted
+too), and the compiled kernels are also checked on larger fp16/bf16 shapes.
 
 Tolerances (vs a float64 reference): fp32 inputs 2e-5 abs/rel (the interpreter's fp32 dot is
 exact up to summation order; 1e-4 for compiled fp32 on a GPU); fp16 inputs 3e-3 (one fp16 rounding of the probabilities and of
@@ -35,26 +36,67 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 GPU_TOLERANCE = TOLERANCE | {torch.float32: 1e-4}  # FMA dots sum in another order than float64
 
 
+MODE_ENV = "KUBEINFER_TRITON_TESTS"  # auto (default) | interpret | compiled
+
+
+def compiled_mode() -> bool:
+    """Whether the kernel checks below run compiled on a CUDA GPU instead of in the interpreter.
+
+    ``auto``: compiled when a CUDA GPU is visible. ``compiled`` (what ``make gpu-check`` sets) fails
+    without one; ``interpret`` forces the interpreter (the worker process always gets it).
+    """
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "interpret", "compiled"):
+        raise ValueError(f"{MODE_ENV}={mode!r}: expected auto, interpret or compiled")
+    if mode == "interpret":
+        return False
+    if mode == "compiled" and not torch.cuda.is_available():
+        raise RuntimeError(f"{MODE_ENV}=compiled but torch sees no CUDA GPU")
+    return torch.cuda.is_available()
+
+
+def kernel_device() -> str:
+    """Where the checks put their tensors: the GPU when compiled, else the CPU (the interpreter)."""
+    return "cuda" if compiled_mode() else "cpu"
+
+
+class _InProcess:
+    """The executor of compiled mode: runs each check at once, here, with the normal (compiled) triton."""
+
+    def submit(self, fn: Callable[..., object], *args: object) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # handed back through result(), like a worker's exception
+            future.set_exception(error)
+        return future
+
+
 @contextlib.contextmanager
-def interpreter_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
-    """One worker process whose Triton runs in interpreter mode.
+def interpreter_pool() -> Iterator[concurrent.futures.Executor]:
+    """One worker process whose Triton runs in interpreter mode (in compiled mode: this process).
 
     ``TRITON_INTERPRET`` must be set before triton is imported (its own helpers such as
     ``tl.zeros`` are jit functions decorated at import), so the kernels run in a fresh
     spawned process that inherits the variable; this process's triton stays untouched.
     """
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    if compiled_mode():
+        yield _InProcess()  # type: ignore[misc]
+        return
+    overrides = {"TRITON_INTERPRET": "1", MODE_ENV: "interpret"}
+    previous = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
     try:
         pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn")
         )
-        pool.submit(int).result()  # start the worker now, while the variable is set
+        pool.submit(int).result()  # start the worker now, while the variables are set
     finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     try:
         yield pool
     finally:
@@ -73,11 +115,12 @@ def in_interpreter(
     *args: object,
     module: str = "kubeinfer.engine.layers.triton_attention",
 ):
-    """Run ``check(module, *args)`` in the interpreter worker; assertion errors come back here."""
-    return pool.submit(_call_with_interpreted_module, module, check, args).result(timeout=300)
+    """Run ``check(module, *args)`` in the interpreter worker (compiled mode: here, on the GPU);
+    assertion errors come back here."""
+    return pool.submit(_call_with_kernel_module, module, check, args).result(timeout=300)
 
 
-def _call_with_interpreted_module(module_name: str, check: Callable[..., object], args: tuple) -> object:
+def _call_with_kernel_module(module_name: str, check: Callable[..., object], args: tuple) -> object:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -86,8 +129,12 @@ def _call_with_interpreted_module(module_name: str, check: Callable[..., object]
         name: obj for name, obj in vars(module).items() if isinstance(obj, JITFunction | InterpretedFunction)
     }
     assert kernels, f"{module_name} defines no Triton kernels"
-    compiled = [name for name, obj in kernels.items() if not isinstance(obj, InterpretedFunction)]
-    assert not compiled, f"kernels {compiled} would not run in the Triton interpreter"
+    interpreted = [name for name, obj in kernels.items() if isinstance(obj, InterpretedFunction)]
+    if compiled_mode():
+        assert not interpreted, f"kernels {interpreted} are interpreted: unset TRITON_INTERPRET to run them compiled"
+    else:
+        compiled = [name for name in kernels if name not in interpreted]
+        assert not compiled, f"kernels {compiled} would not run in the Triton interpreter"
     return check(module, *args)
 
 
@@ -103,10 +150,12 @@ def make_batch(
     queries_per_kv: int,
     head_dim: int,
     dtype: torch.dtype,
-    device: str = "cpu",
+    device: str | None = None,
     seed: int = 0,
 ) -> dict:
-    """Random caches (context already filled), shuffled non-contiguous block tables, new Q/K/V."""
+    """Random caches (context already filled), shuffled non-contiguous block tables, new Q/K/V
+    (drawn on the CPU, then moved to ``device``: ``kernel_device()`` unless given)."""
+    device = device or kernel_device()
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     blocks_per_seq = [-(-s // block_size) for s in seq_lens]
@@ -204,6 +253,10 @@ def run_backend(
             batch["query"], k_cache, v_cache, md, batch["scale"], config
         )
     return out, k_cache, v_cache
+
+
+def fp32_tolerance(out: torch.Tensor) -> float:
+    return TOLERANCE[torch.float32] if out.device.type == "cpu" else GPU_TOLERANCE[torch.float32]
 
 
 def check_against_reference(backend: ModuleType, batch: dict, config=None) -> None:
@@ -330,7 +383,7 @@ def check_query_from_fused_qkv(backend: ModuleType) -> None:
         dtype=torch.float32,
     )
     query = batch["query"]
-    qkv = torch.cat([query.flatten(1), torch.randn(query.shape[0], 2 * 2 * 64)], dim=1)
+    qkv = torch.cat([query.flatten(1), torch.randn(query.shape[0], 2 * 2 * 64, device=query.device)], dim=1)
     batch["query"] = qkv[:, : query[0].numel()].view(query.shape)
     assert not batch["query"].is_contiguous()
     check_against_reference(backend, batch)
@@ -351,21 +404,21 @@ def check_padded_decode_batch(backend: ModuleType, num_splits: int) -> None:
         head_dim=64,
         dtype=torch.float32,
     )
-    md, pad = batch["metadata"], 2
+    md, pad, device = batch["metadata"], 2, batch["query"].device
     padded_md = dataclasses.replace(
         md,
-        slot_mapping=torch.cat([md.slot_mapping, torch.full((pad,), -1)]),
-        query_start_loc=torch.arange(md.num_seqs + pad + 1, dtype=torch.int32),
-        seq_lens=torch.cat([md.seq_lens, torch.zeros(pad, dtype=torch.int32)]),
+        slot_mapping=torch.cat([md.slot_mapping, torch.full((pad,), -1, device=device)]),
+        query_start_loc=torch.arange(md.num_seqs + pad + 1, dtype=torch.int32, device=device),
+        seq_lens=torch.cat([md.seq_lens, torch.zeros(pad, dtype=torch.int32, device=device)]),
         block_tables=torch.cat(
-            [md.block_tables, torch.zeros(pad, md.block_tables.shape[1], dtype=torch.int32)]
+            [md.block_tables, torch.zeros(pad, md.block_tables.shape[1], dtype=torch.int32, device=device)]
         ),
         query_lens_cpu=md.query_lens_cpu + [1] * pad,
         seq_lens_cpu=md.seq_lens_cpu + [0] * pad,
     )
     padded = dict(batch, metadata=padded_md)
     for name in ("query", "key", "value"):
-        padded[name] = torch.cat([batch[name], torch.randn(pad, *batch[name].shape[1:])])
+        padded[name] = torch.cat([batch[name], torch.randn(pad, *batch[name].shape[1:], device=device)])
     config = backend.LaunchConfig(block_m=16, tile_n=16, num_splits=num_splits, num_warps=4, num_stages=1)
     out, k_cache, v_cache = run_backend(backend, padded, config)
     assert torch.equal(k_cache[0], batch["k_cache"][0]) and torch.equal(v_cache[0], batch["v_cache"][0]), (
@@ -384,15 +437,16 @@ def test_padded_decode_batch(interp, num_splits):
 
 def check_store_skips_negative_slots(backend: ModuleType) -> None:
     num_blocks, block_size, kv_heads, head_dim = 4, 8, 2, 64
-    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim)
+    device = kernel_device()
+    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, device=device)
     v_cache = torch.zeros_like(k_cache)
-    key = torch.randn(4, kv_heads, head_dim)
-    value = torch.randn(4, kv_heads, head_dim)
-    backend.store_kv_cache(key, value, k_cache, v_cache, torch.tensor([9, -1, 30, -1]))
+    key = torch.randn(4, kv_heads, head_dim, device=device)
+    value = torch.randn(4, kv_heads, head_dim, device=device)
+    backend.store_kv_cache(key, value, k_cache, v_cache, torch.tensor([9, -1, 30, -1], device=device))
     flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
     assert torch.equal(flat_k[9], key[0]) and torch.equal(flat_k[30], key[2])
     assert torch.equal(flat_v[9], value[0]) and torch.equal(flat_v[30], value[2])
-    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=device)
     written[[9, 30]] = True
     assert flat_k[~written].abs().sum() == 0 and flat_v[~written].abs().sum() == 0, (
         "a skipped slot was written"
@@ -404,13 +458,13 @@ def test_store_skips_negative_slots(interp):
 
 
 def check_store_from_non_contiguous_views(backend: ModuleType) -> None:
-    kv_heads, head_dim = 2, 64
-    qkv = torch.randn(3, 3 * kv_heads * head_dim)
+    kv_heads, head_dim, device = 2, 64, kernel_device()
+    qkv = torch.randn(3, 3 * kv_heads * head_dim, device=device)
     key = qkv[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(3, kv_heads, head_dim)
     value = qkv[:, 2 * kv_heads * head_dim :].view(3, kv_heads, head_dim)
-    k_cache = torch.zeros(2, 8, kv_heads, head_dim, dtype=torch.float16)
+    k_cache = torch.zeros(2, 8, kv_heads, head_dim, dtype=torch.float16, device=device)
     v_cache = torch.zeros_like(k_cache)
-    backend.store_kv_cache(key, value, k_cache, v_cache, torch.tensor([0, 15, 3]))
+    backend.store_kv_cache(key, value, k_cache, v_cache, torch.tensor([0, 15, 3], device=device))
     assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[[0, 15, 3]], key.half())
     assert torch.equal(v_cache.view(-1, kv_heads, head_dim)[[0, 15, 3]], value.half())
 
@@ -424,15 +478,15 @@ def check_bad_shapes_raise_clear_errors(backend: ModuleType) -> None:
     batch = make_batch(
         [1], [5], block_size=8, num_kv_heads=2, queries_per_kv=1, head_dim=64, dtype=torch.float32
     )
-    md = batch["metadata"]
+    md, device = batch["metadata"], batch["query"].device
     with pytest.raises(ValueError, match="multiple of KV heads"):
-        backend.paged_attention(torch.zeros(1, 3, 64), batch["k_cache"], batch["v_cache"], md, 1.0)
-    odd_cache = torch.zeros(4, 12, 2, 64)
+        backend.paged_attention(torch.zeros(1, 3, 64, device=device), batch["k_cache"], batch["v_cache"], md, 1.0)
+    odd_cache = torch.zeros(4, 12, 2, 64, device=device)
     with pytest.raises(ValueError, match="power of two"):
         backend.store_kv_cache(batch["key"], batch["value"], odd_cache, odd_cache.clone(), md.slot_mapping)
     with pytest.raises(ValueError, match="slot_mapping"):
         backend.store_kv_cache(
-            batch["key"], batch["value"], batch["k_cache"], batch["v_cache"], torch.zeros(2)
+            batch["key"], batch["value"], batch["k_cache"], batch["v_cache"], torch.zeros(2, device=device)
         )
 
 
@@ -447,7 +501,8 @@ def check_reference_detects_a_wrong_answer(backend: ModuleType) -> None:
     out, k_cache, v_cache = run_backend(backend, batch)
     md = batch["metadata"]
     expected = reference_attention(batch["query"], k_cache, v_cache, md, batch["scale"])
-    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    tol = fp32_tolerance(out)
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
     v_cache[md.block_tables[0, 0]] += 1.0  # the reference now sees a different context
     expected = reference_attention(batch["query"], k_cache, v_cache, md, batch["scale"])
     assert not torch.allclose(out.double(), expected, atol=1e-3)
@@ -474,7 +529,8 @@ def check_agrees_with_torch_backend(backend: ModuleType, shape: str, queries_per
     out, k_cache, v_cache = run_backend(backend, batch)
     expected, ref_k, ref_v = run_backend(torch_backend, batch)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    tol = fp32_tolerance(out)
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("queries_per_kv", [1, 3], ids=["mha", "gqa3"])
@@ -568,7 +624,7 @@ def test_attention_compiles_for_h100(compiled_backend, dtype, heads, kv_heads, h
     block_size = 16
     query = torch.empty(4, heads, head_dim, dtype=dtype)
     metadata = make_batch(
-        [1], [4], block_size=block_size, num_kv_heads=1, queries_per_kv=1, head_dim=16, dtype=dtype
+        [1], [4], block_size=block_size, num_kv_heads=1, queries_per_kv=1, head_dim=16, dtype=dtype, device="cpu"
     )["metadata"]
     metadata.max_query_len = 2048 if mode == "prefill" else 1
     config = backend._launch_config(query, kv_heads, metadata)

@@ -4,6 +4,7 @@
 engine then runs a batch whose small KV budget and step budget force chunked prefill, mixed
 prefill/decode steps, preemption and prefix-cache hits, and its greedy tokens must equal
 transformers' (fp32). This checks the backend against the metadata the model runner really builds.
+With a CUDA GPU the interpreted check runs compiled on it instead (``compiled_mode``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 import pytest
 import torch
 
-from tests.engine.test_triton_attention import in_interpreter, interpreter_pool
+from tests.engine.test_triton_attention import in_interpreter, interpreter_pool, kernel_device
 from tests.engine.tiny_models import make_tiny_checkpoint
 
 
@@ -39,9 +40,17 @@ def greedy_reference(path: str, prompts: list[list[int]], max_new: int) -> list[
 
 
 def check_engine_greedy(backend, path: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Runs in the interpreter worker: the engine with the Triton backend, under KV pressure."""
+    """Runs in the interpreter worker (compiled mode: here, on the GPU): the engine with the Triton
+    backend, under KV pressure."""
+    previous = os.environ.get("KUBEINFER_ATTENTION_BACKEND")
     os.environ["KUBEINFER_ATTENTION_BACKEND"] = "triton"
-    return run_engine(backend, path, prompts, max_new, device="cpu")
+    try:
+        return run_engine(backend, path, prompts, max_new, device=kernel_device())
+    finally:
+        if previous is None:
+            os.environ.pop("KUBEINFER_ATTENTION_BACKEND", None)
+        else:
+            os.environ["KUBEINFER_ATTENTION_BACKEND"] = previous
 
 
 def run_engine(backend, path: str, prompts: list[list[int]], max_new: int, device: str) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """Fused Triton RMSNorm(+residual) vs the plain-torch reference ``ops.rms_norm_reference`` and vs ``norm.RMSNorm``.
 
-On the CPU the kernel runs in Triton's interpreter (a spawned worker, see ``in_interpreter``).
+On the CPU the kernel runs in Triton's interpreter (a spawned worker, see ``in_interpreter``); with a
+CUDA GPU the same checks run compiled on it (``compiled_mode``).
 Tolerances: the kernel rounds exactly where torch does, so results differ only by the fp32
 sum order and rsqrt: fp32 1e-5, fp16 2e-3, bf16 2e-2 (the two roundings may each land one ulp apart).
 """
@@ -15,6 +16,7 @@ from tests.engine.test_triton_attention import (
     compile_for_sm90,
     in_interpreter,
     interpreter_pool,
+    kernel_device,
     requires_cuda,
     skip_unless_sm90_compiles,
 )
@@ -29,7 +31,8 @@ def interp():
         yield pool
 
 
-def check_rms_norm(module, shape, dtype, with_residual, sliced, device="cpu") -> None:
+def check_rms_norm(module, shape, dtype, with_residual, sliced, device=None) -> None:
+    device = device or kernel_device()
     gen = torch.Generator().manual_seed(sum(shape))
     hidden = shape[-1]
     x = (torch.randn(*shape[:-1], hidden + 8 if sliced else hidden, generator=gen) * 3).to(dtype).to(device)
@@ -67,10 +70,11 @@ def test_matches_reference(interp, shape, sliced, with_residual, dtype):
 def check_matches_model_rmsnorm(module) -> None:
     from kubeinfer.engine.layers.norm import RMSNorm
 
-    norm = RMSNorm(576, eps=1e-5)
+    device = kernel_device()
+    norm = RMSNorm(576, eps=1e-5).to(device)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(576))
-    x, residual = torch.randn(4, 576), torch.randn(4, 576)
+    x, residual = torch.randn(4, 576, device=device), torch.randn(4, 576, device=device)
     with torch.no_grad():
         torch.testing.assert_close(module.rms_norm(x, norm.weight, norm.eps), norm(x), atol=1e-5, rtol=1e-5)
         got, expected = module.rms_norm(x, norm.weight, norm.eps, residual), norm(x, residual)
@@ -83,11 +87,12 @@ def test_matches_model_rmsnorm(interp):
 
 
 def check_bad_shapes(module) -> None:
+    on = {"device": kernel_device()}
     with pytest.raises(ValueError, match="weight"):
-        module.rms_norm(torch.zeros(2, 8), torch.ones(4), 1e-5)
+        module.rms_norm(torch.zeros(2, 8, **on), torch.ones(4, **on), 1e-5)
     with pytest.raises(ValueError, match="residual"):
-        module.rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-5, residual=torch.zeros(3, 8))
-    assert module.rms_norm(torch.zeros(0, 8), torch.ones(8), 1e-5).shape == (0, 8)
+        module.rms_norm(torch.zeros(2, 8, **on), torch.ones(8, **on), 1e-5, residual=torch.zeros(3, 8, **on))
+    assert module.rms_norm(torch.zeros(0, 8, **on), torch.ones(8, **on), 1e-5).shape == (0, 8)
 
 
 def test_bad_shapes_raise_clear_errors(interp):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -109,3 +110,13 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05) -> None:  #
             return
         time.sleep(interval)
     raise TimeoutError("condition not met in time")
+
+
+@functools.cache
+def bundled_tokenizer():  # type: ignore[no-untyped-def]
+    """The bundled model's tokenizer, as the server loads it (converted once, cached on disk)."""
+    from kubeinfer.engine.models.bundled import bundled_model_path
+    from kubeinfer.engine.models.gguf_loader import _reader, gguf_tokenizer
+
+    path = bundled_model_path()
+    return gguf_tokenizer(path, _reader(path))

@@ -221,7 +221,7 @@ def _error(response: httpx.Response, status: int) -> dict:
         ("/v1/completions", {"prompt": "x", "stop": [""]}, None),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [10**9]}, "prompt"),
-        ("/v1/completions", {"prompt": "word " * 1100}, "max_tokens"),
+        ("/v1/completions", {"prompt": "word " * 1100}, "prompt"),
         ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
         ("/v1/completions", {}, "prompt"),
     ],

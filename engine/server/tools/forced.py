@@ -1,0 +1,64 @@
+"""``tool_choice: required`` and a named function, enforced with structured outputs (as vLLM does).
+
+Named: the model writes the function's arguments, constrained by its ``parameters`` schema; the reply is
+that one call. Required: the model writes a JSON list of ``{"name": ..., "parameters": {...}}``, each item
+constrained to one of the tools and its schema (at least one item; one at most without
+``parallel_tool_calls``). Either way the arguments parse and match the schema, whatever the model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubeinfer.engine.server.protocol import ChatTool
+from kubeinfer.engine.server.tools.parsers import ParsedToolCall
+from kubeinfer.engine.structured_outputs import StructuredOutputsParams
+
+_DECODER = json.JSONDecoder()
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def parameters_schema(tool: ChatTool) -> dict[str, Any]:
+    return tool.function.parameters or _ANY_OBJECT
+
+
+def named_constraint(tool: ChatTool) -> StructuredOutputsParams:
+    return StructuredOutputsParams(json=parameters_schema(tool), strict=tool.function.strict is not False,
+                                   source="tools")
+
+
+def required_constraint(tools: list[ChatTool], parallel: bool) -> StructuredOutputsParams:
+    items = [{"type": "object",
+              "properties": {"name": {"type": "string", "enum": [t.function.name]},
+                             "parameters": parameters_schema(t)},
+              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": items[0] if len(items) == 1 else {"anyOf": items}}
+    if not parallel:
+        schema["maxItems"] = 1
+    return StructuredOutputsParams(json=schema, source="tools")
+
+
+def named_call(tool: ChatTool, text: str) -> ParsedToolCall:
+    return ParsedToolCall(tool.function.name, text)
+
+
+def required_calls(text: str) -> list[ParsedToolCall]:
+    """The complete items of the (possibly partial) JSON list ``text``."""
+    calls: list[ParsedToolCall] = []
+    i = text.find("[")
+    if i < 0:
+        return calls
+    i += 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return calls
+        try:
+            item, i = _DECODER.raw_decode(text, i)
+        except ValueError:
+            return calls
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            calls.append(ParsedToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False)))
