@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt venv bench-offline bench-serve gpu-check cluster-up cluster-down k8s-binaries images e2e clean
+.PHONY: run test lint fmt venv bench-offline bench-serve gpu-check cluster-up cluster-down k8s-binaries metrics-binaries autoscaling-demo images e2e clean
 
 $(STAMP): pyproject.toml hack/install.sh
 	bash hack/install.sh
@@ -50,6 +50,14 @@ cluster-up: k8s-binaries
 
 cluster-down:
 	bash hack/k8s/cluster.sh down
+
+## The HPA-on-queue-depth loop with real engines, Prometheus and prometheus-adapter: live printout,
+## .kube/autoscaling-demo.{json,png}. Builds the metrics stack on first use (hack/k8s/build-metrics.sh).
+autoscaling-demo: $(STAMP) k8s-binaries
+	$(VENV)/bin/python hack/k8s/autoscaling_demo.py
+
+metrics-binaries:  # all of it, KEDA included (the demo builds only Prometheus + adapter)
+	bash hack/k8s/build-metrics.sh
 
 ## Container images (needs a Docker engine).
 images:

@@ -8,8 +8,13 @@ a model would hang while the operator is down). Instead:
   create/update, and the reconcile itself decides what (if anything) to write;
 - events of children (labelled `kubeinfer.dev/model`) re-reconcile their owner: drift and pod
   status changes are seen at once;
-- a resync loop reconciles everything every `KUBEINFER_RESYNC_SECONDS` (drift that emits no event,
-  Secrets created after the model).
+- a model that waits for a Secret or PVC it names is reconciled again every
+  `KUBEINFER_REFERENCE_RECHECK_SECONDS` (2 s) until it appears (Reconciler.recheck_later): that needs only
+  `get` on those names, where a watch would need list/watch on every Secret in the namespace;
+- a resync loop reconciles everything every `KUBEINFER_RESYNC_SECONDS` (drift that emits no event);
+- KEDA ScaledObjects are read by name at each reconcile (the chart names them after the model) and
+  KEDA's HPA is not ours to label, so KEDA-mode status follows the resync and the model's own events
+  (KEDA writes spec.replicas through the scale subresource, which is an InferenceModel event).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import Any
 
+from kubeinfer.operator.autoscaling_status import AUTOSCALING, degradation, derive
 from kubeinfer.operator.diff import is_subset, up_to_date, with_hash
 from kubeinfer.operator.kube import KindNotServed, Kube, now_rfc3339
 from kubeinfer.operator.render import render_children
@@ -26,6 +27,9 @@ log = logging.getLogger("kubeinfer.operator")
 
 WARNING_PHASES = ("Degraded", "Failed")
 HANDOVER_MANAGER = "kubeinfer-operator-handover"
+KEDA_API = "keda.sh/v1alpha1"
+# check_references() reasons that the user fixes by creating an object: rechecked soon, not at the next resync.
+MISSING_REFERENCES = ("SecretNotFound", "SecretKeyNotFound", "PVCNotFound")
 
 
 def api_message(error: ApiException) -> str:
@@ -40,6 +44,18 @@ def validation_message(error: ValidationError) -> str:
                      for e in error.errors())
 
 
+def _was(previous: dict[str, Any], kind: str, value: str) -> bool:
+    return any(c.get("type") == kind and c.get("status") == value for c in previous.get("conditions") or [])
+
+
+def _since(previous: dict[str, Any], kind: str, value: str, now: str) -> str:
+    """lastTransitionTime: kept while the condition's status stays `value`, else now."""
+    for c in previous.get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == value:
+            return c.get("lastTransitionTime") or now
+    return now
+
+
 def owned_by(live: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in live["metadata"].get("ownerReferences") or [])
 
@@ -50,6 +66,7 @@ class Reconciler:
         self.settings = settings
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._rechecks: dict[tuple[str, str], threading.Timer] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -58,6 +75,29 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            timer = self._rechecks.pop((namespace, name), None)
+        if timer is not None:
+            timer.cancel()
+
+    def recheck_later(self, namespace: str, name: str) -> None:
+        """Reconcile again in `reference_recheck_seconds`: a model waiting for a Secret or PVC it names turns
+        Ready seconds after the object appears, without watching (or being allowed to list) every Secret."""
+        key = (namespace, name)
+        with self._locks_guard:
+            if key in self._rechecks:
+                return
+            timer = threading.Timer(self.settings.reference_recheck_seconds, self._recheck, key)
+            timer.daemon = True
+            self._rechecks[key] = timer
+        timer.start()
+
+    def _recheck(self, namespace: str, name: str) -> None:
+        with self._locks_guard:
+            self._rechecks.pop((namespace, name), None)
+        try:
+            self.reconcile(namespace, name)
+        except Exception:
+            log.exception("recheck of %s/%s failed", namespace, name)
 
     def reconcile_all(self) -> None:
         """The periodic resync: every InferenceModel in the watched namespaces."""
@@ -82,6 +122,8 @@ class Reconciler:
             self._report_invalid(body, Problem("InvalidSpec", validation_message(error)))
             return
         problem = self.check_references(im)
+        if problem is not None and problem.reason in MISSING_REFERENCES:
+            self.recheck_later(im.namespace, im.name)
         warning: Problem | None = None
         if problem is None:
             for child in render_children(im, self.settings):
@@ -102,12 +144,45 @@ class Reconciler:
         if deployment is not None and not owned_by(deployment, im.uid):
             deployment = None
         pods = self.kube.list("v1", "Pod", im.namespace, selector_string(im)) if deployment else []
-        status = compute_status(im, deployment, pods, problem, body.get("status") or {}, now_rfc3339())
+        previous = body.get("status") or {}
+        now = now_rfc3339()
+        status = compute_status(im, deployment, pods, problem, previous, now)
+        verdict, summary = derive(*self.autoscaler_of(im), name=im.name) if problem is None else (None, None)
+        warning = warning or degradation(verdict)
         if warning and status["phase"] != "Failed":
             degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
             if degraded["status"] == "False":
                 degraded.update(status="True", reason=warning.reason, message=warning.message)
+                degraded["lastTransitionTime"] = _since(previous, "Degraded", "True", now)
+        if verdict is not None:
+            verdict["lastTransitionTime"] = _since(previous, AUTOSCALING, verdict["status"], now)
+            verdict["observedGeneration"] = im.generation
+            status["conditions"].append(verdict)
+        status["autoscaling"] = summary  # None removes it (merge patch) once nothing autoscales
         self._write_status(body, status)
+
+    def autoscaler_of(self, im: InferenceModel) -> tuple[str | None, dict[str, Any] | None, dict[str, Any] | None]:
+        """(mode, autoscaler, its HPA): the operator's HPA, or a KEDA ScaledObject named after the model
+        whose scaleTargetRef is this InferenceModel (the chart's KEDA mode), or (None, None, None)."""
+        if im.spec.autoscaled:
+            hpa = self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", im.namespace, im.name)
+            hpa = hpa if hpa is not None and owned_by(hpa, im.uid) else None
+            return "HPA", hpa, hpa
+        try:
+            scaled = self.kube.get(KEDA_API, "ScaledObject", im.namespace, im.name)
+        except KindNotServed:
+            return None, None, None
+        except ApiException as error:
+            if error.status != 403:
+                raise
+            log.warning("cannot read ScaledObject %s/%s (RBAC without keda.sh scaledobjects get)", im.namespace,
+                        im.name)
+            return None, None, None
+        target = ((scaled or {}).get("spec") or {}).get("scaleTargetRef") or {}
+        if scaled is None or target.get("kind") != KIND or target.get("name") != im.name:
+            return None, None, None
+        hpa_name = (scaled.get("status") or {}).get("hpaName") or f"keda-hpa-{im.name}"
+        return "KEDA", scaled, self.kube.get("autoscaling/v2", "HorizontalPodAutoscaler", im.namespace, hpa_name)
 
     def check_references(self, im: InferenceModel) -> Problem | None:
         """What the schema cannot know: do the referenced Secrets (and keys) and PVCs exist?"""
@@ -193,6 +268,7 @@ class Reconciler:
             if error.status == 404:
                 return
             raise
+        self._autoscaling_event(body, previous, status)
         if status["phase"] != previous.get("phase"):
             ready = next(c for c in status["conditions"] if c["type"] == "Ready")
             degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
@@ -200,6 +276,20 @@ class Reconciler:
             log.info("%s/%s is %s: %s", meta["namespace"], meta["name"], status["phase"], why["message"])
             self.kube.event(body, "Warning" if status["phase"] in WARNING_PHASES else "Normal", status["phase"],
                             f"{why['reason']}: {why['message']}")
+
+
+    def _autoscaling_event(self, body: dict[str, Any], previous: dict[str, Any], status: dict[str, Any]) -> None:
+        """One event when the Autoscaling condition turns True or False (Unknown is the HPA not looked at yet)."""
+        new = next((c for c in status["conditions"] if c["type"] == AUTOSCALING), None)
+        if new is None or new["status"] == "Unknown" or _was(previous, AUTOSCALING, new["status"]):
+            return
+        meta = body["metadata"]
+        if new["status"] == "True":
+            log.info("%s/%s autoscaling works: %s", meta["namespace"], meta["name"], new["message"])
+            self.kube.event(body, "Normal", "AutoscalingActive", f"{new['reason']}: {new['message']}")
+        else:
+            log.info("%s/%s autoscaling fails: %s: %s", meta["namespace"], meta["name"], new["reason"], new["message"])
+            self.kube.event(body, "Warning", "AutoscalingFailed", f"{new['reason']}: {new['message']}")
 
 
 class NameTaken(Exception):

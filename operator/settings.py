@@ -37,6 +37,8 @@ class OperatorSettings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     resync_seconds: float = Field(60.0, gt=0, description="period of the full reconcile that corrects drift")
+    reference_recheck_seconds: float = Field(
+        2.0, gt=0, description="a model waiting for a Secret or PVC it references is reconciled again this often")
     liveness_port: int = Field(8080, ge=0, le=65535, description="GET /healthz on this port; 0 disables it")
     leader_election: bool = True
     lease_name: str = "kubeinfer-operator"

@@ -140,24 +140,32 @@ class Scheduling(CamelModel):
 
 
 class ScalingRule(CamelModel):
+    """One direction of the HPA's `behavior`: how far one evaluation may move the replica count."""
+
     stabilization_window_seconds: int
-    pods_per_period: int
+    pods_per_period: int | None = Field(None, ge=1)
+    percent_per_period: int | None = Field(None, ge=1)
     period_seconds: int = 60
 
 
 class ScaleUp(ScalingRule):
+    """Default: no step limit below maxReplicas (pods_per_period None renders as maxReplicas), so one
+    evaluation jumps straight to the count the queue asks for instead of adding a pod per period."""
+
     stabilization_window_seconds: int = 0
-    pods_per_period: int = 2
+    period_seconds: int = 15
 
 
 class ScaleDown(ScalingRule):
+    """Default: one pod per minute after five quiet minutes (a draining engine loses its KV cache)."""
+
     stabilization_window_seconds: int = 300
-    pods_per_period: int = 1
+    pods_per_period: int | None = Field(1, ge=1)
 
 
 class Autoscaling(CamelModel):
     enabled: bool = False
-    min_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_queue_depth: int = Field(5, ge=1)
     scale_up: ScaleUp = Field(default_factory=ScaleUp)
@@ -167,6 +175,9 @@ class Autoscaling(CamelModel):
     def _min_le_max(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+        if self.enabled and self.min_replicas < 1:
+            raise ValueError("autoscaling.minReplicas: 0 needs the chart's KEDA mode "
+                             "(a HorizontalPodAutoscaler cannot scale to zero)")
         return self
 
 

@@ -36,6 +36,17 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 class CertificateAuthority:
     """A self-signed CA that issues the serving and client certificates."""
 
+    @classmethod
+    def load(cls, directory: Path, issue_into: Path | None = None) -> CertificateAuthority:
+        """The CA written earlier into `directory` (ca.crt, ca.key); new certs go to `issue_into`."""
+        ca = cls.__new__(cls)
+        ca.cert_path, ca.key_path = directory / "ca.crt", directory / "ca.key"
+        ca.cert = x509.load_pem_x509_certificate(ca.cert_path.read_bytes())
+        ca.key = serialization.load_pem_private_key(ca.key_path.read_bytes(), password=None)
+        ca.directory = issue_into or directory
+        ca.directory.mkdir(parents=True, exist_ok=True)
+        return ca
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.key = ec.generate_private_key(ec.SECP256R1())

@@ -5,14 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from kubeinfer.operator.render.common import metadata
-from kubeinfer.operator.spec import InferenceModel, ScalingRule
+from kubeinfer.operator.spec import Autoscaling, InferenceModel, ScalingRule
 
 
-def _rule(rule: ScalingRule) -> dict[str, Any]:
-    return {
-        "stabilizationWindowSeconds": rule.stabilization_window_seconds,
-        "policies": [{"type": "Pods", "value": rule.pods_per_period, "periodSeconds": rule.period_seconds}],
-    }
+def behavior_rule(rule: ScalingRule, max_replicas: int) -> dict[str, Any]:
+    """An HPA scaling rule; with both a pod and a percent limit the larger step wins (selectPolicy Max).
+
+    podsPerPeriod unset means maxReplicas: one evaluation may go to whatever count the metric asks for
+    (the HPA's own default, 4 pods or 100% per 15 s, takes 0->8 several periods; ours takes one).
+    """
+    policies = [{"type": "Pods", "value": rule.pods_per_period or max_replicas, "periodSeconds": rule.period_seconds}]
+    if rule.percent_per_period is not None:
+        policies.append({"type": "Percent", "value": rule.percent_per_period, "periodSeconds": rule.period_seconds})
+    return {"stabilizationWindowSeconds": rule.stabilization_window_seconds, "selectPolicy": "Max",
+            "policies": policies}
+
+
+def render_behavior(autoscaling: Autoscaling) -> dict[str, Any]:
+    """`spec.behavior` of the HPA (also what the chart's KEDA mode puts in the ScaledObject)."""
+    return {"scaleUp": behavior_rule(autoscaling.scale_up, autoscaling.max_replicas),
+            "scaleDown": behavior_rule(autoscaling.scale_down, autoscaling.max_replicas)}
 
 
 def render_hpa(im: InferenceModel, metric_name: str) -> dict[str, Any] | None:
@@ -35,6 +47,6 @@ def render_hpa(im: InferenceModel, metric_name: str) -> dict[str, Any] | None:
                     "target": {"type": "AverageValue", "averageValue": str(autoscaling.target_queue_depth)},
                 },
             }],
-            "behavior": {"scaleUp": _rule(autoscaling.scale_up), "scaleDown": _rule(autoscaling.scale_down)},
+            "behavior": render_behavior(autoscaling),
         },
     }

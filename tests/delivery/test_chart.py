@@ -8,7 +8,9 @@ import textwrap
 
 import pytest
 import yaml
+from kubeinfer.operator.render.hpa import render_behavior
 from kubeinfer.operator.settings import OperatorSettings
+from kubeinfer.operator.spec import InferenceModel
 
 from tests.delivery.conftest import ALL_FEATURES, CHART, Render, by_kind, one
 from tests.delivery.tools import REPO
@@ -169,6 +171,33 @@ def test_models_become_inference_models_and_keda_takes_over_autoscaled_ones(all_
     assert trigger["type"] == "prometheus" and trigger["metadata"]["threshold"] == "4"
     assert trigger["metadata"]["query"] == (
         'sum(vllm:num_requests_waiting{namespace="kubeinfer-system",model_name="qwen2-5-7b"})')
+    # KEDA's HPA gets the behavior the operator's HPA would have (same CRD defaults, same rule).
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    qwen_model = InferenceModel.from_body({**models["qwen2-5-7b"], "spec": {
+        **qwen, "autoscaling": {**qwen["autoscaling"], "enabled": True}}})
+    assert behavior == render_behavior(qwen_model.spec.autoscaling)
+
+
+def test_keda_mode_passes_behavior_and_scale_to_zero(render: Render, tmp_path) -> None:
+    values = tmp_path / "keda.yaml"
+    values.write_text(yaml.safe_dump({"keda": {"enabled": True}, "models": [{"name": "z", "spec": {
+        "model": {"source": "hf://org/z"}, "autoscaling": {
+            "enabled": True, "minReplicas": 0, "maxReplicas": 3, "targetQueueDepth": 2,
+            "scaleUp": {"podsPerPeriod": 2, "percentPerPeriod": 50, "periodSeconds": 5},
+            "scaleDown": {"stabilizationWindowSeconds": 10, "periodSeconds": 5}}}}]}))
+    docs = render("-f", str(values))
+    scaled = one(docs, "ScaledObject", "z")["spec"]
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (0, 3)
+    model = one(docs, "InferenceModel", "z")
+    spec = model["spec"]
+    assert spec["autoscaling"]["enabled"] is False and "replicas" not in spec
+    expected = render_behavior(InferenceModel.from_body({**model, "spec": {
+        **spec, "autoscaling": {**spec["autoscaling"], "enabled": False}}}).spec.autoscaling)
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == expected
+    assert expected["scaleUp"]["policies"] == [{"type": "Pods", "value": 2, "periodSeconds": 5},
+                                               {"type": "Percent", "value": 50, "periodSeconds": 5}]
+    assert expected["scaleDown"] == {"stabilizationWindowSeconds": 10, "selectPolicy": "Max",
+                                     "policies": [{"type": "Pods", "value": 1, "periodSeconds": 5}]}
 
 
 def test_without_keda_autoscaled_models_keep_the_operators_hpa(render: Render) -> None:

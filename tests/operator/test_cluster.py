@@ -108,8 +108,12 @@ def test_children_have_the_exact_fields_and_status_becomes_ready(kube: Kube, nam
     wait_for(lambda: any(e["reason"] == "Ready" for e in kube.events(namespace, "smol")), what="a Ready event")
 
     table = kube.kubectl("get", "im", "smol", "-n", namespace)
-    assert table.split("\n")[0].split() == ["NAME", "MODEL", "READY", "REPLICAS", "PHASE", "ENDPOINT", "AGE"]
+    assert table.split("\n")[0].split() == ["NAME", "MODEL", "READY", "REPLICAS", "PHASE", "AUTOSCALING", "ENDPOINT",
+                                             "AGE"]
     assert f"http://smol.{namespace}.svc:8000/v1" in table and "Ready" in table
+    assert "Autoscaling" not in [c["type"] for c in status["conditions"]] and "autoscaling" not in status
+    wide = kube.kubectl("get", "im", "smol", "-n", namespace, "-o", "wide").split("\n")[0].split()
+    assert wide[wide.index("AUTOSCALING") + 1:wide.index("AUTOSCALING") + 3] == ["QUEUE", "DESIRED"]
 
 
 def test_spec_change_rolls_out_new_pods(kube: Kube, namespace: str) -> None:
@@ -230,6 +234,42 @@ def test_autoscaling_hands_replicas_to_the_hpa(kube: Kube, namespace: str) -> No
     kube.patch(IM_API, "InferenceModel", namespace, "auto", {"spec": {"autoscaling": {"enabled": False}, "replicas": 1}})
     wait_gone(kube, "autoscaling/v2", "HorizontalPodAutoscaler", namespace, "auto")
     wait_child(kube, "apps/v1", "Deployment", namespace, "auto", lambda d: d["spec"]["replicas"] == 1)
+
+
+def test_autoscaling_without_a_metrics_api_is_reported(kube: Kube, namespace: str) -> None:
+    """This cluster has no custom metrics API: the model serves (Ready) but says it cannot scale."""
+    kube.create(inference_model("noscale", namespace, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 3}))
+
+    def autoscaling_false() -> dict[str, Any] | None:
+        body = get_im(kube, namespace, "noscale")
+        return body if condition(body, "Autoscaling").get("status") == "False" else None
+
+    body = wait_for(autoscaling_false, timeout=90, interval=1, what="the Autoscaling condition to turn False")
+    autoscaling = condition(body, "Autoscaling")
+    assert autoscaling["reason"] == "FailedGetPodsMetric"
+    assert "custom metrics API" in autoscaling["message"] and "vllm_num_requests_waiting" in autoscaling["message"]
+    body = wait_phase(kube, namespace, "noscale", "Ready", timeout=60)
+    assert condition(body, "Ready")["status"] == "True", "it serves"
+    degraded = condition(body, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "FailedGetPodsMetric"), "but it does not scale"
+    summary = body["status"]["autoscaling"]
+    assert summary["mode"] == "HPA" and summary["autoscaler"] == "noscale"
+    assert (summary["minReplicas"], summary["maxReplicas"], summary["metric"]) == (1, 3, "vllm_num_requests_waiting")
+    wait_for(lambda: [e for e in kube.events(namespace, "noscale") if e["type"] == "Warning"
+                      and e["reason"] == "AutoscalingFailed" and "FailedGetPodsMetric" in e["message"]],
+             what="a Warning event on the transition")
+    columns = kube.kubectl("get", "im", "noscale", "-n", namespace)
+    assert "FailedGetPodsMetric" in columns.splitlines()[1] and "AUTOSCALING" in columns.splitlines()[0]
+    # Autoscaling off: the condition and status.autoscaling go away, Degraded clears.
+    kube.patch(IM_API, "InferenceModel", namespace, "noscale", {"spec": {"autoscaling": {"enabled": False}}})
+
+    def cleared() -> dict[str, Any] | None:
+        body = get_im(kube, namespace, "noscale")
+        status = body.get("status") or {}
+        return body if not condition(body, "Autoscaling") and "autoscaling" not in status \
+            and condition(body, "Degraded").get("status") == "False" else None
+
+    wait_for(cleared, timeout=30, what="the Autoscaling condition to be removed")
 
 
 def test_missing_secret_fails_clearly_until_it_exists(kube: Kube, namespace: str) -> None:

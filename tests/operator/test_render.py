@@ -204,14 +204,34 @@ def test_hpa_exact() -> None:
             "metrics": [{"type": "Pods", "pods": {"metric": {"name": "queue_depth"},
                                                   "target": {"type": "AverageValue", "averageValue": "3"}}}],
             "behavior": {
-                "scaleUp": {"stabilizationWindowSeconds": 0,
-                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]},
-                "scaleDown": {"stabilizationWindowSeconds": 600,
+                "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max",
+                            "policies": [{"type": "Pods", "value": 8, "periodSeconds": 15}]},
+                "scaleDown": {"stabilizationWindowSeconds": 600, "selectPolicy": "Max",
                               "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]},
             },
         },
     }
     assert render_hpa(make_model({"model": HF}), "queue_depth") is None
+
+
+def test_hpa_scale_up_jumps_to_the_needed_count_by_default() -> None:
+    """One evaluation may add up to maxReplicas pods: 1 -> 8 in one step, not one pod per period."""
+    im = make_model({"model": HF, "autoscaling": {"enabled": True, "maxReplicas": 8}})
+    up = render_hpa(im, "q")["spec"]["behavior"]["scaleUp"]
+    assert up["stabilizationWindowSeconds"] == 0
+    assert up["policies"] == [{"type": "Pods", "value": 8, "periodSeconds": 15}]
+
+
+def test_hpa_behavior_is_configurable() -> None:
+    im = make_model({"model": HF, "autoscaling": {
+        "enabled": True, "maxReplicas": 10,
+        "scaleUp": {"podsPerPeriod": 2, "percentPerPeriod": 50, "periodSeconds": 30, "stabilizationWindowSeconds": 5},
+        "scaleDown": {"stabilizationWindowSeconds": 10, "podsPerPeriod": 3, "periodSeconds": 20}}})
+    behavior = render_hpa(im, "q")["spec"]["behavior"]
+    assert behavior["scaleUp"] == {"stabilizationWindowSeconds": 5, "selectPolicy": "Max", "policies": [
+        {"type": "Pods", "value": 2, "periodSeconds": 30}, {"type": "Percent", "value": 50, "periodSeconds": 30}]}
+    assert behavior["scaleDown"] == {"stabilizationWindowSeconds": 10, "selectPolicy": "Max",
+                                     "policies": [{"type": "Pods", "value": 3, "periodSeconds": 20}]}
 
 
 def test_pdb_only_with_more_than_one_replica() -> None:

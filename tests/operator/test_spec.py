@@ -77,6 +77,8 @@ def test_every_crd_spec_field_is_known_to_pydantic() -> None:
      "at least engine.tensorParallelSize"),
     ({"model": {"source": "hf://org/name"}, "autoscaling": {"minReplicas": 5, "maxReplicas": 2}},
      "minReplicas must not exceed"),
+    ({"model": {"source": "hf://org/name"}, "autoscaling": {"enabled": True, "minReplicas": 0}},
+     "minReplicas: 0 needs the chart's KEDA mode"),
     ({"model": {"source": "hf://org/name"}, "terminationGracePeriodSeconds": 5, "preStopSleepSeconds": 5},
      "greater than preStopSleepSeconds"),
     ({"model": {"source": "hf://org/name"}, "unknownField": 1}, "Extra inputs are not permitted"),
