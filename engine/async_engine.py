@@ -511,6 +511,7 @@ class AsyncLLMEngine:
             prompt_tokens_total=int(getattr(stats, "prompt_tokens_total", 0)),
             generation_tokens_total=int(getattr(stats, "generation_tokens_total", 0)),
             enable_prefix_caching=bool(getattr(self.config, "enable_prefix_caching", False)),
+            **_weight_fields(engine),
         )
         with self._lock:
             self._engine_snapshot = snapshot
@@ -556,3 +557,13 @@ class AsyncLLMEngine:
     def _fail_all_streams(self, error: BaseException) -> None:
         for stream in self._streams.values():
             stream.put(error)
+
+
+def _weight_fields(engine: LLMEngine) -> dict[str, Any]:
+    """The snapshot's weight fields from the model runner (absent on engines without one, e.g. test doubles)."""
+    runner = getattr(engine, "runner", None)
+    report = getattr(runner, "weight_report", None)
+    if report is None:
+        return {}
+    return {"quantization": str(runner.quantization), "weight_types": "/".join(report.qtypes),
+            "weight_bytes": int(report.total_bytes)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,6 +36,11 @@ def parse_size(value: str | int) -> int:
     return size
 
 
+# --quantization values (vLLM's names, plus none: full precision); what each supports: engine/layers/quantization.py
+QUANTIZATION_METHODS = ("gguf", "int8", "awq", "gptq", "fp8", "none")
+QuantizationMethod = Literal["gguf", "int8", "awq", "gptq", "fp8", "none"]
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -54,6 +60,8 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     seed: int = 0
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps (engine/cuda_graphs.py)
+    # None: a GGUF keeps its quantized tensors on the CPU; see engine/layers/quantization.py for the rest
+    quantization: QuantizationMethod | None = None
 
     @field_validator("dtype")
     @classmethod

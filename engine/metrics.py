@@ -105,6 +105,9 @@ class EngineSnapshot:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     enable_prefix_caching: bool = False
+    quantization: str = "none"  # how the weights are kept (engine/layers/quantization.py)
+    weight_types: str = ""  # the quantized formats held, e.g. "Q4_1/Q8_0"
+    weight_bytes: int = 0  # resident weight bytes (dense + quantized)
 
 
 class _EngineStateCollector(Collector):
@@ -149,6 +152,13 @@ class _EngineStateCollector(Collector):
             [name, str(snap.block_size), str(snap.num_gpu_blocks), str(snap.enable_prefix_caching)], 1.0
         )
         yield info
+        weights = GaugeMetricFamily(
+            "kubeinfer:model_weights_info",
+            "How the model's weights are kept (value: resident weight bytes).",
+            labels=["model_name", "quantization", "weight_types"],
+        )
+        weights.add_metric([name, snap.quantization, snap.weight_types], float(snap.weight_bytes))
+        yield weights
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.", snap.num_preemptions_total)
         yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", snap.prompt_tokens_total)
         yield counter(

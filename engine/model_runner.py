@@ -122,7 +122,7 @@ class ModelRunner:
             init_tensor_parallel(rank, self.world_size, port, self.device)
         try:
             loaded = load_model(config.model, dtype=config.dtype, device=self.device, revision=config.revision,
-                                tp_rank=rank, tp_size=self.world_size)
+                                tp_rank=rank, tp_size=self.world_size, quantization=config.quantization)
         except BaseException:
             self.shutdown()
             raise
@@ -130,6 +130,7 @@ class ModelRunner:
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_id = loaded.model_id
+        self.quantization, self.weight_report = loaded.quantization, loaded.weights
         self.block_size = config.block_size
         self.vocab_size = self.model_config.vocab_size
         self.num_kv_heads = self.model.num_kv_heads_per_rank

@@ -100,6 +100,7 @@ class EngineSpec(CamelModel):
     tensor_parallel_size: int = Field(1, ge=1)
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enable_prefix_caching: bool = True
+    quantization: Literal["gguf", "int8", "awq", "gptq", "fp8", "none"] | None = None
     extra_args: list[str] = Field(default_factory=list)
     env: list[EnvVar] = Field(default_factory=list)
 

@@ -3,9 +3,13 @@
 // Weight formats (codes are ggml's type ids, so GGUF tensors pass through unchanged):
 //   Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14): rows of GGUF blocks, bit for bit;
 //   INT8_ROW (100): int8 rows with one float scale per output row (weight-only int8, --quantization int8).
-// As llama.cpp does, the activations are quantized to int8 per block of 32 (one float scale per block and
-// the two half-block sums, for the formats with an offset), so each 32-weight group is one int8 dot product:
-// maddubs + madd on AVX2, dpbusd on AVX-512 VNNI, plain loops in the scalar fallback. Accumulation is fp32.
+// Two ways to multiply (act_mode):
+//   F32 (0): the weights are dequantised in registers and multiplied with the float32 activations: the result
+//     differs from the dense float32 matmul only by rounding order (the engine's default).
+//   Q8 (1): as llama.cpp does, the activations are quantized to int8 per block of 32 (one float scale per block
+//     and the two half-block sums, for the formats with an offset), so each 32-weight group is one int8 dot
+//     product: maddubs + madd on AVX2, dpbusd on AVX-512 VNNI. Faster where compute bound, less exact.
+// Both accumulate in fp32; the scalar fallback has both too.
 //
 // Every format is decoded group by group into (32 unsigned or signed ints, weight scale and offset for each
 // half of 16): value = scale * q + offset. That one shape covers all six formats (Q6_K has a scale per 16).
@@ -225,6 +229,38 @@ template <int MT> void row_dot(int type, const uint8_t* w, int64_t block_bytes, 
   for (int t = 0; t < MT; ++t) res[t] = acc[t];
 }
 
+// F32 mode: per row, per group of 32, the sums of x over each half (for the weight offsets).
+void half_sums(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int nthreads) {
+  const int64_t nb = K / 32;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t h = 0; h < 2 * nb; ++h) {
+      float sum = 0.f;
+      for (int i = 0; i < 16; ++i) sum += x[m * ldx + 16 * h + i];
+      out[m * 2 * nb + h] = sum;
+    }
+  }
+}
+
+template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_bytes, int64_t groups_per_block,
+                                   int64_t nblocks, float row_scale, const float* const* xs,
+                                   const float* const* sums, float* res) {
+  float acc[MT] = {};
+  for (int64_t b = 0; b < nblocks; ++b) {
+    decode_scalar(type, w + b * block_bytes, row_scale, [&](int j, const Group& g) {
+      const int64_t gi = b * groups_per_block + j;
+      for (int t = 0; t < MT; ++t) {
+        const float* x = xs[t] + 32 * gi;
+        float dot[2] = {0.f, 0.f};
+        for (int i = 0; i < 32; ++i) dot[i / 16] += x[i] * static_cast<float>(g.q[i]);
+        acc[t] += g.scale[0] * dot[0] + g.scale[1] * dot[1] + g.offset[0] * sums[t][2 * gi] +
+                  g.offset[1] * sums[t][2 * gi + 1];
+      }
+    });
+  }
+  for (int t = 0; t < MT; ++t) res[t] = acc[t];
+}
+
 }  // namespace scalar
 
 // The row loops, shared by every ISA: threads split the output rows in blocks of ROW_BLOCK; within a
@@ -232,20 +268,39 @@ template <int MT> void row_dot(int type, const uint8_t* w, int64_t block_bytes, 
 constexpr int64_t ROW_BLOCK = 16;
 constexpr int M_TILE = 4;
 
+// The activations of one call, in the mode's form: Q8 blocks, or float32 rows and their half-group sums.
+struct Acts {
+  const QBlock* q8 = nullptr;  // Q8: [M, K / 32]
+  const float* x = nullptr;    // F32: [M, ldx]
+  int64_t ldx = 0;
+  const float* sums = nullptr;  // F32: [M, 2 * K / 32]
+};
+
+struct Tile {  // the activation rows of one M_TILE
+  const QBlock* q8[M_TILE];
+  const float* x[M_TILE];
+  const float* sums[M_TILE];
+};
+
 template <class RowDot>
 void matmul_rows(const RowDot& row_dot, const uint8_t* w, int64_t row_bytes, const float* row_scales,
-                 const QBlock* xq, int64_t nb32, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+                 const Acts& acts, int64_t nb32, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   const int64_t nrb = (N + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nrb > 1)
   for (int64_t rb = 0; rb < nrb; ++rb) {
     const int64_t n0 = rb * ROW_BLOCK, n1 = std::min(N, n0 + ROW_BLOCK);
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
       const int mt = static_cast<int>(std::min<int64_t>(M_TILE, M - m0));
-      const QBlock* xs[M_TILE];
-      for (int t = 0; t < mt; ++t) xs[t] = xq + (m0 + t) * nb32;
+      Tile tile;
+      for (int t = 0; t < mt; ++t) {
+        const int64_t m = m0 + t;
+        tile.q8[t] = acts.q8 ? acts.q8 + m * nb32 : nullptr;
+        tile.x[t] = acts.x ? acts.x + m * acts.ldx : nullptr;
+        tile.sums[t] = acts.sums ? acts.sums + m * 2 * nb32 : nullptr;
+      }
       for (int64_t n = n0; n < n1; ++n) {
         float res[M_TILE];
-        row_dot(mt, w + n * row_bytes, row_scales ? row_scales[n] : 1.f, xs, res);
+        row_dot(mt, w + n * row_bytes, row_scales ? row_scales[n] : 1.f, tile, res);
         for (int t = 0; t < mt; ++t) y[(m0 + t) * ldy + n] = res[t];
       }
     }
@@ -303,6 +358,12 @@ QBlock* activation_buffer(int64_t blocks) {
   return buffer.data();
 }
 
+float* sums_buffer(int64_t count) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
+  return buffer.data();
+}
+
 }  // namespace kq
 
 extern "C" {
@@ -326,39 +387,62 @@ int64_t kq_row_bytes(int type, int64_t k) {
 }
 
 // y[m, n] (row stride ldy) = sum_k x[m, k] (row stride ldx) * W[n, k] for W's rows of `row_bytes` bytes.
-// row_scales: N floats for INT8_ROW (ignored otherwise). Returns 0, or a nonzero code for bad arguments.
+// row_scales: N floats for INT8_ROW (ignored otherwise). act_mode: 0 float32 activations, 1 int8 (Q8) ones.
+// Returns 0, or a nonzero code for bad arguments.
 int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
-              float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int nthreads) {
+              float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
   int64_t block_bytes, block_elems;
   if (!kq::format_of(type, &block_bytes, &block_elems)) return 1;
   if (K % block_elems != 0 || row_bytes < K / block_elems * block_bytes) return 2;
   if (M < 0 || N < 0 || ldx < K || ldy < N || (type == kq::INT8_ROW && row_scales == nullptr)) return 3;
+  if (act_mode != 0 && act_mode != 1) return 4;
   if (M == 0 || N == 0) return 0;
   nthreads = std::max(1, nthreads);
   const int64_t nb32 = K / 32, nblocks = K / block_elems, gpb = block_elems / 32;
-  kq::QBlock* xq = kq::activation_buffer(M * nb32);
+  const bool q8 = act_mode == 1;
+  kq::Acts acts;
   const auto* wb = static_cast<const uint8_t*>(w);
   const int isa = kq::current_isa();
+  if (q8) {
+    kq::QBlock* xq = kq::activation_buffer(M * nb32);
 #if KQ_X86
-  if (isa == kq::AVX512_VNNI) {
-    kq::avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
-    return kq::avx512::matmul(type, wb, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads);
-  }
-  if (isa == kq::AVX2) {
-    kq::avx2::quantize_rows(x, ldx, M, K, xq, nthreads);
-    return kq::avx2::matmul(type, wb, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads);
-  }
+    if (isa == kq::AVX512_VNNI) kq::avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
+    else if (isa == kq::AVX2) kq::avx2::quantize_rows(x, ldx, M, K, xq, nthreads);
+    else
 #endif
-  kq::scalar::quantize_rows(x, ldx, M, K, xq, nthreads);
-  auto row_dot = [&](int mt, const uint8_t* row, float scale, const kq::QBlock* const* xs, float* res) {
-    switch (mt) {
-      case 1: kq::scalar::row_dot<1>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
-      case 2: kq::scalar::row_dot<2>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
-      case 3: kq::scalar::row_dot<3>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
-      default: kq::scalar::row_dot<4>(type, row, block_bytes, gpb, nblocks, scale, xs, res); break;
+      kq::scalar::quantize_rows(x, ldx, M, K, xq, nthreads);
+    acts.q8 = xq;
+  } else {
+    float* sums = kq::sums_buffer(M * 2 * nb32);
+    kq::scalar::half_sums(x, ldx, M, K, sums, nthreads);
+    acts.x = x;
+    acts.ldx = ldx;
+    acts.sums = sums;
+  }
+#if KQ_X86
+  if (isa == kq::AVX512_VNNI) return kq::avx512::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
+  if (isa == kq::AVX2) return kq::avx2::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
+#endif
+  auto dot = [&](int mt, const uint8_t* row, float scale, const kq::Tile& tile, float* res) {
+    using kq::scalar::row_dot;
+    using kq::scalar::row_dot_f32;
+    if (q8) {
+      switch (mt) {
+        case 1: row_dot<1>(type, row, block_bytes, gpb, nblocks, scale, tile.q8, res); break;
+        case 2: row_dot<2>(type, row, block_bytes, gpb, nblocks, scale, tile.q8, res); break;
+        case 3: row_dot<3>(type, row, block_bytes, gpb, nblocks, scale, tile.q8, res); break;
+        default: row_dot<4>(type, row, block_bytes, gpb, nblocks, scale, tile.q8, res); break;
+      }
+    } else {
+      switch (mt) {
+        case 1: row_dot_f32<1>(type, row, block_bytes, gpb, nblocks, scale, tile.x, tile.sums, res); break;
+        case 2: row_dot_f32<2>(type, row, block_bytes, gpb, nblocks, scale, tile.x, tile.sums, res); break;
+        case 3: row_dot_f32<3>(type, row, block_bytes, gpb, nblocks, scale, tile.x, tile.sums, res); break;
+        default: row_dot_f32<4>(type, row, block_bytes, gpb, nblocks, scale, tile.x, tile.sums, res); break;
+      }
     }
   };
-  kq::matmul_rows(row_dot, wb, row_bytes, row_scales, xq, nb32, M, N, y, ldy, nthreads);
+  kq::matmul_rows(dot, wb, row_bytes, row_scales, acts, nb32, M, N, y, ldy, nthreads);
   return 0;
 }
 
@@ -553,30 +637,85 @@ inline void row_dot(const uint8_t* w, int64_t nblocks, float row_scale, const QB
   for (int t = 0; t < MT; ++t) res[t] = hsum(acc[t]) + offsets[t];
 }
 
-template <class F>
-void run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* xq, int64_t nb32,
-         int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
-  auto dot = [&](int mt, const uint8_t* row, float scale, const QBlock* const* xs, float* res) {
-    switch (mt) {
-      case 1: row_dot<F, 1>(row, nblocks, scale, xs, res); break;
-      case 2: row_dot<F, 2>(row, nblocks, scale, xs, res); break;
-      case 3: row_dot<F, 3>(row, nblocks, scale, xs, res); break;
-      default: row_dot<F, 4>(row, nblocks, scale, xs, res); break;
-    }
-  };
-  kq::matmul_rows(dot, w, row_bytes, row_scales, xq, nb32, M, N, y, ldy, nthreads);
+// F32 mode: the 32 decoded weights widened to 4 x 8 floats (lanes 0-15: the first half) and multiplied with
+// float32 activations; acc += scale * (x . q) per half, the offsets through the precomputed sums of x.
+template <class F, int MT>
+inline void row_dot_f32(const uint8_t* w, int64_t nblocks, float row_scale, const float* const* xs,
+                        const float* const* sums, float* res) {
+  __m256 acc[MT];
+  float offsets[MT];
+  for (int t = 0; t < MT; ++t) {
+    acc[t] = _mm256_setzero_ps();
+    offsets[t] = 0.f;
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    F::decode(w + b * F::BYTES, row_scale, [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
+      const int64_t gi = b * F::GROUPS + j;
+      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+      __m256 f[4];
+      if (F::SIGNED) {
+        f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+        f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+        f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+      } else {
+        f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      }
+      for (int t = 0; t < MT; ++t) {
+        const float* x = xs[t] + 32 * gi;
+        __m256 h0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(x));
+        h0 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(x + 8), h0);
+        __m256 h1 = _mm256_mul_ps(f[2], _mm256_loadu_ps(x + 16));
+        h1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), h1);
+        if (F::SPLIT) {
+          acc[t] = _mm256_fmadd_ps(h0, _mm256_set1_ps(s0), acc[t]);
+          acc[t] = _mm256_fmadd_ps(h1, _mm256_set1_ps(s1), acc[t]);
+        } else {
+          acc[t] = _mm256_fmadd_ps(_mm256_add_ps(h0, h1), _mm256_set1_ps(s0), acc[t]);
+        }
+        if (F::OFFSET) offsets[t] += o0 * sums[t][2 * gi] + o1 * sums[t][2 * gi + 1];
+      }
+    });
+  }
+  for (int t = 0; t < MT; ++t) res[t] = hsum(acc[t]) + offsets[t];
 }
 
-int matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* xq, int64_t nb32,
-           int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+template <class F>
+void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts, int64_t nb32,
+         int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  auto dot = [&](int mt, const uint8_t* row, float scale, const kq::Tile& tile, float* res) {
+    if (q8) {
+      switch (mt) {
+        case 1: row_dot<F, 1>(row, nblocks, scale, tile.q8, res); break;
+        case 2: row_dot<F, 2>(row, nblocks, scale, tile.q8, res); break;
+        case 3: row_dot<F, 3>(row, nblocks, scale, tile.q8, res); break;
+        default: row_dot<F, 4>(row, nblocks, scale, tile.q8, res); break;
+      }
+    } else {
+      switch (mt) {
+        case 1: row_dot_f32<F, 1>(row, nblocks, scale, tile.x, tile.sums, res); break;
+        case 2: row_dot_f32<F, 2>(row, nblocks, scale, tile.x, tile.sums, res); break;
+        case 3: row_dot_f32<F, 3>(row, nblocks, scale, tile.x, tile.sums, res); break;
+        default: row_dot_f32<F, 4>(row, nblocks, scale, tile.x, tile.sums, res); break;
+      }
+    }
+  };
+  kq::matmul_rows(dot, w, row_bytes, row_scales, acts, nb32, M, N, y, ldy, nthreads);
+}
+
+int matmul(int type, bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts,
+           int64_t nb32, int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   switch (type) {
-    case kq::Q8_0: run<FmtQ8_0>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::INT8_ROW: run<FmtInt8Row>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_0: run<FmtQ4<false>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_1: run<FmtQ4<true>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_K: run<FmtK<false>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q5_K: run<FmtK<true>>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q6_K: run<FmtQ6_K>(w, row_bytes, row_scales, xq, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q8_0: run<FmtQ8_0>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::INT8_ROW: run<FmtInt8Row>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_0: run<FmtQ4<false>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_1: run<FmtQ4<true>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_K: run<FmtK<false>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q5_K: run<FmtK<true>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q6_K: run<FmtQ6_K>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
     default: return 1;
   }
 }

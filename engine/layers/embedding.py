@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from kubeinfer.engine.layers import cpu_linear
+from kubeinfer.engine.layers.quantization import QuantizedWeight
 from torch import nn
 
 
@@ -17,6 +18,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.quantized: QuantizedWeight | None = None  # set when the table is kept quantized (quantization.py)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         size = max(0, min(self.shard_size, loaded_weight.shape[0] - self.vocab_start))
@@ -25,13 +27,18 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard_size)
-        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = self._lookup(local.masked_fill(outside, 0))
         y = y.masked_fill(outside.unsqueeze(-1), 0)
         dist.all_reduce(y)
         return y
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.embedding(ids, self.weight.dtype)
+        return F.embedding(ids, self.weight)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -42,7 +49,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.packed_weight: torch.Tensor | None = None  # set by onednn.prepack_model on the CPU
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.device.type == "cpu":
+        if self.quantized is not None:
+            logits = self.quantized.matmul(hidden_states)
+        elif hidden_states.device.type == "cpu":
             logits = cpu_linear.linear(hidden_states, self.weight, self.packed_weight, None)
         else:
             logits = F.linear(hidden_states, self.weight)

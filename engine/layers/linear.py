@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from kubeinfer.engine.layers import cpu_linear
+from kubeinfer.engine.layers.quantization import QuantizedWeight
 from torch import nn
 
 
@@ -32,11 +33,14 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None  # set by onednn.prepack_model on the CPU
+        self.quantized: QuantizedWeight | None = None  # set when the weight is kept quantized (quantization.py)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
         param.data.copy_(loaded_weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quantized is not None:
+            return self.quantized.matmul(x, bias)
         if x.device.type == "cpu":
             return cpu_linear.linear(x, self.weight, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)

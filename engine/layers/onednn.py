@@ -56,8 +56,8 @@ def prepack_model(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not hasattr(module, "packed_weight") or weight is None:
-            continue
+        if not hasattr(module, "packed_weight") or weight is None or getattr(module, "quantized", None) is not None:
+            continue  # no slot, or a weight kept quantized
         if weight.device.type != "cpu" or not packs(weight.dtype):
             continue
         try:

@@ -3,7 +3,9 @@
 The library is compiled without ``-march``: its AVX2 and AVX-512 VNNI paths are compiled under GCC target
 pragmas and picked at run time from the CPU's features, so one build serves every x86 CPU and the paths a
 CPU lacks still compile everywhere. ``KUBEINFER_QUANT_ISA=scalar|avx2|avx512`` (or ``set_isa``) caps the
-path, to test the fallbacks. Weights are ``uint8 [N, row_bytes]`` rows of GGUF blocks (ggml's type codes),
+path, to test the fallbacks. Activations are float32 (weights dequantised in registers: the dense result
+up to rounding order; the default) or quantized to int8 per block of 32 as llama.cpp does (``q8``: int8 dot
+products; ``KUBEINFER_QUANT_ACTIVATIONS=q8`` makes it the default). Weights are ``uint8 [N, row_bytes]`` rows of GGUF blocks (ggml's type codes),
 or ``int8 [N, K]`` rows with float32 per-row scales (``INT8_ROW``).
 """
 
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(build.__file__).with_name("quant_kernels.cpp")
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 ISA_ENV = "KUBEINFER_QUANT_ISA"
+ACTIVATIONS_ENV = "KUBEINFER_QUANT_ACTIVATIONS"
+ACTIVATION_MODES = {"f32": 0, "q8": 1}
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
 _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 2}
 
@@ -42,7 +46,7 @@ _SIGNATURES = {
     "kq_set_isa": ([_INT], _INT),
     "kq_current_isa": ([], _INT),
     "kq_row_bytes": ([_INT, _I64], _I64),
-    "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT], _INT),
+    "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
 }
 
@@ -104,6 +108,14 @@ def set_isa(name: str) -> str:
     return ISA_NAMES[_lib().kq_set_isa(_ISA_CODES[name])]
 
 
+@cache
+def default_activations() -> str:
+    mode = os.environ.get(ACTIVATIONS_ENV, "f32").strip().lower() or "f32"
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"{ACTIVATIONS_ENV}={mode!r}: expected f32 or q8")
+    return mode
+
+
 def row_bytes(qtype: int, k: int) -> int:
     """Bytes of one row of ``k`` weights in ``qtype`` (ValueError when ``k`` is not a whole number of blocks)."""
     block_bytes, block_elems = BLOCKS[qtype]
@@ -118,9 +130,11 @@ def _check(status: int, name: str) -> None:
 
 
 def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, activations: str | None = None) -> torch.Tensor:
     """``x [M, k] float32 @ W.T`` for ``W`` the ``N`` quantized rows in ``weight`` (``uint8/int8 [N, row_bytes]``);
-    writes ``out`` (``float32 [M, N]``, any row stride; e.g. a column slice of a wider output) when given."""
+    writes ``out`` (``float32 [M, N]``, any row stride; e.g. a column slice of a wider output) when given.
+    ``activations``: ``f32`` or ``q8`` (default: ``default_activations()``)."""
+    mode = ACTIVATION_MODES[activations or default_activations()]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError("matmul needs a float32 [M, k] input with unit stride along k")
     n = weight.shape[0]
@@ -131,7 +145,7 @@ def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: to
     if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
         raise ValueError("weights and scales must be contiguous")
     _check(_lib().kq_matmul(qtype, weight.data_ptr(), weight.shape[1], None if scales is None else scales.data_ptr(),
-                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], n, k,
+                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], n, k, mode,
                             torch.get_num_threads()), "matmul")
     return out
 

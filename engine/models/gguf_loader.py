@@ -1,13 +1,16 @@
-"""GGUF files (llama.cpp's format): dequantised to full precision at load with the ``gguf`` package.
+"""GGUF files (llama.cpp's format): quantized tensors kept quantized (``--quantization gguf``, the default on
+the CPU) for the types the kernels read, the others dequantised to full precision with the ``gguf`` package.
 
 llama.cpp's converter permutes the rows of Q and K of ``llama`` models for its interleaved RoPE;
-we undo that so the weights match the Hugging Face layout our rotary embedding expects.
+we undo that (on whole rows of blocks, when quantized) so the weights match the Hugging Face layout our
+rotary embedding expects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -18,10 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from kubeinfer.engine.layers import quant_kernels
+from kubeinfer.engine.layers.quantization import QuantizedRows, prepare_model, resolve_method
 from kubeinfer.engine.models.config import ModelConfig
 from kubeinfer.engine.models.dtype import resolve_dtype
 from kubeinfer.engine.tokenizer import end_of_generation_ids, load_tokenizer
 from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 _CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubeinfer" / "gguf-tokenizers"
 
@@ -88,11 +95,14 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor dequantised to float32, renamed to the Hugging Face name."""
+def iter_gguf_weights(reader, cfg: ModelConfig, keep_quantized: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor | QuantizedRows]]:
+    """Each tensor renamed to the Hugging Face name: with ``keep_quantized``, matrices in a type the kernels
+    read as ``QuantizedRows`` (a copy of the file's blocks), everything else dequantised to float32."""
     from gguf.quants import dequantize
 
     permute = reader.fields["general.architecture"].contents() == "llama"
+    dequantised: dict[str, int] = {}
     for tensor in reader.tensors:
         stem, kind = tensor.name.rsplit(".", 1)
         if match := _LAYER.match(tensor.name):
@@ -105,11 +115,25 @@ def iter_gguf_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Ten
         else:
             continue  # e.g. rope_freqs: recomputed from the config
         shape = tuple(reversed([int(d) for d in tensor.shape]))  # ggml lists dimensions fastest-first
+        type_name = tensor.tensor_type.name
+        heads = cfg.num_heads if part == "attn_q" else cfg.num_kv_heads
+        if keep_quantized and len(shape) == 2 and type_name in quant_kernels.GGUF_TYPES:
+            blocks = tensor.data.reshape(shape[0], -1)  # one row of blocks per output feature
+            if permute and part in ("attn_q", "attn_k"):
+                blocks = unpermute_qk(blocks, heads)
+            yield name, QuantizedRows(quant_kernels.GGUF_TYPES[type_name], torch.from_numpy(np.array(blocks)),
+                                      shape[1])
+            continue
+        if keep_quantized and type_name not in ("F32", "F16", "BF16"):
+            dequantised[type_name] = dequantised.get(type_name, 0) + 1
         w = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
         if permute and part in ("attn_q", "attn_k"):
-            w = unpermute_qk(w, cfg.num_heads if part == "attn_q" else cfg.num_kv_heads)
+            w = unpermute_qk(w, heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         yield name, torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only mmaps
+    if dequantised:
+        logger.info("GGUF tensors dequantised to full precision at load (no quantized kernel for the type): %s",
+                    ", ".join(f"{count} x {name}" for name, count in sorted(dequantised.items())))
 
 
 def gguf_tokenizer(path: Path, reader) -> PreTrainedTokenizerBase:
@@ -140,8 +164,11 @@ def _ensure_dir(path: Path) -> Path:
 
 
 def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "auto",
-              device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1):
-    """A ``.gguf`` file → LoadedModel (weights dequantised; tokenizer and chat template from the file)."""
+              device: torch.device | str = "cpu", tp_rank: int = 0, tp_size: int = 1,
+              quantization: str | None = None):
+    """A ``.gguf`` file → LoadedModel (tokenizer and chat template from the file). ``quantization``:
+    ``gguf`` keeps the file's quantized tensors (the default on the CPU), ``int8`` requantises every linear
+    layer to int8 rows, ``none`` dequantises everything."""
     from kubeinfer.engine.models.loader import LoadedModel, build_model
 
     path, device = Path(path), torch.device(device)
@@ -154,6 +181,8 @@ def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "au
                                 _field(reader, "tokenizer.ggml.eot_token_id"),
                                 _field(reader, "tokenizer.ggml.eom_token_id"))
     cfg = gguf_model_config(reader, resolve_dtype(dtype, None, device), eos)
+    method = resolve_method(quantization, "gguf", device)
     model = build_model(cfg, device, tp_rank, tp_size)
-    model.load_weights(iter_gguf_weights(reader, cfg))
-    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id)
+    prepare_model(model, method)
+    model.load_weights(iter_gguf_weights(reader, cfg, keep_quantized=method == "gguf"))
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id, quantization=method)

@@ -10,6 +10,12 @@ from pathlib import Path
 
 import torch
 from kubeinfer.engine.layers import onednn
+from kubeinfer.engine.layers.quantization import (
+    WeightReport,
+    log_weight_report,
+    prepare_model,
+    resolve_method,
+)
 from kubeinfer.engine.models.config import ModelConfig, check_architecture
 from kubeinfer.engine.models.dtype import resolve_dtype
 from kubeinfer.engine.models.llama import LlamaForCausalLM
@@ -30,24 +36,28 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: PreTrainedTokenizerBase
     model_id: str  # the default served model name
+    quantization: str = "none"  # how the weights are kept (engine/layers/quantization.py)
+    weights: WeightReport | None = None  # resident weight bytes (rank 0)
 
 
 def load_model(model: str | Path | None = None, *, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "cpu", revision: str | None = None, tp_rank: int = 0,
-               tp_size: int = 1) -> LoadedModel:
+               tp_size: int = 1, quantization: str | None = None) -> LoadedModel:
     """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id.
     On the CPU the linear weights are then packed for oneDNN (``onednn.prepack_model``)."""
     loaded = _load(model, dtype=dtype, device=torch.device(device), revision=revision, tp_rank=tp_rank,
-                   tp_size=tp_size)
+                   tp_size=tp_size, quantization=quantization)
     onednn.prepack_model(loaded.model)
+    if tp_rank == 0:
+        loaded.weights = log_weight_report(loaded.model, loaded.quantization)
     return loaded
 
 
 def _load(model: str | Path | None, *, dtype: str | torch.dtype, device: torch.device, revision: str | None,
-          tp_rank: int, tp_size: int) -> LoadedModel:
+          tp_rank: int, tp_size: int, quantization: str | None) -> LoadedModel:
     from kubeinfer.engine.models.gguf_loader import load_gguf
 
-    opts = {"dtype": dtype, "device": device, "tp_rank": tp_rank, "tp_size": tp_size}
+    opts = {"dtype": dtype, "device": device, "tp_rank": tp_rank, "tp_size": tp_size, "quantization": quantization}
     if model is None:
         from kubeinfer.engine.models.bundled import BUNDLED_MODEL_ID, bundled_model_path
 
@@ -86,8 +96,10 @@ def build_model(cfg: ModelConfig, device: torch.device, tp_rank: int = 0, tp_siz
 
 
 def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, device: torch.device,
-                       revision: str | None = None, tp_rank: int = 0, tp_size: int = 1) -> LoadedModel:
-    """A Hugging Face checkpoint folder: config.json + *.safetensors + tokenizer files."""
+                       revision: str | None = None, tp_rank: int = 0, tp_size: int = 1,
+                       quantization: str | None = None) -> LoadedModel:
+    """A Hugging Face checkpoint folder: config.json + *.safetensors + tokenizer files; ``quantization``
+    ``int8`` quantizes the linear layers' weights to int8 rows as they load."""
     raw = json.loads((path / "config.json").read_text())
     check_architecture((raw.get("architectures") or [None])[0])
     hf_config = AutoConfig.from_pretrained(str(path))
@@ -97,9 +109,11 @@ def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, d
     torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None) or raw.get("torch_dtype"), device)
     eos = end_of_generation_ids(tokenizer, raw.get("eos_token_id"), generation_eos)
     cfg = ModelConfig.from_hf(hf_config, torch_dtype, eos)
+    method = resolve_method(quantization, "hf", device)
     model = build_model(cfg, device, tp_rank, tp_size)
+    prepare_model(model, method)
     model.load_weights(iter_safetensors(path))
-    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id)
+    return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id, quantization=method)
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kubeinfer.engine.config import QUANTIZATION_METHODS
+
 ENV_PREFIX = "KUBEINFER_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -71,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--revision", default=None, help="Hub revision")
     model.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     model.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    model.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        choices=QUANTIZATION_METHODS,
+        help="how weights are kept: gguf (a .gguf's quantized tensors; the default for a .gguf on the CPU), "
+        "int8 (weight-only, per-channel scales, quantized at load), none (full precision); awq, gptq and "
+        "fp8 are recognised but not available yet (the error names what is supported)",
+    )
     model.add_argument("--max-model-len", type=_positive_int, default=None, help="context length")
     model.add_argument("--seed", type=int, default=0)
 

@@ -34,6 +34,7 @@ def engine_args(spec: InferenceModelSpec) -> list[str]:
         "--max-num-batched-tokens": engine.max_num_batched_tokens,
         "--block-size": engine.block_size,
         "--gpu-memory-utilization": engine.gpu_memory_utilization,
+        "--quantization": engine.quantization,
     }
     for flag, value in optional.items():
         if value is not None:

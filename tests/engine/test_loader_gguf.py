@@ -17,7 +17,7 @@ CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 
 @pytest.fixture(scope="module")
 def ours() -> LoadedModel:
-    return load_model(None, dtype="float32")
+    return load_model(None, dtype="float32", quantization="none")  # the dequantising loader; kept quantized: test_quantized_model.py
 
 
 @pytest.fixture(scope="module")

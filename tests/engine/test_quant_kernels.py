@@ -2,9 +2,10 @@
 
 Weights are random GGUF blocks (random bytes with sane fp16 scales; for Q8_0/Q4_0/Q4_1 also real weights
 quantized by the ``gguf`` package's own ``gguf.quants.quantize``), dequantised by ``gguf.quants.dequantize``.
-The kernels quantize the activations to int8 per block of 32 as llama.cpp does, so each result is checked
-twice: tightly against ``dequant(W) @ q8(x)`` (the same arithmetic in float64: catches any decoding or
-indexing bug) and loosely against the plain float reference ``dequant(W) @ x``.
+In ``f32`` mode (weights dequantised in registers) the result must equal ``dequant(W) @ x`` up to float32
+rounding. In ``q8`` mode the kernels quantize the activations to int8 per block of 32 as llama.cpp does, so
+the result is checked tightly against ``dequant(W) @ q8(x)`` (the same arithmetic in float64: catches any
+decoding or indexing bug) and loosely against the plain reference.
 """
 
 from __future__ import annotations
@@ -70,28 +71,36 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
     return (q * d).reshape(x.shape).astype(np.float64)
 
 
-def check(qtype: int, weights: np.ndarray, k: int, m: int, seed: int) -> None:
+@pytest.fixture(params=["f32", "q8"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def check(qtype: int, weights: np.ndarray, k: int, m: int, seed: int, mode: str) -> None:
     reference_w = gguf_quants.dequantize(weights, GGMLQuantizationType(qtype)).reshape(weights.shape[0], k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
-    got = qk.matmul(x, qtype, torch.from_numpy(weights), k).double().numpy()
-    same_arithmetic = q8_activations(x.numpy()) @ reference_w.astype(np.float64).T
+    got = qk.matmul(x, qtype, torch.from_numpy(weights), k, activations=mode).double().numpy()
     plain = x.double().numpy() @ reference_w.astype(np.float64).T
     scale = np.abs(plain).max() + 1e-12
+    if mode == "f32":
+        np.testing.assert_allclose(got, plain, atol=1e-5 * scale, rtol=1e-5)
+        return
+    same_arithmetic = q8_activations(x.numpy()) @ reference_w.astype(np.float64).T
     np.testing.assert_allclose(got, same_arithmetic, atol=2e-5 * scale, rtol=1e-4)
     assert np.linalg.norm(got - plain) <= 0.02 * np.linalg.norm(plain)
 
 
 @pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
 @pytest.mark.parametrize("m", ROWS)
-def test_random_blocks_match_dequantised_reference(isa: str, qtype: int, m: int) -> None:
+def test_random_blocks_match_dequantised_reference(isa: str, mode: str, qtype: int, m: int) -> None:
     k = K_FOR[qtype]
-    check(qtype, random_blocks(qtype, 37, k, seed=m), k, m, seed=100 + m)
+    check(qtype, random_blocks(qtype, 37, k, seed=m), k, m, seed=100 + m, mode=mode)
 
 
 @pytest.mark.parametrize("qtype", [qk.Q8_0, qk.Q4_0, qk.Q4_1], ids=["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("m", [1, 6, 301])
-def test_gguf_quantized_weights_match_dequantised_reference(isa: str, qtype: int, m: int) -> None:
-    check(qtype, quantized_weights(qtype, 300, 576, seed=m), 576, m, seed=m)
+def test_gguf_quantized_weights_match_dequantised_reference(isa: str, mode: str, qtype: int, m: int) -> None:
+    check(qtype, quantized_weights(qtype, 300, 576, seed=m), 576, m, seed=m, mode=mode)
 
 
 @pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
@@ -104,25 +113,26 @@ def test_dequantize_rows_is_gguf_dequantize(qtype: int) -> None:
 
 
 @pytest.mark.parametrize("m", [1, 4, 9, 300])
-def test_int8_rows_match_reference(isa: str, m: int) -> None:
+def test_int8_rows_match_reference(isa: str, mode: str, m: int) -> None:
     gen = torch.Generator().manual_seed(m)
     q = torch.randint(-127, 128, (45, 192), dtype=torch.int8, generator=gen)
     scales = torch.rand(45, generator=gen) * 0.01 + 1e-3
     x = torch.randn(m, 192, generator=gen)
     reference_w = q.double() * scales.double()[:, None]
-    got = qk.matmul(x, qk.INT8_ROW, q, 192, scales).double()
-    same_arithmetic = torch.from_numpy(q8_activations(x.numpy())) @ reference_w.T
+    got = qk.matmul(x, qk.INT8_ROW, q, 192, scales, activations=mode).double()
+    x_used = x.double() if mode == "f32" else torch.from_numpy(q8_activations(x.numpy()))
+    same_arithmetic = x_used @ reference_w.T
     torch.testing.assert_close(got, same_arithmetic, atol=2e-5 * same_arithmetic.abs().max().item(), rtol=1e-4)
     torch.testing.assert_close(qk.dequantize(qk.INT8_ROW, q, 192, scales).double(), reference_w)
 
 
-def test_output_slice_and_empty_batch(isa: str) -> None:
+def test_output_slice_and_empty_batch(isa: str, mode: str) -> None:
     """The kernel writes a column slice of a wider output (fused projections of mixed types) and takes M = 0."""
     weights = torch.from_numpy(random_blocks(qk.Q4_1, 17, 64, seed=1))
     x = torch.randn(3, 64)
     wide = torch.full((3, 40), 7.0)
-    qk.matmul(x, qk.Q4_1, weights, 64, out=wide[:, 20:37])
-    torch.testing.assert_close(wide[:, 20:37], qk.matmul(x, qk.Q4_1, weights, 64))
+    qk.matmul(x, qk.Q4_1, weights, 64, out=wide[:, 20:37], activations=mode)
+    torch.testing.assert_close(wide[:, 20:37], qk.matmul(x, qk.Q4_1, weights, 64, activations=mode))
     assert (wide[:, :20] == 7).all() and (wide[:, 37:] == 7).all()
     assert qk.matmul(torch.empty(0, 64), qk.Q4_1, weights, 64).shape == (0, 17)
 

@@ -162,13 +162,13 @@ def test_gpu_taint_toleration_can_be_turned_off(settings: OperatorSettings) -> N
 def test_engine_flags_env_and_extra_args() -> None:
     im = make_model({"model": {**HF, "revision": "v2"}, "engine": {
         "maxNumSeqs": 64, "maxNumBatchedTokens": 4096, "blockSize": 32, "gpuMemoryUtilization": 0.85,
-        "dtype": "bfloat16", "enablePrefixCaching": False, "extraArgs": ["--seed", "7"],
+        "dtype": "bfloat16", "enablePrefixCaching": False, "quantization": "int8", "extraArgs": ["--seed", "7"],
         "env": [{"name": "HF_HOME", "value": "/elsewhere"}, {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]}})
     assert engine_args(im.spec) == [
         "--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "meta-llama/Llama-3.1-8B-Instruct",
         "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "1", "--dtype", "bfloat16",
         "--max-num-seqs", "64", "--max-num-batched-tokens", "4096", "--block-size", "32",
-        "--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching", "--seed", "7"]
+        "--gpu-memory-utilization", "0.85", "--quantization", "int8", "--no-enable-prefix-caching", "--seed", "7"]
     settings = OperatorSettings()
     assert container(render_deployment(im, settings))["env"] == [
         {"name": "KUBEINFER_DRAIN_TIMEOUT", "value": "110"},

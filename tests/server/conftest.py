@@ -20,6 +20,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
+def dense_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The bundled GGUF dequantised to full precision (`--quantization none`); the shared server keeps it
+    quantized (the default for a GGUF on the CPU)."""
+    proc = ServerProcess(["--api-key", API_KEY, "--max-num-seqs", "8", "--quantization", "none"])
+    proc.start(tmp_path_factory.mktemp("dense-server")).wait_ready()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session", params=["gguf", "none"])
+def any_client(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A client of the quantized server and of the dense one: tests using it pass on both."""
+    import openai
+
+    server = request.getfixturevalue("server" if request.param == "gguf" else "dense_server")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
 def client(server: ServerProcess):  # type: ignore[no-untyped-def]
     import openai
 

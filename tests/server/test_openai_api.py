@@ -23,7 +23,8 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     assert models[0].model_extra["max_model_len"] == 1024
 
 
-def test_chat_non_streaming_and_streaming_agree(client: openai.OpenAI) -> None:
+def test_chat_non_streaming_and_streaming_agree(any_client: openai.OpenAI) -> None:
+    client = any_client  # the quantized and the dense server
     # In bf16 a prompt's logits depend (in the last bits) on how much of it the prefix cache already held,
     # and an earlier test may have cached part of this one: a first request puts both compared ones in one state.
     client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1, temperature=0)
@@ -78,7 +79,8 @@ def test_sse_wire_format_ends_with_done(http: httpx.Client) -> None:
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_completions_prompt_forms_usage_and_echo(client: openai.OpenAI) -> None:
+def test_completions_prompt_forms_usage_and_echo(any_client: openai.OpenAI) -> None:
+    client = any_client  # the quantized and the dense server
     ids = [504, 3458, 282, 4649, 314]  # any in-vocabulary ids
     out = client.completions.create(
         model=MODEL, prompt=ids, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
@@ -120,7 +122,8 @@ def test_n_2_gives_two_choices(client: openai.OpenAI) -> None:
     assert texts == {c.index: c.message.content for c in out.choices}
 
 
-def test_stop_strings(client: openai.OpenAI) -> None:
+def test_stop_strings(any_client: openai.OpenAI) -> None:
+    client = any_client  # the quantized and the dense server
     args = {
         "model": MODEL,
         "prompt": "The quick brown fox",
@@ -165,7 +168,8 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
 
 
-def test_seed_reproduces(client: openai.OpenAI) -> None:
+def test_seed_reproduces(any_client: openai.OpenAI) -> None:
+    client = any_client  # the quantized and the dense server
     def sample(seed: int) -> str:
         out = client.completions.create(
             model=MODEL, prompt="My favourite animal is", max_tokens=10, temperature=1.0, seed=seed

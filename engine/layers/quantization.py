@@ -1,0 +1,327 @@
+"""Weights kept quantized: the linear layers, the embedding and the LM head hold their rows of quantized
+blocks (GGUF's, or int8 rows with per-output-channel scales) and multiply with the C++ kernels.
+
+``prepare_model`` runs between building the model and loading its weights. It swaps the dense weight
+parameters of those modules for empty placeholders (so no dense copy is ever allocated) and wraps their weight
+loaders: a ``QuantizedRows`` checkpoint tensor goes through the layer's *own* sharding code (column, row,
+fused QKV / gate-up, vocabulary shards) against a ``_RowSink`` standing in for the parameter, so quantized
+weights shard along exactly the dimensions the dense ones do, with their scales. A dense tensor arriving
+for such a module (a GGUF tensor of a type without a kernel, an F16 embedding) materialises the dense
+parameter and loads as before; with ``int8`` a dense linear weight is quantized on arrival instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from kubeinfer.engine.config import QUANTIZATION_METHODS
+from kubeinfer.engine.layers import quant_kernels as qk
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+METHODS = QUANTIZATION_METHODS
+# (method, checkpoint kind, device type) combinations that work today
+SUPPORTED = {("gguf", "gguf", "cpu"), ("int8", "gguf", "cpu"), ("int8", "hf", "cpu"),
+             ("none", "gguf", "cpu"), ("none", "gguf", "cuda"), ("none", "hf", "cpu"), ("none", "hf", "cuda")}
+
+
+class UnsupportedQuantization(ValueError):
+    """A --quantization value that this checkpoint, device or build cannot run."""
+
+
+def resolve_method(requested: str | None, kind: str, device: torch.device) -> str:
+    """The method to use for a checkpoint of ``kind`` (``gguf`` or ``hf``) on ``device``: ``None`` means
+    ``gguf`` for a GGUF on the CPU and ``none`` otherwise (a GGUF on a GPU is dequantised, logged).
+    Raises ``UnsupportedQuantization`` naming the supported combinations."""
+    if requested is None:
+        if kind == "gguf" and device.type != "cpu":
+            logger.info("GGUF weights are dequantised at load on %s (no GPU GGUF kernels yet)", device.type)
+        requested = "gguf" if kind == "gguf" and device.type == "cpu" and qk.available() else "none"
+    if requested not in METHODS:
+        raise UnsupportedQuantization(f"unknown quantization {requested!r}; expected one of {', '.join(METHODS)}")
+    if (requested, kind, device.type) not in SUPPORTED:
+        combos = "; ".join(f"{m} with a {'GGUF file' if k == 'gguf' else 'Hugging Face checkpoint'} on {d}"
+                           for m, k, d in sorted(SUPPORTED) if m != "none")
+        what = "a GGUF file" if kind == "gguf" else "a Hugging Face checkpoint"
+        raise UnsupportedQuantization(f"--quantization {requested} is not supported for {what} on {device.type}; "
+                                      f"supported: {combos} (or none: full precision)")
+    if requested != "none" and not qk.available():
+        raise UnsupportedQuantization(f"--quantization {requested} needs the quantized CPU kernels, which did not "
+                                      "build here (is a C++ compiler installed?)")
+    return requested
+
+
+@dataclass
+class QuantizedRows:
+    """``shape[0]`` rows of ``shape[1]`` weights in a kernel format: ``data`` is ``uint8 [N, row_bytes]``
+    (``int8 [N, K]`` for INT8_ROW, with ``scales float32 [N]``). ``narrow`` slices like a dense tensor's."""
+
+    qtype: int
+    data: torch.Tensor
+    k: int
+    scales: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.data.shape[0], self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + (0 if self.scales is None else self.scales.numel() * 4)
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedRows:
+        if dim == 0:
+            scales = None if self.scales is None else self.scales.narrow(0, start, length)
+            return QuantizedRows(self.qtype, self.data.narrow(0, start, length), self.k, scales)
+        block_bytes, block_elems = qk.BLOCKS[self.qtype]
+        if start % block_elems or length % block_elems:
+            raise ValueError(f"cannot split {self.k} quantized input features at [{start}, {start + length}): "
+                             f"not a multiple of the {block_elems}-element block")
+        byte_start, byte_len = start // block_elems * block_bytes, length // block_elems * block_bytes
+        return QuantizedRows(self.qtype, self.data.narrow(1, byte_start, byte_len), length, self.scales)
+
+    def contiguous(self) -> QuantizedRows:
+        scales = None if self.scales is None else self.scales.contiguous()
+        return QuantizedRows(self.qtype, self.data.contiguous(), self.k, scales)
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> QuantizedRows:
+    """Weight-only int8 with one scale per output row (symmetric, max |w| -> 127)."""
+    w = weight.detach().float()
+    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    if w.shape[1] % 32:
+        raise UnsupportedQuantization(f"int8 needs input features in multiples of 32, got {w.shape[1]}")
+    return QuantizedRows(qk.INT8_ROW, q, w.shape[1], scales.contiguous())
+
+
+@dataclass
+class QuantizedWeight:
+    """The quantized weight of one module: ``rows`` output rows of ``k`` inputs, as segments of rows (a fused
+    QKV whose Q, K and V differ in type keeps one segment each; adjacent ones of one type are merged)."""
+
+    rows: int
+    k: int
+    segments: list[tuple[int, QuantizedRows]] = field(default_factory=list)  # (first row, rows), sorted
+
+    def put(self, offset: int, part: QuantizedRows) -> None:
+        if part.k != self.k or offset < 0 or offset + part.shape[0] > self.rows:
+            raise ValueError(f"quantized rows [{offset}, {offset + part.shape[0]}) x {part.k} do not fit a "
+                             f"{self.rows} x {self.k} weight")
+        kept = [(o, p) for o, p in self.segments if o + p.shape[0] <= offset or o >= offset + part.shape[0]]
+        kept.append((offset, part.contiguous()))
+        kept.sort(key=lambda seg: seg[0])
+        merged: list[tuple[int, QuantizedRows]] = []
+        for o, p in kept:
+            if merged and merged[-1][1].qtype == p.qtype and merged[-1][0] + merged[-1][1].shape[0] == o:
+                prev_o, prev = merged.pop()
+                scales = None if p.scales is None else torch.cat([prev.scales, p.scales])
+                p, o = QuantizedRows(p.qtype, torch.cat([prev.data, p.data]), p.k, scales), prev_o
+            merged.append((o, p))
+        self.segments = merged
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for _, p in self.segments)
+
+    @property
+    def qtypes(self) -> set[int]:
+        return {p.qtype for _, p in self.segments}
+
+    def _covers_all_rows(self) -> bool:
+        return sum(p.shape[0] for _, p in self.segments) == self.rows
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.dtype != torch.float32 or rows.stride(-1) != 1:
+            rows = rows.float().contiguous()
+        full = len(self.segments) == 1 and self._covers_all_rows()
+        out = None if full else (torch.empty if self._covers_all_rows() else torch.zeros)(rows.shape[0], self.rows)
+        for offset, part in self.segments:
+            target = None if out is None else out.narrow(1, offset, part.shape[0])
+            result = qk.matmul(rows, part.qtype, part.data, self.k, part.scales, out=target)
+            out = result if out is None else out
+        if bias is not None:
+            out += bias.float()
+        out = out.view(*x.shape[:-1], self.rows)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` dequantised (an embedding lookup of a quantized table; rows no segment holds are 0)."""
+        flat = ids.reshape(-1)
+        out = torch.zeros(flat.shape[0], self.k, dtype=torch.float32)
+        for offset, part in self.segments:
+            local = flat - offset
+            inside = ((local >= 0) & (local < part.shape[0])).nonzero().squeeze(1)
+            if inside.numel():
+                picked = local[inside]
+                scales = None if part.scales is None else part.scales[picked]
+                out[inside] = qk.dequantize(part.qtype, part.data[picked], self.k, scales)
+        out = out.view(*ids.shape, self.k)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+
+class _RowSink:
+    """Stands in for a weight parameter in a layer's weight loader: ``param.data.narrow(0, o, n).copy_(w)``,
+    ``param.data[:n].copy_(w)`` and ``param.data.copy_(w)`` store quantized rows ``w`` at row ``o``."""
+
+    def __init__(self, store: QuantizedWeight, offset: int = 0, rows: int | None = None) -> None:
+        self.store, self.offset = store, offset
+        self.rows = store.rows if rows is None else rows
+
+    @property
+    def data(self) -> _RowSink:
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.store.k)
+
+    def dim(self) -> int:
+        return 2
+
+    def narrow(self, dim: int, start: int, length: int) -> _RowSink:
+        if dim != 0:
+            raise ValueError("quantized weights are stored by whole rows")
+        return _RowSink(self.store, self.offset + start, length)
+
+    def __getitem__(self, index: slice) -> _RowSink:
+        start, stop, step = index.indices(self.rows)
+        if step != 1:
+            raise ValueError("quantized weights are stored by contiguous rows")
+        return self.narrow(0, start, stop - start)
+
+    def zero_(self) -> _RowSink:
+        return self  # rows no segment holds read as zeros
+
+    def copy_(self, source: QuantizedRows) -> _RowSink:
+        if source.shape[0] != self.rows:
+            raise ValueError(f"{source.shape[0]} quantized rows for a slot of {self.rows}")
+        self.store.put(self.offset, source)
+        return self
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from kubeinfer.engine.layers.linear import LinearBase
+
+    return isinstance(module, LinearBase)
+
+
+def _is_vocab(module: nn.Module) -> bool:
+    from kubeinfer.engine.layers.embedding import VocabParallelEmbedding
+
+    return isinstance(module, VocabParallelEmbedding)
+
+
+def prepare_model(model: nn.Module, method: str) -> None:
+    """Before loading: the weights of linear layers, embeddings and LM heads become quantized slots
+    (``gguf``: every module; ``int8``: the linear layers, quantized as their weights arrive)."""
+    if method == "none":
+        return
+    groups: dict[int, list[nn.Module]] = {}  # modules sharing one weight parameter (tied embeddings)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and (_is_linear(module) or (method == "gguf" and _is_vocab(module))):
+            groups.setdefault(id(weight), []).append(module)
+    for modules in groups.values():
+        _make_slot(modules, int8=method == "int8")
+
+
+def _make_slot(modules: list[nn.Module], int8: bool) -> None:
+    owner = modules[0]
+    dense = owner.weight
+    original_loader = dense.weight_loader
+    shape, dtype, device = tuple(dense.shape), dense.dtype, dense.device
+    store = QuantizedWeight(rows=shape[0], k=shape[1])
+    placeholder = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+
+    def materialise() -> nn.Parameter:
+        """The dense parameter, allocated on first need (a tensor of a type without a kernel)."""
+        if owner.weight is not placeholder:
+            return owner.weight
+        param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        param.weight_loader = loader
+        for module in modules:
+            module.weight = param
+        return param
+
+    def loader(param: nn.Parameter, loaded_weight: torch.Tensor | QuantizedRows, *shard: object) -> None:
+        if int8 and isinstance(loaded_weight, torch.Tensor) and loaded_weight.dim() == 2:
+            loaded_weight = quantize_int8_rows(loaded_weight)
+        if isinstance(loaded_weight, QuantizedRows):
+            if owner.weight is not placeholder:
+                raise ValueError(f"{type(owner).__name__}: a checkpoint mixes quantized and dense shards of one "
+                                 "weight; use --quantization none")
+            original_loader(_RowSink(store), loaded_weight, *shard)
+            for module in modules:
+                module.quantized = store
+            return
+        if store.segments:
+            raise ValueError(f"{type(owner).__name__}: a checkpoint mixes quantized and dense shards of one "
+                             "weight; use --quantization none")
+        original_loader(materialise(), loaded_weight, *shard)
+
+    placeholder.weight_loader = loader
+    for module in modules:
+        module.weight = placeholder
+        module.quantized = None
+
+
+@dataclass
+class WeightReport:
+    dense_bytes: int
+    quantized_bytes: int
+    quantized_tensors: int
+    qtypes: list[str]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.dense_bytes + self.quantized_bytes
+
+
+def weight_report(model: nn.Module) -> WeightReport:
+    """Bytes the weights occupy: dense parameters and buffers (oneDNN's packed copies included) and
+    quantized rows, each tensor counted once."""
+    seen: set[int] = set()
+    dense = quantized = count = 0
+    names = {v: n for n, v in qk.GGUF_TYPES.items()} | {qk.INT8_ROW: "INT8"}
+    qtypes: set[str] = set()
+
+    def add(tensor: torch.Tensor) -> int:
+        if id(tensor) in seen:
+            return 0
+        seen.add(id(tensor))
+        try:
+            return tensor.numel() * tensor.element_size()
+        except RuntimeError:  # an opaque mkldnn tensor
+            return 0
+
+    for module in model.modules():
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            dense += add(tensor)
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            dense += add(packed)
+        store = getattr(module, "quantized", None)
+        if store is not None and id(store) not in seen:
+            seen.add(id(store))
+            quantized += store.nbytes
+            count += 1
+            qtypes |= {names[t] for t in store.qtypes}
+    return WeightReport(dense, quantized, count, sorted(qtypes))
+
+
+def log_weight_report(model: nn.Module, method: str) -> WeightReport:
+    report = weight_report(model)
+    mib = 1 << 20
+    if report.quantized_tensors:
+        logger.info("weights resident: %.1f MiB (quantization %s: %d quantized weights, %.1f MiB in %s; "
+                    "dense %.1f MiB)", report.total_bytes / mib, method, report.quantized_tensors,
+                    report.quantized_bytes / mib, "/".join(report.qtypes), report.dense_bytes / mib)
+    else:
+        logger.info("weights resident: %.1f MiB (no quantization)", report.total_bytes / mib)
+    return report
+
