@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test lint fmt venv bench-offline bench-serve gpu-check cluster-up cluster-down k8s-binaries metrics-binaries autoscaling-demo images e2e clean
 
-$(STAMP): pyproject.toml hack/install.sh
+$(STAMP): pyproject.toml constraints.txt hack/install.sh
 	bash hack/install.sh
 	touch $(STAMP)
 

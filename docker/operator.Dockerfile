@@ -10,11 +10,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY kubeinfer ./kubeinfer
 COPY engine ./engine
 COPY operator ./operator
-RUN pip install --no-cache-dir ".[operator]" \
+RUN pip install --no-cache-dir -c constraints.txt ".[operator]" \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # ---- runtime ----

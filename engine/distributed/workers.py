@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
+import threading
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -58,7 +61,18 @@ class WorkerGroup:
             child.close()
             self.connections.append(parent)
             self.processes.append(process)
-        self._finalizer = weakref.finalize(self, _stop, self.connections, self.processes)
+        # A worker that dies mid-step leaves rank 0 blocked in a collective (up to COLLECTIVE_TIMEOUT): the
+        # watchdog sees its process end at once and tells whoever registered (the server fails its requests
+        # and exits, so that Kubernetes restarts the pod).
+        self._stopping = threading.Event()
+        self._death_callbacks: list[Callable[[str], None]] = []
+        threading.Thread(target=_watch, args=(self.processes, self._stopping, self._death_callbacks), daemon=True,
+                         name="kubeinfer-tp-watchdog").start()
+        self._finalizer = weakref.finalize(self, _stop, self.connections, self.processes, self._stopping)
+
+    def on_worker_death(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(message)`` (from the watchdog thread) when a worker process ends unasked."""
+        self._death_callbacks.append(callback)
 
     def call(self, method: str, *args: Any) -> None:
         """Ask every worker to run ``ModelRunner.<method>(*args)`` (rank 0 then runs it too)."""
@@ -81,7 +95,25 @@ class WorkerGroup:
         self._finalizer()
 
 
-def _stop(connections: list[Connection], processes: list[mp.process.BaseProcess]) -> None:
+def _watch(processes: list[mp.process.BaseProcess], stopping: threading.Event,
+           callbacks: list[Callable[[str], None]]) -> None:
+    ended = multiprocessing.connection.wait([p.sentinel for p in processes])
+    if stopping.is_set():
+        return
+    process = next(p for p in processes if p.sentinel in ended)
+    process.join(1)
+    message = (f"tensor-parallel worker {process.name} (pid {process.pid}) died (exit code {process.exitcode}); "
+               "the engine cannot continue")
+    logger.error(message)
+    for callback in list(callbacks):
+        try:
+            callback(message)
+        except Exception:
+            logger.exception("a worker-death callback failed")
+
+
+def _stop(connections: list[Connection], processes: list[mp.process.BaseProcess], stopping: threading.Event) -> None:
+    stopping.set()
     for conn in connections:
         with contextlib.suppress(OSError, ValueError):  # already gone
             conn.send(("shutdown", ()))

@@ -38,7 +38,15 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings | None = None) ->
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.include_router(build_router(engine, settings, prompts))
-    install_openapi(app, api_key=bool(settings.api_key), max_num_seqs=getattr(engine.config, "max_num_seqs", None))
+    install_openapi(
+        app,
+        api_key=bool(settings.api_key),
+        limits=lambda: {
+            "max_num_seqs": getattr(engine.config, "max_num_seqs", None),
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+        },
+    )
     app.state.engine = engine
     app.state.settings = settings
     return app

@@ -10,7 +10,6 @@ from fastapi import Request
 from fastapi.responses import Response
 from kubeinfer.engine.server.chat_template import render_chat
 from kubeinfer.engine.server.choices import ChoiceStream, ChoiceUpdate, sse_events
-from kubeinfer.engine.server.errors import bad_request
 from kubeinfer.engine.server.logprobs import chat_logprobs, engine_prompt_logprobs
 from kubeinfer.engine.server.protocol import (
     ChatCompletionChoice,
@@ -40,8 +39,6 @@ class ChatServing(OpenAIServing):
         structured = plan.constraint or structured_outputs_of(request)
         prompt_ids = await self._render_prompt(request, plan)
         top = request.top_logprobs or 0
-        if request.top_logprobs and not request.logprobs:
-            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         params = build_sampling_params(
             request,
             max_tokens=request.requested_max_tokens(),

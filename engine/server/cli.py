@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer 431 to a request line + headers larger than this",
     )
     server.add_argument(
+        "--request-timeout",
+        type=_optional_seconds,
+        default=defaults.request_timeout,
+        help="abort a request (and free its KV cache) this many seconds after it arrived, and a stream "
+        "whose client stops reading (0: no limit)",
+    )
+    server.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"]
     )
     server.add_argument(
@@ -207,6 +214,7 @@ SERVER_ONLY = {
     "drain_timeout",
     "max_request_body_bytes",
     "max_header_bytes",
+    "request_timeout",
     "log_level",
     "disable_log_requests",
     "chat_template",

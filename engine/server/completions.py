@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from kubeinfer.engine.outputs import RequestOutput
 from kubeinfer.engine.server.choices import ChoiceStream, ChoiceUpdate, sse_events
-from kubeinfer.engine.server.errors import bad_request
+from kubeinfer.engine.server.errors import bad_request, unsupported
 from kubeinfer.engine.server.logprobs import (
     completion_logprobs,
     concat_logprobs,
@@ -48,7 +48,7 @@ class CompletionServing(OpenAIServing):
         if request.suffix:
             raise bad_request("suffix is not supported", "suffix")
         if request.best_of is not None and request.best_of != request.n:
-            raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
+            raise unsupported("best_of must equal n (beam search is not supported)", "best_of")
         score_only = request.max_tokens == 0
         if score_only and not request.echo:
             raise bad_request("max_tokens must be at least 1 (0 is only allowed with echo)", "max_tokens")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +58,11 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="invalid_request")
 
 
+def unsupported(message: str, param: str | None = None) -> OpenAIError:
+    """A combination of valid fields that this server does not implement (the OpenAPI document says so)."""
+    return OpenAIError(400, message, param=param, code="unsupported_combination")
+
+
 def _from_validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     if not errors:
@@ -67,7 +73,11 @@ def _from_validation_error(exc: RequestValidationError) -> OpenAIError:
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidTextError):
         return OpenAIError(400, str(cause), param=cause.param, code="invalid_unicode")
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = []
+    for part in first.get("loc", ())[1:] if first.get("loc", ("",))[0] == "body" else first.get("loc", ()):
+        if isinstance(part, str) and re.search(r"[\[\-]", part):
+            break  # a union member's tag (`constrained-str`, `list[int]`): the field ends before it
+        location.append(str(part))
     param = ".".join(location) or None
     message = first.get("msg", "invalid value")
     return bad_request(f"{param}: {message}" if param else message, param)

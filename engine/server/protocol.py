@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
+NonEmptyText = Annotated[str, Field(min_length=1)]
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -26,22 +27,26 @@ class InvalidTextError(ValueError):
         self.param = param
 
 
-def _find_lone_surrogate(value: Any, path: tuple[str, ...]) -> str | None:
+def _normalise(value: Any, path: tuple[str, ...]) -> Any:
+    """The parsed JSON with integral floats as ints (JSON Schema counts 1.0 as an integer; strict
+    validation would not: 1.0 is accepted where an integer is expected, never 1.5 or "1"); raises
+    InvalidTextError at the first string (or key) with a lone surrogate."""
     if isinstance(value, str):
-        return ".".join(path) if _LONE_SURROGATE.search(value) else None
+        if _LONE_SURROGATE.search(value):
+            raise InvalidTextError(".".join(path) or "body")
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
     if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        if isinstance(key, str) and _LONE_SURROGATE.search(key):
-            return ".".join(path) or "body"
-        found = _find_lone_surrogate(item, (*path, str(key)))
-        if found is not None:
-            return found
-    return None
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, str) and _LONE_SURROGATE.search(key):
+                raise InvalidTextError(".".join(path) or "body")
+            out[key] = _normalise(item, (*path, str(key)))
+        return out
+    if isinstance(value, list):
+        return [_normalise(item, (*path, str(i))) for i, item in enumerate(value)]
+    return value
 
 
 class OpenAIModel(BaseModel):
@@ -55,11 +60,8 @@ class OpenAIRequest(OpenAIModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _unicode_only(cls, data: Any) -> Any:
-        found = _find_lone_surrogate(data, ())
-        if found is not None:
-            raise InvalidTextError(found)
-        return data
+    def _normalised(cls, data: Any) -> Any:
+        return _normalise(data, ())
 
 
 # ---------------------------------------------------------------- requests
@@ -155,17 +157,17 @@ class SamplingFields(OpenAIRequest):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: NonEmptyText | list[NonEmptyText] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="used when stream is true")
     user: str | None = None
     # vLLM extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[NonNegativeInt] | None = None
@@ -187,20 +189,12 @@ class SamplingFields(OpenAIRequest):
 
 
 class ChatCompletionRequest(SamplingFields):
-    # top_logprobs > 0 needs logprobs: true (OpenAI's rule), said in JSON Schema for the OpenAPI document.
-    model_config = ConfigDict(
-        json_schema_extra={
-            "if": {
-                "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
-                "required": ["top_logprobs"],
-            },
-            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
-        }
-    )
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="alternatives per token when logprobs is true (without it: no logprobs)"
+    )
     add_generation_prompt: bool = True
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -211,7 +205,6 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-NonEmptyText = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
 # An empty prompt (or list) is refused: the model needs at least one token to continue from.
 CompletionPrompt = (

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Generator
@@ -32,6 +33,7 @@ class GracefulServer(uvicorn.Server):
         self.engine = engine
         self.settings = settings
         self.exit_code = 0
+        self.fatal = False
         self._draining = False
         self._background: set[asyncio.Task[None]] = set()
 
@@ -69,6 +71,14 @@ class GracefulServer(uvicorn.Server):
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         await super().startup(sockets)
         self._spawn(self._watch_loading())
+        self._spawn(self._watch_fatal())
+
+    async def _watch_fatal(self) -> None:
+        reason = await self.engine.wait_fatal()
+        logger.error("the engine failed for good (%s): exiting with 1", reason)
+        self.exit_code = 1
+        self.fatal = True
+        self.should_exit = True
 
     async def _watch_loading(self) -> None:
         try:
@@ -113,6 +123,7 @@ def run_server(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_request_body_bytes=args.max_request_body_bytes,
         max_header_bytes=args.max_header_bytes,
+        request_timeout=args.request_timeout,
         log_level=args.log_level,
         log_requests=not args.disable_log_requests,
         chat_template=chat_template,
@@ -139,6 +150,9 @@ def run_server(args: argparse.Namespace) -> int:
     )
     server = GracefulServer(uvicorn_config, engine, settings)
     server.run()
+    if server.fatal:  # the engine thread may be blocked in a collective for minutes: do not wait for it
+        logging.shutdown()
+        os._exit(server.exit_code)
     if not server.started and server.exit_code == 0:
         return 1  # could not bind the port
     return server.exit_code

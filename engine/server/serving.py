@@ -14,6 +14,7 @@ from kubeinfer.engine.async_engine import (
     QueueFullError,
     RequestAbortedError,
     RequestOutputStream,
+    RequestTimeoutError,
 )
 from kubeinfer.engine.errors import InvalidRequestError, RequestFailedError
 from kubeinfer.engine.server.errors import OpenAIError, bad_request
@@ -34,6 +35,8 @@ def engine_error(exc: BaseException, settings: ServerSettings, prompt_param: str
     retry = {"Retry-After": str(settings.retry_after_s)}
     if isinstance(exc, QueueFullError):
         return OpenAIError(429, str(exc), code="queue_full", headers=retry)
+    if isinstance(exc, RequestTimeoutError):
+        return OpenAIError(503, str(exc), code="request_timeout")
     if isinstance(exc, EngineDrainingError | EngineNotReadyError | RequestAbortedError):
         return OpenAIError(503, str(exc), code="unavailable", headers=retry)
     if isinstance(exc, InvalidRequestError):
@@ -46,7 +49,7 @@ def engine_error(exc: BaseException, settings: ServerSettings, prompt_param: str
     raise exc
 
 
-SERVED_ERRORS = (RequestAbortedError, RequestFailedError, ValueError)  # what a running request may end with
+SERVED_ERRORS = (RequestAbortedError, RequestTimeoutError, RequestFailedError, ValueError)  # what a running request may end with
 
 
 class OpenAIServing:
@@ -72,12 +75,18 @@ class OpenAIServing:
 
     def check_request(self, request: SamplingFields) -> None:
         """Raise 503 before the model is ready (or while draining), 404 for another model, 400 for
-        stream options without streaming."""
+        stop token ids outside the vocabulary."""
         self.check_model(request.model)
-        if request.stream_options is not None and not request.stream:
-            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        self.check_stop_token_ids(request)
         if request.prompt_logprobs is not None and request.stream:
             raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
+
+    def check_stop_token_ids(self, request: SamplingFields) -> None:
+        vocab = self.engine.vocab_size
+        ids = request.stop_token_ids or []
+        if vocab is not None and ids and max(ids) >= vocab:
+            message = f"stop token id {max(ids)} is out of range (vocabulary size {vocab})"
+            raise bad_request(message, "stop_token_ids")
 
     def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""
@@ -102,7 +111,9 @@ class OpenAIServing:
         streams: list[RequestOutputStream] = []
         try:
             for request_id, prompt_ids, params in jobs:
-                streams.append(self.engine.add_request(request_id, prompt_ids, params))
+                streams.append(
+                    self.engine.add_request(request_id, prompt_ids, params, timeout=self.settings.request_timeout)
+                )
             for stream in streams:
                 await stream.wait_accepted()
         except BaseException as exc:

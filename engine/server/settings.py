@@ -31,7 +31,7 @@ class ServerSettings:
     tool_call_parser: str | None = None
     max_request_body_bytes: int | None = None  # None: default_max_request_body_bytes(max_model_len)
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-    request_timeout: float | None = 600.0  # seconds from arrival to the last byte; None: no limit
+    request_timeout: float | None = 600.0  # seconds from submission to the last byte; None: no limit
 
     def body_limit(self, max_model_len: int | None) -> int:
         if self.max_request_body_bytes is not None:

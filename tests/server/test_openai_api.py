@@ -215,12 +215,6 @@ def _error(response: httpx.Response, status: int) -> dict:
         ("/v1/chat/completions", {"messages": CHAT, "n": 0}, "n"),
         ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 1000}, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-        ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, "top_logprobs"),
-        (
-            "/v1/chat/completions",
-            {"messages": CHAT, "stream_options": {"include_usage": True}},
-            "stream_options",
-        ),
         ("/v1/completions", {"prompt": "x", "repetition_penalty": 9.0}, None),
         ("/v1/completions", {"prompt": "x", "stop": [""]}, None),
         ("/v1/completions", {"prompt": []}, "prompt"),
