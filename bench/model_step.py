@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from kubeinfer.engine import cpu_features
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.bench.offline import TimedBackend
 from kubeinfer.engine.layers import attention, ops
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(bench(loaded, "decode", batch, args.context, args.steps))
         if args.prefill:
             rows.append(bench(loaded, "prefill", 1, args.prefill, max(3, args.steps // 3)))
+    print(f"CPU: {cpu_features.describe()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}")
     print(f"kernels={args.kernels}  threads={torch.get_num_threads()}  model={args.model or 'bundled SmolLM2-135M-Instruct'}")
     print(f"{'dtype':9} {'phase':8} {'batch':>5} {'ctx':>5} {'min ms':>8} {'median':>8} {'attn ms':>8} {'tok/s':>8}")
     for r in rows:

@@ -22,7 +22,13 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -465,6 +471,196 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Linear layer for small batches: out[m] = T(x[m] . w[n] + bias[n]) with fp32 accumulation, weights in
+// the activations' dtype, row-major [N, K] as loaded (no packing). At batch 1 a linear only streams its
+// weights, so bf16 weights are half the bytes of fp32 ones; this is the path for bf16 on CPUs where
+// oneDNN cannot pack bf16, and for the smallest batches in fp32 where it beats oneDNN (bench/linear.py).
+// Threads split the output rows in blocks of 4; each block's 4 weight rows are streamed once and reused
+// from L1 for every pair of input rows. No allocation.
+template <typename T, int MR>
+inline void dot_rows(const T* x, int64_t x_stride, const T* w, int64_t nr, int64_t K, float sums[2][4]) {
+  int64_t k = 0;
+#if KI_SIMD > 0
+  if (nr == 4) {
+    vec::V acc[MR][4];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = vec::set1(0.f);
+    for (; k + vec::W <= K; k += vec::W) {
+      const vec::V w0 = vec::load(w + k), w1 = vec::load(w + K + k), w2 = vec::load(w + 2 * K + k),
+                   w3 = vec::load(w + 3 * K + k);
+      for (int i = 0; i < MR; ++i) {
+        const vec::V xi = vec::load(x + i * x_stride + k);
+        acc[i][0] = vec::fmadd(xi, w0, acc[i][0]);
+        acc[i][1] = vec::fmadd(xi, w1, acc[i][1]);
+        acc[i][2] = vec::fmadd(xi, w2, acc[i][2]);
+        acc[i][3] = vec::fmadd(xi, w3, acc[i][3]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) sums[i][j] = vec::reduce_add(acc[i][j]);
+  } else
+#endif
+  {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 4; ++j) sums[i][j] = 0.f;
+  }
+  const int64_t tail = k;
+  for (int i = 0; i < MR; ++i)
+    for (int64_t j = 0; j < nr; ++j) {
+      const T* xi = x + i * x_stride;
+      const T* wj = w + j * K;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t kk = tail; kk < K; ++kk) dot += to_float(xi[kk]) * to_float(wj[kk]);
+      sums[i][j] += dot;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small work pool for the decode-sized kernels. An OpenMP parallel region ends in a join that waits
+// for every thread of the team, also one that the OS has not scheduled yet: with sleeping threads
+// (OMP_WAIT_POLICY=PASSIVE) each region pays a wake-up, and on a busy host one late thread stalls the
+// whole region by a scheduler time slice. Here the caller works through the chunks with whichever
+// helpers show up and waits only for chunks already taken, so a late helper costs nothing: the worst
+// case is the caller doing the work alone. Helpers spin for ``KUBEINFER_POOL_SPIN_US`` (default 100 us,
+// the gap between two matmuls of a decode step) after each job, then sleep.
+class WorkPool {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+
+  static WorkPool& get() {
+    static WorkPool* pool = new WorkPool();  // never destroyed: helpers may still be asleep at exit
+    return *pool;
+  }
+
+  void run(Fn fn, const void* ctx, int64_t chunks, int threads) {
+    const int helpers = std::min<int64_t>(threads - 1, chunks - 1);
+    if (helpers <= 0) {
+      for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job_at_a_time(call_mutex_);
+    start_helpers(helpers);
+    fn_ = fn;
+    ctx_ = ctx;
+    wanted_.store(helpers, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (++generation_) & 0xffffffffu;
+    // state: generation (32 bits) | total chunks (16) | next chunk (16); claims compare the whole word
+    // seq_cst with the helpers' sleepers_ increment and re-check: neither side can miss the other
+    state_.store(gen << 32 | static_cast<uint64_t>(chunks) << 16);
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    work(gen);
+    while (done_.load(std::memory_order_acquire) < chunks) pause();
+  }
+
+  static constexpr int64_t MAX_CHUNKS = 0xffff;
+
+ private:
+  WorkPool() {
+    const char* spin = std::getenv("KUBEINFER_POOL_SPIN_US");
+    spin_ns_ = (spin != nullptr ? std::atoll(spin) : 100) * 1000;
+  }
+
+  static void pause() {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  void work(uint64_t gen) {
+    uint64_t v = state_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t total = (v >> 16) & 0xffff, next = v & 0xffff;
+      if ((v >> 32) != gen || next >= total) return;
+      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      fn_(ctx_, static_cast<int64_t>(next));  // the caller waits for this chunk: fn_/ctx_ are this job's
+      done_.fetch_add(1, std::memory_order_release);
+      v = state_.load(std::memory_order_acquire);
+    }
+  }
+
+  void start_helpers(int helpers) {
+    while (static_cast<int>(threads_.size()) < helpers) {
+      const int id = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, id] { helper(id); });
+      threads_.back().detach();
+    }
+  }
+
+  void helper(int id) {
+    uint64_t seen = state_.load(std::memory_order_acquire) >> 32;
+    for (;;) {
+      uint64_t gen = seen;
+      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
+      while ((gen = state_.load(std::memory_order_acquire) >> 32) == seen &&
+             std::chrono::steady_clock::now() < spin_until)
+        for (int i = 0; i < 64; ++i) pause();
+      if (gen == seen) {
+        std::unique_lock<std::mutex> lock(sleep_mutex_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return (state_.load() >> 32) != seen; });
+        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
+        gen = state_.load(std::memory_order_acquire) >> 32;
+      }
+      seen = gen;
+      if (id < wanted_.load(std::memory_order_relaxed)) work(gen);
+    }
+  }
+
+  std::mutex call_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0}, wanted_{0};
+  uint64_t generation_ = 0;
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  int64_t spin_ns_ = 100000;
+};
+
+template <typename T>
+struct LinearJob {
+  const T *x, *w, *bias;
+  T* out;
+  int64_t x_stride, out_stride, M, N, K, blocks_per_chunk;
+};
+
+template <typename T>
+void linear_chunk(const void* ctx, int64_t chunk) {
+  const LinearJob<T>& j = *static_cast<const LinearJob<T>*>(ctx);
+  const int64_t first = chunk * j.blocks_per_chunk, last = std::min((chunk + 1) * j.blocks_per_chunk, (j.N + 3) / 4);
+  for (int64_t b = first; b < last; ++b) {
+    const int64_t n0 = 4 * b, nr = std::min<int64_t>(4, j.N - n0);
+    for (int64_t m = 0; m < j.M; m += 2) {
+      float sums[2][4];
+      const int64_t mr = std::min<int64_t>(2, j.M - m);
+      if (mr == 2) dot_rows<T, 2>(j.x + m * j.x_stride, j.x_stride, j.w + n0 * j.K, nr, j.K, sums);
+      else dot_rows<T, 1>(j.x + m * j.x_stride, j.x_stride, j.w + n0 * j.K, nr, j.K, sums);
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t c = 0; c < nr; ++c)
+          j.out[(m + i) * j.out_stride + n0 + c] =
+              from_float<T>(sums[i][c] + (j.bias != nullptr ? to_float(j.bias[n0 + c]) : 0.f));
+    }
+  }
+}
+
+template <typename T>
+void linear_small_batch(const T* x, int64_t x_stride, const T* w, const T* bias, T* out, int64_t out_stride,
+                        int64_t M, int64_t N, int64_t K, int num_threads) {
+  const int64_t blocks = (N + 3) / 4;
+  // chunks of ~64 KB of weights (at least one block): fine enough to balance, few enough to claim cheaply
+  int64_t per_chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * K * static_cast<int64_t>(sizeof(T))));
+  per_chunk = std::max(per_chunk, (blocks + WorkPool::MAX_CHUNKS - 1) / WorkPool::MAX_CHUNKS);
+  const LinearJob<T> job{x, w, bias, out, x_stride, out_stride, M, N, K, per_chunk};
+  WorkPool::get().run(linear_chunk<T>, &job, (blocks + per_chunk - 1) / per_chunk, num_threads);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -503,6 +699,13 @@ int ki_rotary_and_store(int dtype, const void* q, int64_t q_stride, const void* 
                                          static_cast<const T*>(v), v_stride, positions, cos_sin, static_cast<T*>(q_out),
                                          static_cast<T*>(k_cache), static_cast<T*>(v_cache), slots, tokens, num_heads,
                                          num_kv_heads, head_dim))
+}
+
+int ki_linear(int dtype, const void* x, int64_t x_stride, const void* weight, const void* bias, void* out,
+              int64_t out_stride, int64_t rows, int64_t out_features, int64_t in_features, int num_threads) {
+  KI_DISPATCH(dtype, linear_small_batch<T>(static_cast<const T*>(x), x_stride, static_cast<const T*>(weight),
+                                           static_cast<const T*>(bias), static_cast<T*>(out), out_stride, rows,
+                                           out_features, in_features, num_threads))
 }
 
 int ki_paged_decode_attention(int dtype, const void* q, int64_t q_stride, void* out, int64_t out_stride,

@@ -21,6 +21,7 @@ _SIGNATURES = {
     "ki_rms_norm": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _F32],
     "ki_silu_and_mul": [_INT, _P, _I64, _P, _I64, _I64, _I64],
     "ki_rotary_and_store": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64],
+    "ki_linear": [_INT, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ki_paged_decode_attention": [_INT, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
                                   _F32, _INT],
 }
@@ -115,6 +116,37 @@ def rotary_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         positions.data_ptr(), table.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slots.data_ptr(), q2.shape[0], num_heads, num_kv_heads, head_dim), "rotary_and_store")
     return out
+
+
+# A parallel region costs a wake-up of each sleeping OpenMP thread (~45 us on a VM with
+# OMP_WAIT_POLICY=PASSIVE, the server's default): about the time one core streams 1 MiB of weights.
+# Smaller matmuls run on fewer threads, and batch-1 decode wakes the pool less often.
+LINEAR_BYTES_PER_THREAD = 1 << 20
+
+
+def linear_threads(rows: int, out_features: int, in_features: int, element_size: int) -> int:
+    work = out_features * in_features * element_size * max(1, rows // 4)  # weight bytes, more with more rows
+    return max(1, min(torch.get_num_threads(), work // LINEAR_BYTES_PER_THREAD))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           num_threads: int | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for small batches: weights ``[N, K]`` (contiguous, x's dtype) streamed
+    once, fp32 accumulation, output rounded to x's dtype. ``x`` may have any leading dimensions."""
+    in_features = x.shape[-1]
+    rows = _rows(x, in_features)
+    out_features = weight.shape[0]
+    if weight.dtype != x.dtype or not weight.is_contiguous() or weight.shape[1] != in_features:
+        raise ValueError("linear needs a contiguous [out, in] weight of the input's dtype")
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        bias = bias.to(x.dtype).contiguous()
+    out = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
+    _check(_lib().ki_linear(
+        DTYPE_CODES[x.dtype], rows.data_ptr(), rows.stride(0), weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows.shape[0], out_features,
+        in_features, num_threads or linear_threads(rows.shape[0], out_features, in_features, x.element_size())),
+        "linear")
+    return out.view(*x.shape[:-1], out_features)
 
 
 def paged_decode_attention(query: torch.Tensor, out: torch.Tensor, rows: torch.Tensor, k_cache: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kubeinfer.engine.layers import onednn
+from kubeinfer.engine.layers import cpu_linear
 from kubeinfer.engine.layers.quantization import QuantizedWeight
 from torch import nn
 
@@ -51,8 +51,8 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             logits = self.quantized.matmul(hidden_states)
-        elif self.packed_weight is not None:
-            logits = onednn.linear(hidden_states, self.packed_weight, None)
+        elif hidden_states.device.type == "cpu":
+            logits = cpu_linear.linear(hidden_states, self.weight, self.packed_weight, None)
         else:
             logits = F.linear(hidden_states, self.weight)
         if self.tp_size > 1:

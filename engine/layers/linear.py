@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kubeinfer.engine.layers import onednn
+from kubeinfer.engine.layers import cpu_linear
 from kubeinfer.engine.layers.quantization import QuantizedWeight
 from torch import nn
 
@@ -41,8 +41,8 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantized is not None:
             return self.quantized.matmul(x, bias)
-        if self.packed_weight is not None:
-            return onednn.linear(x, self.packed_weight, bias)
+        if x.device.type == "cpu":
+            return cpu_linear.linear(x, self.weight, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,11 @@ def _fused_module(device_type: str) -> ModuleType | None:
     return None
 
 
+def cpu_kernel_module() -> ModuleType | None:
+    """The C++ CPU kernels (``layers/cpu_kernels``) when they load and ``KUBEINFER_KERNELS`` allows them."""
+    return _fused_module("cpu")
+
+
 class _TritonOps:
     """The Triton kernels under the names the CPU kernel module uses."""
 

@@ -222,3 +222,41 @@ def test_each_variant_has_its_own_cached_library(tmp_path, monkeypatch) -> None:
         cpu_features.detected_flags())}
     assert len(set(paths.values())) == len(paths)
     assert all(f"_{v}_" in p.name for v, p in paths.items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 9])
+def test_small_batch_linear_matches_f_linear(dtype: torch.dtype, rows: int, variant: str) -> None:
+    torch.manual_seed(7)
+    weight, bias = torch.randn(4 * 37 + 3, 200, dtype=dtype), torch.randn(151, dtype=dtype)  # ragged row block, K tail
+    x = torch.randn(2, rows, 200, dtype=dtype)[1]  # a row view
+    got = cpu_kernels.linear(x, weight, bias)
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]  # one rounding of ~14
+    torch.testing.assert_close(got.double(), expected, atol=tolerance * 14, rtol=tolerance)
+    assert got.dtype == dtype and got.shape == (rows, 151)
+    torch.testing.assert_close(cpu_kernels.linear(x.unsqueeze(0), weight), cpu_kernels.linear(x, weight).unsqueeze(0))
+
+
+def test_linear_work_pool_is_exact_and_safe_across_threads() -> None:
+    """Any number of pool threads gives the one-thread bits; callers on several threads do not mix jobs."""
+    import threading
+
+    torch.manual_seed(9)
+    weight = torch.randn(4096, 64)
+    inputs = [torch.randn(r, 64) for r in (1, 2, 5)]
+    expected = [cpu_kernels.linear(x, weight, num_threads=1) for x in inputs]
+    failures = []
+
+    def hammer() -> None:
+        for _ in range(50):
+            for x, want in zip(inputs, expected, strict=True):
+                if not torch.equal(cpu_kernels.linear(x, weight, num_threads=3), want):
+                    failures.append(x.shape)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
