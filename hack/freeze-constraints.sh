@@ -12,3 +12,7 @@ VENV=${1:-.venv}
   "$VENV/bin/pip" freeze --exclude-editable --all | grep -v -i -E '^(kubeinfer|pip|setuptools|wheel)(==| @)' | sort -f
 } > constraints.txt
 echo "constraints.txt: $(grep -vc '^#' constraints.txt) packages"
+# A hand-fixed venv can hold a set pip would never resolve (lm-eval's pytablewriter wants python-dateutil<3,
+# kubernetes>=37 wants >=3): check that a fresh install resolves with these pins before committing them.
+"$VENV/bin/pip" install --quiet --dry-run --ignore-installed -c constraints.txt -e ".[dev]" \
+  || { echo "constraints.txt does not resolve for a fresh install: fix the conflicting pins" >&2; exit 1; }
