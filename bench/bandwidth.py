@@ -14,12 +14,11 @@ lookup reads one row, the LM head the whole matrix).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from kubeinfer.engine import cpu_features
+from kubeinfer.engine.bench.report import write_json
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "q8_0": 34 / 32, "q4_1": 20 / 32}
 
@@ -73,12 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         floors[name] = {"mb_per_token": mb, "floor_ms": mb / 1e3 / best * 1e3, "tokens_per_s": best * 1e3 / mb}
         print(f"{name:9} {mb:9.1f} {floors[name]['floor_ms']:9.2f} {floors[name]['tokens_per_s']:7.1f}")
     if args.json:
-        text = json.dumps({"cpu": cpu_features.describe(), "flags": sorted(cpu_features.flags()),
-                           "bandwidth_gb_per_s": bandwidth, "params": params, "floors": floors}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
+        write_json(args.json, {"cpu": cpu_features.describe(), "flags": sorted(cpu_features.flags()),
+                                "bandwidth_gb_per_s": bandwidth, "params": params, "floors": floors})
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kubeinfer.engine import cpu_features
+from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.models.bundled import bundled_model_path
 from kubeinfer.engine.tokenizer import load_tokenizer
 
@@ -144,12 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:11} {r['tokenizer_init_s']:10.2f} {r['compile_ms']:10.1f} {r['cached_compile_ms']:9.3f} "
               f"{r['mask_batched_ms']:8.2f} {r['mask_one_by_one_ms']:9.2f}")
     if args.json:
-        text = json.dumps({"cpu": cpu_features.describe(), "batch": args.batch, "results": results}, indent=2)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, {"cpu": cpu_features.describe(), "batch": args.batch, "results": results})
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ same cache) and the largest difference between the two outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from kubeinfer.engine.bench.report import write_json
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -429,12 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": [asdict(r) for r in rows],
             "sweep": sweep,
         }
-        text = json.dumps(payload, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, payload)
     return 0
 
 

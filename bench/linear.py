@@ -13,14 +13,13 @@ path per shape and batch (``layers/cpu_linear.py``) comes from these numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from kubeinfer.engine import cpu_features
+from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.layers import cpu_kernels, onednn
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
@@ -74,11 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{shape:8} {m:5} " + " ".join(f"{cells[p]['us']:9.1f} {cells[p]['gb_per_s']:4.1f}GB" for p in paths)
                   + f"  {best}")
     if args.json:
-        text = json.dumps({"cpu": cpu_features.describe(), "rows": rows}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
+        write_json(args.json, {"cpu": cpu_features.describe(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ minimum. ``--kernels torch`` measures the plain-torch ops and attention backend 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,6 +24,7 @@ import torch
 from kubeinfer.engine import cpu_features
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.bench.offline import TimedBackend
+from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.layers import attention, ops
 
 
@@ -127,12 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r.dtype:9} {r.phase:8} {r.batch:5} {r.context:5} {r.min_ms:8.1f} {r.median_ms:8.1f} "
               f"{r.attention_ms:8.1f} {r.tokens_per_s:8.0f}")
     if args.json:
-        text = json.dumps([asdict(r) for r in rows], indent=2)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, [asdict(r) for r in rows])
 
 
 if __name__ == "__main__":

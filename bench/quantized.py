@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from kubeinfer.engine.bench.report import write_json
+
 MODES = {"gguf": ("gguf", "f32"), "gguf-q8": ("gguf", "q8"), "int8": ("int8", "f32"), "none": ("none", "f32")}
 PROMPTS = ["Explain black holes to a ten-year-old.", "Write a short poem about the ocean.",
            "Give me three fun facts about honey bees.", "What is the capital of Japan?"]
@@ -96,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['mode']:<8} {r['isa']:<12} {r['weight_mib']:>11.1f} {r['rss_mib']:>8.0f} {r['tok_s_1']:>13.1f} "
               f"{r['tok_s_32']:>15.1f}")
     if args.json:
-        text = json.dumps(rows, indent=2)
-        print(text) if args.json == "-" else Path(args.json).write_text(text)
+        write_json(args.json, rows)
     return 0
 
 

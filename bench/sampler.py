@@ -11,7 +11,6 @@ so penalty counts grow); the table shows the median and p90 milliseconds per ste
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from kubeinfer.engine import cpu_features
+from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.sample import Sampler, SampleRow
 from kubeinfer.engine.sampling_params import SamplingParams
 
@@ -89,12 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{name:<24}{batch:>6}{row.median_ms:>11.3f}{row.p90_ms:>9.3f}")
     if args.json:
-        payload = json.dumps([asdict(r) for r in rows], indent=2)
-        if args.json == "-":
-            print(payload)
-        else:
-            with open(args.json, "w") as f:
-                f.write(payload)
+        write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 

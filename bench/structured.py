@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from kubeinfer.engine import SamplingParams, cpu_features
+from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.config import EngineConfig
 from kubeinfer.engine.llm_engine import LLMEngine
 from kubeinfer.engine.sample.grammar import GrammarCompiler, GrammarConstraint, fill_bitmasks
@@ -167,13 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r.batch:5} {r.free_ms:8.1f} {r.constrained_ms:8.1f} {r.overhead_ms:7.2f} {r.overhead_pct:6.1f} "
               f"{r.fill_ms:8.2f} {r.wait_ms:8.2f} {r.apply_ms:8.2f} {r.accept_ms:9.2f}")
     if args.json:
-        text = json.dumps({"cpu": cpu_features.describe(), "compile": compile_info,
-                           "rows": [asdict(r) for r in rows]}, indent=2)
-        if args.json == "-":
-            sys.stdout.write(text + "\n")
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, {"cpu": cpu_features.describe(), "compile": compile_info,
+                           "rows": [asdict(r) for r in rows]})
 
 
 if __name__ == "__main__":
