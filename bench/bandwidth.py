@@ -44,7 +44,7 @@ def model_weight_params(model: str | None) -> int:
     """Parameters read per decode token: every weight (tied ones once)."""
     from kubeinfer.engine.models.loader import load_model
 
-    loaded = load_model(model, dtype="float32")
+    loaded = load_model(model, dtype="float32", quantization="none")  # dense, so every weight counts
     return sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
 
 
