@@ -24,18 +24,28 @@ logger = logging.getLogger(__name__)
 
 METHODS = QUANTIZATION_METHODS
 # (method, checkpoint kind, device type) combinations that work today
-SUPPORTED = {("gguf", "gguf", "cpu"), ("int8", "gguf", "cpu"), ("int8", "hf", "cpu"),
-             ("none", "gguf", "cpu"), ("none", "gguf", "cuda"), ("none", "hf", "cpu"), ("none", "hf", "cuda")}
+SUPPORTED = {("gguf", "gguf", "cpu"), ("int8", "gguf", "cpu"), ("int8", "hf", "cpu"), ("awq", "hf", "cpu"),
+             ("gptq", "hf", "cpu"), ("none", "gguf", "cpu"), ("none", "gguf", "cuda"), ("none", "hf", "cpu"),
+             ("none", "hf", "cuda")}
+PREQUANTIZED = ("awq", "gptq")  # methods that read a checkpoint quantized that way (config.json quantization_config)
 
 
 class UnsupportedQuantization(ValueError):
     """A --quantization value that this checkpoint, device or build cannot run."""
 
 
-def resolve_method(requested: str | None, kind: str, device: torch.device) -> str:
-    """The method to use for a checkpoint of ``kind`` (``gguf`` or ``hf``) on ``device``: ``None`` means
-    ``gguf`` for a GGUF on the CPU and ``none`` otherwise (a GGUF on a GPU is dequantised, logged).
-    Raises ``UnsupportedQuantization`` naming the supported combinations."""
+def resolve_method(requested: str | None, kind: str, device: torch.device, checkpoint: str | None = None) -> str:
+    """The method to use for a checkpoint of ``kind`` (``gguf`` or ``hf``) on ``device``: ``None`` means the
+    checkpoint's own ``checkpoint`` method (its config.json ``quantization_config.quant_method``: awq or gptq,
+    as vLLM does), else ``gguf`` for a GGUF on the CPU and ``none`` otherwise (a GGUF on a GPU is
+    dequantised, logged). Raises ``UnsupportedQuantization`` naming the supported combinations, or when
+    the method and a pre-quantized checkpoint do not match."""
+    if checkpoint is not None and checkpoint not in PREQUANTIZED:
+        raise UnsupportedQuantization(f"the checkpoint is quantized with {checkpoint!r} (config.json "
+                                      "quantization_config), which cannot be loaded; pre-quantized checkpoints "
+                                      f"supported: {', '.join(PREQUANTIZED)} (4-bit)")
+    if requested is None and checkpoint is not None:
+        requested = checkpoint
     if requested is None:
         if kind == "gguf" and device.type != "cpu":
             logger.info("GGUF weights are dequantised at load on %s (no GPU GGUF kernels yet)", device.type)
@@ -48,6 +58,14 @@ def resolve_method(requested: str | None, kind: str, device: torch.device) -> st
         what = "a GGUF file" if kind == "gguf" else "a Hugging Face checkpoint"
         raise UnsupportedQuantization(f"--quantization {requested} is not supported for {what} on {device.type}; "
                                       f"supported: {combos} (or none: full precision)")
+    if requested in PREQUANTIZED and checkpoint != requested:
+        has = f"is quantized with {checkpoint}" if checkpoint else "has no quantization_config in its config.json"
+        raise UnsupportedQuantization(f"--quantization {requested} needs a checkpoint quantized with {requested} "
+                                      f"(config.json quantization_config.quant_method {requested!r}); this one {has}")
+    if checkpoint is not None and requested != checkpoint:
+        raise UnsupportedQuantization(f"the checkpoint is quantized with {checkpoint}: use --quantization "
+                                      f"{checkpoint} or leave it unset (--quantization {requested} cannot read "
+                                      "its packed weights)")
     if requested != "none" and not qk.available():
         raise UnsupportedQuantization(f"--quantization {requested} needs the quantized CPU kernels, which did not "
                                       "build here (is a C++ compiler installed?)")
@@ -218,7 +236,8 @@ def _is_vocab(module: nn.Module) -> bool:
 
 def prepare_model(model: nn.Module, method: str) -> None:
     """Before loading: the weights of linear layers, embeddings and LM heads become quantized slots
-    (``gguf``: every module; ``int8``: the linear layers, quantized as their weights arrive)."""
+    (``gguf``: every module; ``int8``: the linear layers, quantized as their weights arrive; ``awq``/``gptq``:
+    the linear layers, fed Q4_1 rows repacked from the checkpoint's, dense where a layer was not converted)."""
     if method == "none":
         return
     groups: dict[int, list[nn.Module]] = {}  # modules sharing one weight parameter (tied embeddings)

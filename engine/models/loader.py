@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 from kubeinfer.engine.layers import onednn
 from kubeinfer.engine.layers.quantization import (
+    PREQUANTIZED,
+    QuantizedRows,
     WeightReport,
     log_weight_report,
     prepare_model,
     resolve_method,
 )
+from kubeinfer.engine.models.awq_gptq import checkpoint_method, iter_int4_weights, parse_spec
 from kubeinfer.engine.models.config import ModelConfig, check_architecture
 from kubeinfer.engine.models.dtype import resolve_dtype
 from kubeinfer.engine.models.llama import LlamaForCausalLM
@@ -99,7 +102,8 @@ def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, d
                        revision: str | None = None, tp_rank: int = 0, tp_size: int = 1,
                        quantization: str | None = None) -> LoadedModel:
     """A Hugging Face checkpoint folder: config.json + *.safetensors + tokenizer files; ``quantization``
-    ``int8`` quantizes the linear layers' weights to int8 rows as they load."""
+    ``int8`` quantizes the linear layers' weights to int8 rows as they load; an AWQ/GPTQ checkpoint (its
+    ``quantization_config``) keeps its 4-bit linear weights, repacked as Q4_1 rows (``awq_gptq.py``)."""
     raw = json.loads((path / "config.json").read_text())
     check_architecture((raw.get("architectures") or [None])[0])
     hf_config = AutoConfig.from_pretrained(str(path))
@@ -109,10 +113,13 @@ def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, d
     torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None) or raw.get("torch_dtype"), device)
     eos = end_of_generation_ids(tokenizer, raw.get("eos_token_id"), generation_eos)
     cfg = ModelConfig.from_hf(hf_config, torch_dtype, eos)
-    method = resolve_method(quantization, "hf", device)
+    method = resolve_method(quantization, "hf", device, checkpoint_method(raw))
+    weights: Iterator[tuple[str, torch.Tensor | QuantizedRows]] = iter_safetensors(path)
+    if method in PREQUANTIZED:
+        weights = iter_int4_weights(weights, parse_spec(raw["quantization_config"]))
     model = build_model(cfg, device, tp_rank, tp_size)
     prepare_model(model, method)
-    model.load_weights(iter_safetensors(path))
+    model.load_weights(weights)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, model_id=model_id, quantization=method)
 
 

@@ -135,7 +135,7 @@ def test_int8_serves_through_the_offline_api(tmp_path) -> None:
     assert [len(o.outputs[0].token_ids) for o in out] == [6, 6]
 
 
-@pytest.mark.parametrize(("method", "kind", "device"), [("awq", "hf", "cpu"), ("gptq", "gguf", "cpu"),
+@pytest.mark.parametrize(("method", "kind", "device"), [("awq", "hf", "cuda"), ("gptq", "gguf", "cpu"),
                                                         ("fp8", "hf", "cpu"), ("gguf", "hf", "cpu")])
 def test_unsupported_combinations_name_the_supported_ones(method: str, kind: str, device: str) -> None:
     with pytest.raises(UnsupportedQuantization, match=r"supported: .*gguf with a GGUF file on cpu.*int8"):
