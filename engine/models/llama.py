@@ -130,15 +130,19 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.config.tie_word_embeddings and name == "lm_head.weight"):
                 continue
-            for fragment, (fused, shard_id) in self.stacked_params.items():
+            target, shard_id = name, None
+            for fragment, (fused, fused_shard) in self.stacked_params.items():
                 if fragment in name:
-                    target = name.replace(fragment, fused)
-                    self._param(params, target, name).weight_loader(params[target], tensor, shard_id)
+                    target, shard_id = name.replace(fragment, fused), fused_shard
                     break
-            else:
-                target = name
-                param = self._param(params, target, name)
+            if (target not in params and name.endswith(".bias") and isinstance(tensor, torch.Tensor)
+                    and not tensor.any()):
+                continue  # GPTQ checkpoints of bias-free models may carry zero biases (vLLM skips them too)
+            param = self._param(params, target, name)
+            if shard_id is None:
                 getattr(param, "weight_loader", _default_loader)(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard_id)
             missing.discard(target)
         if missing:
             raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing))}")

@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=QUANTIZATION_METHODS,
         help="how weights are kept: gguf (a .gguf's quantized tensors; the default for a .gguf on the CPU), "
-        "int8 (weight-only, per-channel scales, quantized at load), none (full precision); awq, gptq and "
-        "fp8 are recognised but not available yet (the error names what is supported)",
+        "int8 (weight-only, per-channel scales, quantized at load), awq / gptq (a 4-bit AWQ or GPTQ checkpoint "
+        "on the CPU; the default for one, from its quantization_config), none (full precision); fp8 is "
+        "recognised but not available yet (the error names what is supported)",
     )
     model.add_argument("--max-model-len", type=_positive_int, default=None, help="context length")
     model.add_argument("--seed", type=int, default=0)

@@ -78,10 +78,12 @@ def quantise(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def make_int4_checkpoints(method: str, root: Path, group_size: int, kind: str = "llama", sym: bool = False,
-                          v1: bool = True, min_rounded: bool = False) -> tuple[Path, Path]:
+                          v1: bool = True, min_rounded: bool = False, zero_biases: bool = False
+                          ) -> tuple[Path, Path]:
     """A tiny ``kind`` checkpoint with its decoder linears ``method``-packed (``awq`` or ``gptq``), and the same
     model dense with those weights dequantised to float32 (``min_rounded``: as Q4_1 holds them, with
-    ``-s * z`` rounded to fp16): ``(quantized dir, dense dir)``."""
+    ``-s * z`` rounded to fp16): ``(quantized dir, dense dir)``. ``zero_biases``: every packed linear also
+    gets a zero ``.bias``, as some GPTQ checkpoints of bias-free models carry."""
     base = make_tiny_checkpoint(kind, root / "base")
     quantized, dense = root / f"{method}-q", root / f"{method}-dense"
     shutil.copytree(base, quantized)
@@ -107,6 +109,8 @@ def make_int4_checkpoints(method: str, root: Path, group_size: int, kind: str = 
             qweight, qzeros = pack_gptq(q, z, v1=v1)
             packed[f"{prefix}.g_idx"] = torch.arange(w.shape[1], dtype=torch.int32) // group
         packed |= {f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": s}
+        if zero_biases and f"{prefix}.bias" not in tensors:
+            packed[f"{prefix}.bias"] = torch.zeros(w.shape[0], dtype=torch.float16)
     save_file(packed, str(quantized / "model.safetensors"))
     save_file(dequantised, str(dense / "model.safetensors"))
     config = json.loads((quantized / "config.json").read_text())

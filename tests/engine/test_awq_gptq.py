@@ -124,6 +124,7 @@ def test_unsupported_int4_configs(config: dict, match: str) -> None:
 # spanning about 20: max |diff| 0.079 (awq-g32), 0.066 (gptq-g64), 5e-5 (sym: -8s is exact in fp16); greedy
 # picks all equal; bound: 1% of the span. Against the reference with m rounded as Q4_1 holds it, only the
 # summation order is left: measured 3.4e-5; bound 1e-3.
+# The sym case also carries zero biases on its bias-free linears (skipped at load, as vLLM does).
 CASES = {"awq-g32": ("awq", 32, "llama", False), "gptq-g64-bias": ("gptq", 64, "llama_bias", False),
          "gptq-whole-k-sym": ("gptq", -1, "llama", True)}
 
@@ -135,7 +136,8 @@ def _logits(model: nn.Module, prompts: list[list[int]]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_tiny_int4_checkpoint_matches_dequantised_dense(case: str, tmp_path) -> None:
     method, group_size, kind, sym = CASES[case]
-    quantized_dir, dense_dir = make_int4_checkpoints(method, tmp_path, group_size, kind=kind, sym=sym)
+    quantized_dir, dense_dir = make_int4_checkpoints(method, tmp_path, group_size, kind=kind, sym=sym,
+                                                     zero_biases=sym)
     quantized = load_model(str(quantized_dir), dtype="float32")  # the method comes from quantization_config
     dense = load_model(str(dense_dir), dtype="float32")
     assert quantized.quantization == method and dense.quantization == "none"
@@ -232,3 +234,19 @@ def test_tp2_int4_matches_single_process(tmp_path) -> None:
 def test_dense_checkpoint_is_unaffected(tmp_path) -> None:
     path = make_tiny_checkpoint("llama", tmp_path / "tiny")
     assert load_model(str(path), dtype="float32").quantization == "none"
+
+
+def test_awq_serves_through_the_offline_api(tmp_path) -> None:
+    """``LLM`` on an AWQ checkpoint (method from its config): greedy tokens equal those of the dense model
+    holding the weights exactly as the Q4_1 blocks do."""
+    from kubeinfer.engine import LLM, SamplingParams
+
+    options = dict(dtype="float32", max_num_batched_tokens=64, num_gpu_blocks_override=32, block_size=8)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    awq_dir, dense_dir = make_int4_checkpoints("awq", tmp_path, 32, min_rounded=True)
+    tokens = {}
+    for name, path in (("awq", awq_dir), ("dense", dense_dir)):
+        out = LLM(str(path), **options).generate(["hello there", "a"], params)
+        tokens[name] = [list(o.outputs[0].token_ids) for o in out]
+    assert [len(t) for t in tokens["awq"]] == [6, 6]
+    assert tokens["awq"] == tokens["dense"]
