@@ -124,11 +124,12 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}", "prompt")
         for param, ids in (("logit_bias", list(params.logit_bias or ())),
-                           ("allowed_token_ids", params.allowed_token_ids or [])):
+                           ("allowed_token_ids", params.allowed_token_ids or []),
+                           ("stop_token_ids", params.stop_token_ids or [])):
             out_of_range = [t for t in ids if t >= vocab]
             if out_of_range:
                 raise InvalidRequestError(f"{param} has token ids outside the vocabulary [0, {vocab}): "
-                                          f"{out_of_range[:5]}", param)
+                                          f"{out_of_range[:5]}", param, code="token_id_out_of_vocabulary")
         if params.n > self.config.max_num_seqs:
             raise InvalidRequestError(f"n={params.n} is larger than max_num_seqs={self.config.max_num_seqs}", "n")
         num_prompt, limit = len(token_ids), self.max_model_len

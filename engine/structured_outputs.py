@@ -20,7 +20,7 @@ class InvalidGrammarError(InvalidRequestError):
     """A schema, regex, choice list or grammar that cannot be compiled (the request's fault: HTTP 400)."""
 
     def __init__(self, message: str, param: str = "structured_outputs") -> None:
-        super().__init__(message, param)
+        super().__init__(message, param, code="invalid_grammar")
 
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")

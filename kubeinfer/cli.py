@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import sys
 
+BENCHMARKS = ("offline", "serve", "soak")
+
 USAGE = """usage: kubeinfer <command> [options]
 
 commands:
   serve      run the OpenAI-compatible inference server (like `vllm serve`)
-  bench      benchmarks: `kubeinfer bench offline` | `kubeinfer bench serve`
+  bench      benchmarks: `kubeinfer bench offline` | `serve` | `soak`
   operator   run the Kubernetes operator for InferenceModel resources
 """
 
@@ -38,13 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: list[str]) -> int:
-    if not args or args[0] not in ("offline", "serve"):
-        print("usage: kubeinfer bench {offline,serve} [options]", file=sys.stderr)
+    import importlib
+
+    if not args or args[0] not in BENCHMARKS:
+        print(f"usage: kubeinfer bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
         return 2
-    if args[0] == "offline":
-        from kubeinfer.engine.bench.offline import main as bench_main
-    else:
-        from kubeinfer.engine.bench.serve import main as bench_main
+    bench_main = importlib.import_module(f"kubeinfer.engine.bench.{args[0]}").main
     return bench_main(args[1:]) or 0
 
 

@@ -101,6 +101,11 @@ class EngineSpec(CamelModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enable_prefix_caching: bool = True
     quantization: Literal["gguf", "int8", "awq", "gptq", "fp8", "none"] | None = None
+    max_request_body_bytes: Quantity | None = None
+    max_header_bytes: Quantity | None = None
+    request_timeout_seconds: float | None = Field(None, ge=0)
+    tool_call_parser: Literal["hermes", "qwen", "llama3_json", "mistral"] | None = None
+    chat_template: str | None = None
     extra_args: list[str] = Field(default_factory=list)
     env: list[EnvVar] = Field(default_factory=list)
 

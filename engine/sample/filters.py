@@ -6,15 +6,19 @@ import torch
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask everything outside each row's top-k / top-p set with -inf (ties at the k-th value stay in)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    """Mask everything outside each row's top-k / top-p set with -inf (ties at the k-th value stay in).
+
+    The sort is stable, so among tied logits the lowest token id comes first, as in ``argmax``: the token
+    that top-p always keeps is the greedy one (bf16 logits tie often), and a tiny top_p is greedy."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     if top_k is not None:
-        kth = sorted_logits.gather(1, (logits.shape[1] - top_k).unsqueeze(1))
+        kth = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))
         sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
     if top_p is not None:
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        outside = cumulative <= (1.0 - top_p).unsqueeze(1)
-        outside[:, -1] = False  # the most likely token always stays
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1).sub_(probs)  # the mass of the tokens ranked above each one
+        outside = before >= top_p.unsqueeze(1)
+        outside[:, 0] = False  # the most likely token always stays
         sorted_logits.masked_fill_(outside, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 

@@ -44,7 +44,7 @@ def _size(value: str) -> int:
 
 def _optional_seconds(value: str) -> float | None:
     """Seconds, or 0 / none / off for no limit."""
-    if value.strip().lower() in ("", "0", "none", "off"):
+    if value.strip().lower() in ("", "none", "off") or float(value) == 0:
         return None
     return _positive_float(value)
 

@@ -19,8 +19,10 @@ from fastapi.openapi.utils import get_openapi
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _DESCRIPTIONS = {
-    400: "Invalid request; also a prompt that does not fit the context beside the completion (code "
-    "`context_length_exceeded`) or fields this server does not support together (code `unsupported_combination`)",
+    400: "Invalid request; also what the schema cannot state: a prompt that does not fit the context beside "
+    "the completion (code `context_length_exceeded`), fields this server does not support together (code "
+    "`unsupported_combination`), a JSON schema, regex or grammar that does not compile (code `invalid_grammar`) "
+    "and token ids outside the model's vocabulary (code `token_id_out_of_vocabulary`)",
     401: "Missing or wrong API key",
     404: "Unknown model or route",
     413: "Request body over --max-request-body-bytes",

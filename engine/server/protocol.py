@@ -12,10 +12,18 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
 NonEmptyText = Annotated[str, Field(min_length=1)]
+_TOKEN_ID_KEY = r"^[0-9]{1,9}$"
+# token id (as a string) -> bias in [-100, 100]; the JSON schema says so with propertyNames.
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=_TOKEN_ID_KEY)], Annotated[float, Field(ge=-100, le=100)]],
+    WithJsonSchema({"type": "object", "propertyNames": {"pattern": _TOKEN_ID_KEY},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                    "description": "token id (as a string) -> bias added to its logit"}),
+]
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -115,15 +123,28 @@ class ResponseFormat(OpenAIRequest):
     json_schema: JsonSchemaFormat | None = None
 
 
+def _exactly_one_constraint(schema: dict[str, Any]) -> None:
+    """The JSON schema of `structured_outputs`: exactly one constraint, none of them null (or a false
+    json_object, which asks for nothing)."""
+    for prop in schema["properties"].values():
+        options = [o for o in prop.pop("anyOf", []) if o != {"type": "null"}]
+        if options:
+            prop.update(options[0] if len(options) == 1 else {"anyOf": options})
+        prop.pop("default", None)
+    schema["properties"]["json_object"]["const"] = True
+    schema.update(minProperties=1, maxProperties=1)
+
+
 class StructuredOutputsRequest(OpenAIRequest):
     """vLLM's ``structured_outputs`` request field: exactly one of these."""
 
-    # A constraint we do not know must not be dropped silently: unknown keys are a 400.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # A constraint we do not know must not be dropped silently: unknown keys are a 400. The schema states
+    # "exactly one" (the engine checks it: StructuredOutputsParams).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_exactly_one_constraint)
 
     json_: str | dict[str, Any] | None = Field(None, alias="json")
     regex: str | None = None
-    choice: list[str] | None = None
+    choice: list[NonEmptyText] | None = Field(None, min_length=1)
     grammar: str | None = None
     json_object: bool | None = None
 
@@ -176,8 +197,8 @@ class SamplingFields(OpenAIRequest):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
-    allowed_token_ids: list[NonNegativeInt] | None = None
+    logit_bias: LogitBias | None = None
+    allowed_token_ids: list[NonNegativeInt] | None = Field(None, min_length=1)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

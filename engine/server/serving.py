@@ -17,7 +17,7 @@ from kubeinfer.engine.async_engine import (
     RequestTimeoutError,
 )
 from kubeinfer.engine.errors import InvalidRequestError, RequestFailedError
-from kubeinfer.engine.server.errors import OpenAIError, bad_request
+from kubeinfer.engine.server.errors import OpenAIError, bad_request, unsupported
 from kubeinfer.engine.server.logprobs import TokenText
 from kubeinfer.engine.server.prompts import PromptProcessor
 from kubeinfer.engine.server.protocol import SamplingFields
@@ -74,19 +74,11 @@ class OpenAIServing:
         return self._token_text
 
     def check_request(self, request: SamplingFields) -> None:
-        """Raise 503 before the model is ready (or while draining), 404 for another model, 400 for
-        stop token ids outside the vocabulary."""
+        """Raise 503 before the model is ready (or while draining), 404 for another model, 400 for what
+        no engine can serve (the engine validates the values themselves)."""
         self.check_model(request.model)
-        self.check_stop_token_ids(request)
         if request.prompt_logprobs is not None and request.stream:
-            raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
-
-    def check_stop_token_ids(self, request: SamplingFields) -> None:
-        vocab = self.engine.vocab_size
-        ids = request.stop_token_ids or []
-        if vocab is not None and ids and max(ids) >= vocab:
-            message = f"stop token id {max(ids)} is out of range (vocabulary size {vocab})"
-            raise bad_request(message, "stop_token_ids")
+            raise unsupported("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
     def check_model(self, model: str | None) -> None:
         """Raise 503 before the model is ready (or while draining) and 404 for another model."""

@@ -35,11 +35,18 @@ def engine_args(spec: InferenceModelSpec) -> list[str]:
         "--block-size": engine.block_size,
         "--gpu-memory-utilization": engine.gpu_memory_utilization,
         "--quantization": engine.quantization,
+        "--max-request-body-bytes": engine.max_request_body_bytes,
+        "--max-header-bytes": engine.max_header_bytes,
+        "--request-timeout": engine.request_timeout_seconds,
+        "--tool-call-parser": engine.tool_call_parser,
+        "--chat-template": engine.chat_template,
     }
     for flag, value in optional.items():
         if value is not None:
             args += [flag, str(value)]
     args.append("--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching")
+    if engine.tool_call_parser:
+        args.append("--enable-auto-tool-choice")
     return args + list(engine.extra_args)
 
 

@@ -311,3 +311,15 @@ def test_bad_sampling_params_raise_clear_errors(kwargs: dict, field: str) -> Non
 def test_sampling_params_normalise() -> None:
     p = SamplingParams(stop="END", top_k=-1, temperature=0.0, top_p=0.3)
     assert p.stop == ["END"] and p.top_k == 0 and p.is_greedy and p.top_p == 1.0
+
+
+def test_a_tiny_top_p_keeps_the_argmax_among_tied_logits() -> None:
+    """bf16 logits tie often: top-p's always-kept token must be the one argmax (greedy) picks."""
+    from kubeinfer.engine.sample.filters import apply_top_k_top_p
+
+    logits = torch.tensor([[0.5, 3.0, 1.0, 3.0, 3.0, -1.0]] * 2)
+    kept = apply_top_k_top_p(logits, None, torch.tensor([1e-6, 0.5]))
+    assert torch.isfinite(kept[0]).nonzero().flatten().tolist() == [logits[0].argmax().item()] == [1]
+    assert torch.isfinite(kept[1]).nonzero().flatten().tolist() == [1, 3]  # 1/3 + 1/3 of the mass reaches 0.5
+    top_k = apply_top_k_top_p(logits, torch.tensor([1, 2]), None)
+    assert torch.isfinite(top_k).nonzero()[:, 1].tolist() == [1, 3, 4, 1, 3, 4]  # ties at the k-th value stay

@@ -159,6 +159,24 @@ def test_gpu_taint_toleration_can_be_turned_off(settings: OperatorSettings) -> N
     assert "tolerations" not in render_deployment(im, settings)["spec"]["template"]["spec"]
 
 
+def test_server_limits_and_tool_flags() -> None:
+    im = make_model({"model": HF, "engine": {
+        "maxRequestBodyBytes": "4Mi", "maxHeaderBytes": 65536, "requestTimeoutSeconds": 0,
+        "toolCallParser": "hermes", "chatTemplate": "{{ messages }}"}})
+    args = engine_args(im.spec)
+    assert args[args.index("--max-request-body-bytes") + 1] == "4Mi"
+    assert args[args.index("--max-header-bytes") + 1] == "65536"
+    assert args[args.index("--request-timeout") + 1] == "0.0"
+    assert args[args.index("--tool-call-parser") + 1] == "hermes"
+    assert args[args.index("--chat-template") + 1] == "{{ messages }}"
+    assert "--enable-auto-tool-choice" in args
+    from kubeinfer.engine.server.cli import parse_args
+
+    parsed = parse_args(args)  # what the pod's `kubeinfer serve` makes of them
+    assert parsed.max_request_body_bytes == 4 << 20 and parsed.request_timeout is None
+    assert parsed.enable_auto_tool_choice and parsed.tool_call_parser == "hermes"
+
+
 def test_engine_flags_env_and_extra_args() -> None:
     im = make_model({"model": {**HF, "revision": "v2"}, "engine": {
         "maxNumSeqs": 64, "maxNumBatchedTokens": 4096, "blockSize": 32, "gpuMemoryUtilization": 0.85,

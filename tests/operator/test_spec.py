@@ -107,3 +107,29 @@ def test_served_name_defaults_like_vllm() -> None:
     assert served({"source": "hf://org/Name-7B"}) == "org/Name-7B"
     assert served({"source": "pvc://w/models/llama-8b"}) == "llama-8b"
     assert served({"source": "hf://org/x", "servedName": "chat"}) == "chat"
+
+
+def test_engine_enums_are_the_engines_own_lists() -> None:
+    """The CRD and the spec offer exactly what `kubeinfer serve` accepts (one list each, in the engine)."""
+    from kubeinfer.engine.config import QUANTIZATION_METHODS
+    from kubeinfer.engine.server.cli import TOOL_CALL_PARSERS
+    from kubeinfer.operator.spec import EngineSpec
+
+    engine = crd_schema()["properties"]["spec"]["properties"]["engine"]["properties"]
+    assert engine["quantization"]["enum"] == list(QUANTIZATION_METHODS)
+    assert engine["toolCallParser"]["enum"] == TOOL_CALL_PARSERS
+    for field, values in (("quantization", QUANTIZATION_METHODS), ("tool_call_parser", TOOL_CALL_PARSERS)):
+        annotation = str(EngineSpec.model_fields[field].annotation)
+        assert all(repr(v) in annotation for v in values), (field, annotation)
+
+
+@pytest.mark.parametrize("size", ["4Mi", "1048576", 1048576, "2.5Mi", "3M"])
+def test_size_quantities_parse_the_way_the_engine_reads_them(size: str | int) -> None:
+    """What the CRD's pattern lets through, `--max-request-body-bytes` accepts."""
+    import re
+
+    from kubeinfer.engine.config import parse_size
+
+    pattern = crd_schema()["properties"]["spec"]["properties"]["engine"]["properties"]["maxRequestBodyBytes"]["pattern"]
+    assert isinstance(size, int) or re.fullmatch(pattern, size)
+    assert parse_size(size) > 0

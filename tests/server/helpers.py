@@ -63,8 +63,10 @@ class ServerProcess:
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path else ""
+    def log(self, tail: int | None = 4000) -> str:
+        """The server's output; its last `tail` characters unless `tail` is None."""
+        text = self.log_path.read_text(errors="replace") if self.log_path else ""
+        return text if tail is None else text[-tail:]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -36,7 +36,9 @@ def test_metric_names_and_model_label(server: ServerProcess, client: openai.Open
     samples = scrape(server.url)
     for name in NAMES:
         assert metric(samples, name, model_name=MODEL) >= 0, name
-    assert all('model_name="' in key for key in samples), [k for k in samples if "model_name" not in k]
+    engine_samples = [key for key in samples if not key.startswith("process_")]
+    assert all('model_name="' in key for key in engine_samples), [k for k in engine_samples if "model_name" not in k]
+    assert samples["process_resident_memory_bytes"] > 50 << 20  # the process collector, as vLLM's registry has
     assert metric(samples, "vllm:cache_config_info", block_size="16") == 1.0
     blocks = next(key for key in samples if key.startswith("vllm:cache_config_info"))
     assert 'num_gpu_blocks="' in blocks and 'num_gpu_blocks="0"' not in blocks

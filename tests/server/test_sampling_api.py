@@ -125,6 +125,15 @@ def _same_as_greedy(client: openai.OpenAI, response: Any) -> None:
     assert text_of(response) == greedy_default(client)
 
 
+def _only_top_tokens(client: openai.OpenAI, response: Any) -> None:
+    """top_k=1 and min_p=1 keep only the most likely tokens: each one drawn is a top-1 (ties with the argmax
+    stay in, as in vLLM, which is why this is not compared with greedy text: bf16 logits tie often)."""
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 24
+    for sampled, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert sampled == max(top.values()), (sampled, top)
+
+
 def _check_seed(client: openai.OpenAI, response: Any) -> None:
     again = complete(client, temperature=1.0, seed=1234, ignore_eos=True)
     assert text_of(again) == text_of(response)
@@ -236,8 +245,8 @@ def _check_special_skipped(client: openai.OpenAI, response: Any) -> None:
 CASES: list[Case] = [
     ("temperature", lambda c: complete(c, temperature=0, ignore_eos=True), _same_as_greedy),
     ("top_p", lambda c: complete(c, temperature=1.0, top_p=1e-6, ignore_eos=True), _same_as_greedy),
-    ("top_k", lambda c: complete(c, temperature=1.5, top_k=1, ignore_eos=True), _same_as_greedy),
-    ("min_p", lambda c: complete(c, temperature=1.0, min_p=1.0, ignore_eos=True), _same_as_greedy),
+    ("top_k", lambda c: complete(c, temperature=1.5, top_k=1, ignore_eos=True, logprobs=1), _only_top_tokens),
+    ("min_p", lambda c: complete(c, temperature=1.0, min_p=1.0, ignore_eos=True, logprobs=1), _only_top_tokens),
     ("seed", lambda c: complete(c, temperature=1.0, seed=1234, ignore_eos=True), _check_seed),
     ("n", lambda c: complete(c, temperature=1.0, n=3, ignore_eos=True), _check_n),
     ("presence_penalty", lambda c: greedy(c, max_tokens=48, presence_penalty=2.0), _check_penalty),
@@ -306,9 +315,12 @@ def test_every_field_mixed_in_one_batch_with_plain_requests(client: openai.OpenA
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1100}]}, "messages"),
     ("/v1/completions", {"prompt": [5, 10**7]}, "prompt"),
     ("/v1/completions", {"prompt": "x", "n": 9}, "n"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [2, 49152]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"messages": CHAT, "stop_token_ids": [10**9]}, "stop_token_ids"),
 ])
 def test_bad_sampling_values_get_400_naming_the_field(http: httpx.Client, path: str, body: dict, param: str) -> None:
     response = http.post(path, json={"model": MODEL, **body})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param or error["param"].startswith(f"{param}."), error  # logit_bias.five: the key
+    assert error["type"] == "invalid_request_error" and error["message"]

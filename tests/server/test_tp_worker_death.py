@@ -76,4 +76,4 @@ def test_a_killed_worker_fails_the_request_and_the_server_exits(tp_server: Serve
     code = tp_server.process.wait(30)
     print(f"server exit code {code}, {time.monotonic() - killed:.1f} s after the kill")
     assert code != 0
-    assert "died" in tp_server.log()
+    assert "died" in tp_server.log(tail=None)  # gloo's own long error message follows ours

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kubeinfer.engine.server.errors import bad_request
+from kubeinfer.engine.server.errors import unsupported
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatTool, NamedToolChoice
 from kubeinfer.engine.server.tools.forced import named_constraint, required_constraint
 from kubeinfer.engine.server.tools.parsers import ToolParser, get_tool_parser
@@ -43,7 +43,7 @@ def plan_tools(request: ChatCompletionRequest, *, enable_auto_tool_choice: bool,
     tools, choice = request.tools or [], request.tool_choice
     if not tools:
         if choice not in (None, "none"):
-            raise bad_request("tool_choice needs tools", "tool_choice")
+            raise unsupported("tool_choice needs tools", "tool_choice")
         return ToolPlan("none")
     template_tools = tool_definitions(request)
     if choice is None:
@@ -51,20 +51,20 @@ def plan_tools(request: ChatCompletionRequest, *, enable_auto_tool_choice: bool,
     constrained = choice == "required" or isinstance(choice, NamedToolChoice)
     if constrained and (request.structured_outputs is not None
                         or (request.response_format is not None and request.response_format.type != "text")):
-        raise bad_request("tool_choice required or a named function cannot be combined with response_format "
+        raise unsupported("tool_choice required or a named function cannot be combined with response_format "
                           "or structured_outputs", "tool_choice")
     if choice == "none":
         return ToolPlan("none", template_tools)
     if choice == "auto":
         if not enable_auto_tool_choice or not tool_call_parser:
-            raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
-                              "set", "tool_choice")
+            raise unsupported('"auto" tool choice needs the server started with --enable-auto-tool-choice and '
+                              "--tool-call-parser", "tool_choice")
         return ToolPlan("auto", template_tools, parser=get_tool_parser(tool_call_parser))
     if choice == "required":
         return ToolPlan("required", template_tools, constraint=required_constraint(tools, request.parallel_tool_calls))
     assert isinstance(choice, NamedToolChoice)
     named = next((t for t in tools if t.function.name == choice.function.name), None)
     if named is None:
-        raise bad_request(f"tool_choice names the function {choice.function.name!r}, which is not in tools",
+        raise unsupported(f"tool_choice names the function {choice.function.name!r}, which is not in tools",
                           "tool_choice")
     return ToolPlan("named", template_tools, constraint=named_constraint(named), named=named)
