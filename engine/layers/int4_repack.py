@@ -104,10 +104,12 @@ def awq_to_q4_1(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 
 
 def gptq_to_q4_1(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor, group_size: int,
-                 zero_offset: int, fixed_zero: int | None = None) -> QuantizedRows:
+                 zero_offset: int, fixed_zero: int | None = None, perm: torch.Tensor | None = None
+                 ) -> QuantizedRows:
     """A GPTQ 4-bit linear (``qweight [K/8, N]``, ``qzeros [K/g, N/8]``, ``scales [K/g, N]``) as Q4_1 rows.
     ``zero_offset``: 1 for the v1 format (stored zero = zero - 1), 0 for ``gptq_v2``; ``fixed_zero``: the
-    zero of a symmetric checkpoint (8), used instead of qzeros."""
+    zero of a symmetric checkpoint (8), used instead of qzeros. ``perm`` (act-order): the input order that
+    makes the groups contiguous (``g_idx[perm] == k // group``); the rows hold the inputs in that order."""
     words, n = qweight.shape
     k = 8 * words
     group = group_size_for(group_size, k)
@@ -120,9 +122,12 @@ def gptq_to_q4_1(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: tor
     for n0 in range(0, n, _CHUNK):
         n1 = min(n, n0 + _CHUNK)
         q = unpack_gptq_weight(qweight[:, n0:n1])
+        if perm is not None:
+            q = q.index_select(1, perm)
         if fixed_zero is None:
             zeros = unpack_gptq_zeros(qzeros[:, n0 // 8:-(-n1 // 8)])[:, :n1 - n0].to(torch.int16) + zero_offset
         else:
             zeros = torch.full((k // group, n1 - n0), fixed_zero, dtype=torch.int16)
         parts.append(q4_1_rows(q, zeros, scales[:, n0:n1], group))
-    return _stack(parts, k)
+    rows = _stack(parts, k)
+    return rows if perm is None else QuantizedRows(rows.qtype, rows.data, k, perm=perm)

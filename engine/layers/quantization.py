@@ -75,12 +75,14 @@ def resolve_method(requested: str | None, kind: str, device: torch.device, check
 @dataclass
 class QuantizedRows:
     """``shape[0]`` rows of ``shape[1]`` weights in a kernel format: ``data`` is ``uint8 [N, row_bytes]``
-    (``int8 [N, K]`` for INT8_ROW, with ``scales float32 [N]``). ``narrow`` slices like a dense tensor's."""
+    (``int8 [N, K]`` for INT8_ROW, with ``scales float32 [N]``). ``narrow`` slices like a dense tensor's.
+    ``perm`` (int64 [K], GPTQ act-order): the rows hold the inputs in this order, ``x[:, perm]`` multiplies."""
 
     qtype: int
     data: torch.Tensor
     k: int
     scales: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,7 +95,14 @@ class QuantizedRows:
     def narrow(self, dim: int, start: int, length: int) -> QuantizedRows:
         if dim == 0:
             scales = None if self.scales is None else self.scales.narrow(0, start, length)
-            return QuantizedRows(self.qtype, self.data.narrow(0, start, length), self.k, scales)
+            return QuantizedRows(self.qtype, self.data.narrow(0, start, length), self.k, scales, self.perm)
+        if self.perm is not None:
+            if start == 0 and length == self.k:
+                return self
+            raise UnsupportedQuantization(
+                f"act-order (desc_act) weights cannot be split by their inputs at [{start}, {start + length}) "
+                f"of {self.k} (a row-parallel layer under tensor parallelism): use --tensor-parallel-size 1 "
+                "or a checkpoint quantized with desc_act: false")
         block_bytes, block_elems = qk.BLOCKS[self.qtype]
         if start % block_elems or length % block_elems:
             raise ValueError(f"cannot split {self.k} quantized input features at [{start}, {start + length}): "
@@ -103,7 +112,7 @@ class QuantizedRows:
 
     def contiguous(self) -> QuantizedRows:
         scales = None if self.scales is None else self.scales.contiguous()
-        return QuantizedRows(self.qtype, self.data.contiguous(), self.k, scales)
+        return QuantizedRows(self.qtype, self.data.contiguous(), self.k, scales, self.perm)
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> QuantizedRows:
@@ -124,11 +133,16 @@ class QuantizedWeight:
     rows: int
     k: int
     segments: list[tuple[int, QuantizedRows]] = field(default_factory=list)  # (first row, rows), sorted
+    perm: torch.Tensor | None = None  # the input order every segment holds (GPTQ act-order), None: as is
 
     def put(self, offset: int, part: QuantizedRows) -> None:
         if part.k != self.k or offset < 0 or offset + part.shape[0] > self.rows:
             raise ValueError(f"quantized rows [{offset}, {offset + part.shape[0]}) x {part.k} do not fit a "
                              f"{self.rows} x {self.k} weight")
+        if self.segments and not _same_perm(self.perm, part.perm):
+            raise UnsupportedQuantization("the fused projections of one layer (q/k/v or gate/up) hold their "
+                                          "inputs in different act-order (desc_act) permutations")
+        self.perm = part.perm
         kept = [(o, p) for o, p in self.segments if o + p.shape[0] <= offset or o >= offset + part.shape[0]]
         kept.append((offset, part.contiguous()))
         kept.sort(key=lambda seg: seg[0])
@@ -137,7 +151,7 @@ class QuantizedWeight:
             if merged and merged[-1][1].qtype == p.qtype and merged[-1][0] + merged[-1][1].shape[0] == o:
                 prev_o, prev = merged.pop()
                 scales = None if p.scales is None else torch.cat([prev.scales, p.scales])
-                p, o = QuantizedRows(p.qtype, torch.cat([prev.data, p.data]), p.k, scales), prev_o
+                p, o = QuantizedRows(p.qtype, torch.cat([prev.data, p.data]), p.k, scales, p.perm), prev_o
             merged.append((o, p))
         self.segments = merged
 
@@ -154,6 +168,8 @@ class QuantizedWeight:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
+        if self.perm is not None:
+            rows = rows.index_select(1, self.perm)
         if rows.dtype != torch.float32 or rows.stride(-1) != 1:
             rows = rows.float().contiguous()
         full = len(self.segments) == 1 and self._covers_all_rows()
@@ -180,6 +196,10 @@ class QuantizedWeight:
                 out[inside] = qk.dequantize(part.qtype, part.data[picked], self.k, scales)
         out = out.view(*ids.shape, self.k)
         return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 class _RowSink:

@@ -4,11 +4,13 @@ linear's ``qweight``/``qzeros``/``scales``/``g_idx`` turned into one ``<module>.
 
 Supported: 4 bits; group sizes that are multiples of 32 (or -1, the whole input); AWQ's GEMM packing with
 zero points; GPTQ v1 (stored zero = zero - 1, as AutoGPTQ writes) and ``checkpoint_format: gptq_v2``
-(zeros as is), ``sym: true`` using the fixed zero 8 as vLLM's kernels do. Refused with
-``UnsupportedQuantization``: other bit widths, AWQ GEMV/Marlin packings, and GPTQ act-order (``desc_act``)
-checkpoints whose ``g_idx`` is not the trivial ``k // group_size`` (that needs an input permutation per
-projection, which fused QKV/gate-up and row-parallel shards would each have to carry). Layers listed in
-``modules_to_not_convert`` arrive as dense ``.weight`` tensors and load dense.
+(zeros as is), ``sym: true`` using the fixed zero 8 as vLLM's kernels do. GPTQ act-order (``desc_act``,
+a ``g_idx`` that is not ``k // group_size``): the inputs are permuted once at load so that each group is
+contiguous (``argsort(g_idx)``), and the layer keeps that permutation to gather its input before the matmul;
+fused projections (q/k/v, gate/up) share it, as AutoGPTQ's do (one input, one Hessian order); a
+row-parallel split of such a layer (tensor parallelism) is refused. Refused with ``UnsupportedQuantization``:
+other bit widths, AWQ GEMV/Marlin packings. Layers listed in ``modules_to_not_convert`` arrive as dense
+``.weight`` tensors and load dense.
 """
 
 from __future__ import annotations
@@ -72,13 +74,19 @@ def parse_spec(qc: dict[str, Any]) -> Int4Spec:
                     fixed_zero=8 if qc.get("sym", True) else None)
 
 
-def _check_g_idx(name: str, g_idx: torch.Tensor, k: int, group_size: int) -> None:
+def act_order_perm(name: str, g_idx: torch.Tensor, k: int, group_size: int) -> torch.Tensor | None:
+    """None for the trivial ``g_idx = k // group``; else the input order that makes each group contiguous."""
     group = k if group_size == -1 else group_size
     trivial = torch.arange(k, dtype=torch.int64) // group
-    if g_idx.shape != (k,) or not torch.equal(g_idx.to(torch.int64), trivial):
-        raise UnsupportedQuantization(f"{name}: GPTQ act-order (desc_act) weights, whose g_idx permutes the "
-                                      "groups, are not supported on the CPU; use a checkpoint quantized with "
-                                      "desc_act: false")
+    g = g_idx.to(torch.int64)
+    if g.shape != (k,):
+        raise UnsupportedQuantization(f"{name}: g_idx of shape {tuple(g.shape)} for {k} input features")
+    if torch.equal(g, trivial):
+        return None
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], trivial):
+        raise UnsupportedQuantization(f"{name}: act-order g_idx does not give every group {group} inputs")
+    return perm
 
 
 def repack(name: str, parts: dict[str, torch.Tensor], spec: Int4Spec) -> QuantizedRows:
@@ -87,10 +95,9 @@ def repack(name: str, parts: dict[str, torch.Tensor], spec: Int4Spec) -> Quantiz
         if spec.method == "awq":
             return awq_to_q4_1(parts["qweight"], parts["qzeros"], parts["scales"], spec.group_size)
         k = 8 * parts["qweight"].shape[0]
-        if "g_idx" in parts:
-            _check_g_idx(name, parts["g_idx"], k, spec.group_size)
+        perm = act_order_perm(name, parts["g_idx"], k, spec.group_size) if "g_idx" in parts else None
         return gptq_to_q4_1(parts["qweight"], parts.get("qzeros"), parts["scales"], spec.group_size,
-                            spec.zero_offset, spec.fixed_zero)
+                            spec.zero_offset, spec.fixed_zero, perm)
     except UnsupportedQuantization:
         raise
     except ValueError as e:

@@ -51,17 +51,24 @@ def pack_gptq(q: torch.Tensor, z: torch.Tensor, v1: bool = True) -> tuple[torch.
     return torch.from_numpy(qw), torch.from_numpy(qz)
 
 
-def dequantise(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
-    """The fp32 reference ``W[n, k] = (q[n, k] - z[k // g, n]) * s[k // g, n]``."""
-    zk = z.t().float().repeat_interleave(group, 1)
-    sk = s.t().float().repeat_interleave(group, 1)
-    return (q.float() - zk) * sk
+def _per_input(t: torch.Tensor, k: int, group: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """``[G, N]`` per group → ``[N, K]`` per input, input ``k`` in group ``g_idx[k]`` (default ``k // group``)."""
+    g = torch.arange(k) // group if g_idx is None else g_idx.long()
+    return t.float()[g].t()
 
 
-def dequantise_q4_1(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, group: int) -> torch.Tensor:
+def dequantise(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, group: int,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 reference ``W[n, k] = (q[n, k] - z[g(k), n]) * s[g(k), n]``, ``g(k) = g_idx[k]`` or ``k // g``."""
+    k = q.shape[1]
+    return (q.float() - _per_input(z, k, group, g_idx)) * _per_input(s, k, group, g_idx)
+
+
+def dequantise_q4_1(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, group: int,
+                    g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """What Q4_1 blocks with ``d = s``, ``m = fp16(-s * z)`` hold: the reference with the min rounded."""
-    zk = z.t().float().repeat_interleave(group, 1)
-    sk = s.t().float().repeat_interleave(group, 1)
+    k = q.shape[1]
+    zk, sk = _per_input(z, k, group, g_idx), _per_input(s, k, group, g_idx)
     return q.float() * sk + (-(sk * zk)).half().float()
 
 
@@ -78,12 +85,14 @@ def quantise(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def make_int4_checkpoints(method: str, root: Path, group_size: int, kind: str = "llama", sym: bool = False,
-                          v1: bool = True, min_rounded: bool = False, zero_biases: bool = False
-                          ) -> tuple[Path, Path]:
+                          v1: bool = True, min_rounded: bool = False, zero_biases: bool = False,
+                          act_order: bool = False) -> tuple[Path, Path]:
     """A tiny ``kind`` checkpoint with its decoder linears ``method``-packed (``awq`` or ``gptq``), and the same
     model dense with those weights dequantised to float32 (``min_rounded``: as Q4_1 holds them, with
     ``-s * z`` rounded to fp16): ``(quantized dir, dense dir)``. ``zero_biases``: every packed linear also
-    gets a zero ``.bias``, as some GPTQ checkpoints of bias-free models carry."""
+    gets a zero ``.bias``, as some GPTQ checkpoints of bias-free models carry. ``act_order`` (GPTQ): each
+    input is quantized in a random order, one per layer input as AutoGPTQ's Hessian order is (q/k/v share one,
+    gate/up one), groups taken along it, ``g_idx[k]`` the group of input ``k``; qweight stays in input order."""
     base = make_tiny_checkpoint(kind, root / "base")
     quantized, dense = root / f"{method}-q", root / f"{method}-dense"
     shutil.copytree(base, quantized)
@@ -91,23 +100,35 @@ def make_int4_checkpoints(method: str, root: Path, group_size: int, kind: str = 
     tensors = load_file(str(base / "model.safetensors"))
     packed, dequantised = {}, {}
     reference = dequantise_q4_1 if min_rounded else dequantise
+    orders: dict[tuple[str, str], torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(7)
     for name, w in tensors.items():
         if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
             packed[name] = dequantised[name] = w
             continue
         prefix = name.removesuffix(".weight")
         group = w.shape[1] if group_size == -1 else group_size
-        q, z, s = quantise(w, group)
+        layer, proj = prefix.split(".")[2], prefix.rsplit(".", 1)[1]
+        source = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp", "up_proj": "mlp"}
+        key = (layer, source.get(proj, proj))
+        if key not in orders:
+            orders[key] = torch.randperm(w.shape[1], generator=gen) if act_order else torch.arange(w.shape[1])
+        order = orders[key]
+        position = torch.argsort(order)  # where each input falls in the quantization order
+        wq = w[:, order]
+        q, z, s = quantise(wq, group)
         if sym:
             z = torch.full_like(z, 8)
-            q = torch.round(w.float().reshape(w.shape[0], -1, group) / s.t().float()[..., None] + 8).clamp(0, 15)
+            q = torch.round(wq.float().reshape(w.shape[0], -1, group) / s.t().float()[..., None] + 8).clamp(0, 15)
             q = q.to(torch.uint8).reshape(w.shape)
-        dequantised[name] = reference(q, z, s, group)
+        q = q[:, position].contiguous()  # back to input order
+        g_idx = (position // group).to(torch.int32)
+        dequantised[name] = reference(q, z, s, group, g_idx)
         if method == "awq":
             qweight, qzeros = pack_awq(q, z)
         else:
             qweight, qzeros = pack_gptq(q, z, v1=v1)
-            packed[f"{prefix}.g_idx"] = torch.arange(w.shape[1], dtype=torch.int32) // group
+            packed[f"{prefix}.g_idx"] = g_idx
         packed |= {f"{prefix}.qweight": qweight, f"{prefix}.qzeros": qzeros, f"{prefix}.scales": s}
         if zero_biases and f"{prefix}.bias" not in tensors:
             packed[f"{prefix}.bias"] = torch.zeros(w.shape[0], dtype=torch.float16)
@@ -117,7 +138,7 @@ def make_int4_checkpoints(method: str, root: Path, group_size: int, kind: str = 
     if method == "awq":
         qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"}
     else:
-        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": sym,
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym,
               "checkpoint_format": "gptq" if v1 else "gptq_v2"}
     config["quantization_config"] = qc
     (quantized / "config.json").write_text(json.dumps(config))
