@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = ("offline", "serve", "soak")
+BENCHMARKS = ("offline", "serve", "soak", "head-of-line")
 
 USAGE = """usage: kubeinfer <command> [options]
 
 commands:
   serve      run the OpenAI-compatible inference server (like `vllm serve`)
-  bench      benchmarks: `kubeinfer bench offline` | `serve` | `soak`
+  bench      benchmarks: `kubeinfer bench offline` | `serve` | `soak` | `head-of-line`
   operator   run the Kubernetes operator for InferenceModel resources
 """
 
@@ -45,7 +45,7 @@ def _bench(args: list[str]) -> int:
     if not args or args[0] not in BENCHMARKS:
         print(f"usage: kubeinfer bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
         return 2
-    bench_main = importlib.import_module(f"kubeinfer.engine.bench.{args[0]}").main
+    bench_main = importlib.import_module(f"kubeinfer.engine.bench.{args[0].replace('-', '_')}").main
     return bench_main(args[1:]) or 0
 
 
