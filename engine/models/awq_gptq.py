@@ -15,8 +15,10 @@ other bit widths, AWQ GEMV/Marlin packings. Layers listed in ``modules_to_not_co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,12 +39,20 @@ class Int4Spec:
     fixed_zero: int | None = None  # GPTQ sym: every zero is 8
 
 
-def checkpoint_method(raw_config: dict[str, Any]) -> str | None:
-    """The ``quant_method`` of a config.json's ``quantization_config`` (lower case), None when unquantized."""
-    qc = raw_config.get("quantization_config")
-    if not qc:
-        return None
-    return str(qc.get("quant_method", "unknown")).lower()
+def quantization_config(path: Path, raw_config: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's quantization config: config.json's ``quantization_config``, else AutoGPTQ's separate
+    ``quantize_config.json`` (GPTQ unless it names another method); None when unquantized."""
+    if raw_config.get("quantization_config"):
+        return raw_config["quantization_config"]
+    separate = path / "quantize_config.json"
+    if separate.is_file():
+        return {"quant_method": "gptq", **json.loads(separate.read_text())}
+    return None
+
+
+def checkpoint_method(qc: dict[str, Any] | None) -> str | None:
+    """The ``quant_method`` of a quantization config (lower case), None when unquantized."""
+    return None if not qc else str(qc.get("quant_method", "unknown")).lower()
 
 
 def parse_spec(qc: dict[str, Any]) -> Int4Spec:

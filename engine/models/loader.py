@@ -18,7 +18,12 @@ from kubeinfer.engine.layers.quantization import (
     prepare_model,
     resolve_method,
 )
-from kubeinfer.engine.models.awq_gptq import checkpoint_method, iter_int4_weights, parse_spec
+from kubeinfer.engine.models.awq_gptq import (
+    checkpoint_method,
+    iter_int4_weights,
+    parse_spec,
+    quantization_config,
+)
 from kubeinfer.engine.models.config import ModelConfig, check_architecture
 from kubeinfer.engine.models.dtype import resolve_dtype
 from kubeinfer.engine.models.llama import LlamaForCausalLM
@@ -113,10 +118,11 @@ def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, d
     torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None) or raw.get("torch_dtype"), device)
     eos = end_of_generation_ids(tokenizer, raw.get("eos_token_id"), generation_eos)
     cfg = ModelConfig.from_hf(hf_config, torch_dtype, eos)
-    method = resolve_method(quantization, "hf", device, checkpoint_method(raw))
+    qc = quantization_config(path, raw)
+    method = resolve_method(quantization, "hf", device, checkpoint_method(qc))
     weights: Iterator[tuple[str, torch.Tensor | QuantizedRows]] = iter_safetensors(path)
     if method in PREQUANTIZED:
-        weights = iter_int4_weights(weights, parse_spec(raw["quantization_config"]))
+        weights = iter_int4_weights(weights, parse_spec(qc))
     model = build_model(cfg, device, tp_rank, tp_size)
     prepare_model(model, method)
     model.load_weights(weights)

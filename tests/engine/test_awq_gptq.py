@@ -10,6 +10,7 @@ at least one scale step ``s``, far beyond it.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -233,6 +234,18 @@ def test_explicit_method_must_match_the_checkpoint(tmp_path) -> None:
         load_model(str(awq_dir), dtype="float32", quantization="gptq")
     with pytest.raises(UnsupportedQuantization, match="quantized with awq: use --quantization awq"):
         load_model(str(awq_dir), dtype="float32", quantization="int8")
+
+
+def test_gptq_config_in_a_separate_quantize_config_json(tmp_path) -> None:
+    """AutoGPTQ's own layout: config.json without quantization_config, quantize_config.json beside it."""
+    gptq_dir, _ = make_int4_checkpoints("gptq", tmp_path, 64)
+    config = json.loads((gptq_dir / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    del qc["quant_method"]
+    (gptq_dir / "config.json").write_text(json.dumps(config))
+    (gptq_dir / "quantize_config.json").write_text(json.dumps(qc))
+    loaded = load_model(str(gptq_dir), dtype="float32")
+    assert loaded.quantization == "gptq" and loaded.weights.qtypes == ["Q4_1"]
 
 
 def test_resolve_method_for_prequantized_checkpoints() -> None:
