@@ -19,22 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from kubeinfer.engine import cpu_features
 from kubeinfer.engine.bench.report import write_json
 
 MODES = {"gguf": ("gguf", "f32"), "gguf-q8": ("gguf", "q8"), "int8": ("int8", "f32"), "none": ("none", "f32")}
 PROMPTS = ["Explain black holes to a ten-year-old.", "Write a short poem about the ocean.",
            "Give me three fun facts about honey bees.", "What is the capital of Japan?"]
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
-              "amx_bf16")
-    have = set(flags.split(":", 1)[1].split())
-    return " ".join(f for f in wanted if f in have)
 
 
 def rss_bytes() -> int:
@@ -82,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"CPU: {cpu_features.summary()}; {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     rows = []
     for mode in args.modes.split(","):

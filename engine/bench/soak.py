@@ -61,6 +61,8 @@ class SoakReport:
     start: ServerState | None = None
     end: ServerState | None = None
     rss_growth_mib: float | None = None
+    rss_growth_second_half_mib: float | None = None  # warm-up (caches, allocator pools) is in the first half
+    rss_mib_over_time: list[float] = field(default_factory=list)
     idle_at_end: bool = False
 
 
@@ -233,7 +235,16 @@ async def soak(args: argparse.Namespace) -> SoakReport:
                 except (httpx.HTTPError, json.JSONDecodeError) as exc:
                     outcomes.append(Outcome(kind, "transport", False, detail=f"{type(exc).__name__}: {exc}"[:200]))
 
-        await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
+        rss_samples: list[float] = []
+
+        async def sample_rss() -> None:
+            while time.monotonic() < deadline:
+                state = await server_state(client)
+                if state.rss_bytes is not None:
+                    rss_samples.append(round(state.rss_bytes / 2**20, 1))
+                await asyncio.sleep(max(1.0, args.minutes * 60 / 20))
+
+        await asyncio.gather(sample_rss(), *(worker(i) for i in range(args.concurrency)))
         end_state = await wait_idle(client, within_s=10)
     counts = Counter(f"{o.kind} {o.status}" for o in outcomes)
     unexpected = [o for o in outcomes if not o.expected]
@@ -249,6 +260,9 @@ async def soak(args: argparse.Namespace) -> SoakReport:
                                 "max": round(max(latencies, default=0) * 1000)},
         start=start_state, end=end_state, rss_growth_mib=growth,
         idle_at_end=(end_state.running, end_state.waiting, end_state.kv_usage) == (0, 0, 0),
+        rss_mib_over_time=rss_samples,
+        rss_growth_second_half_mib=(round(rss_samples[-1] - rss_samples[len(rss_samples) // 2], 1)
+                                    if len(rss_samples) >= 4 else None),
     )
 
 
@@ -266,7 +280,8 @@ def print_report(report: SoakReport) -> None:
           f"({'idle' if report.idle_at_end else 'NOT IDLE'})")
     if report.rss_growth_mib is not None and report.start and report.start.rss_bytes:
         print(f"server RSS: {report.start.rss_bytes / 2**20:.0f} MiB -> {end.rss_bytes / 2**20:.0f} MiB "
-              f"({report.rss_growth_mib:+.1f} MiB)")
+              f"({report.rss_growth_mib:+.1f} MiB; {report.rss_growth_second_half_mib or 0:+.1f} MiB in the second half)")
+        print(f"server RSS over time (MiB): {report.rss_mib_over_time}")
     print(f"unexpected responses: {report.unexpected}")
     for line in report.first_unexpected:
         print(f"  {line}")
