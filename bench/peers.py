@@ -45,6 +45,10 @@ def launch_llama_server(binary: str, model: Path, threads: int, slots: int, ctx_
     port = free_port()
     command = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
                "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot), *shlex.split(extra)]
+    if "amx_int8" in cpu_features.flags() and "--repack" not in extra:
+        # Repacking puts the weights in ggml's AMX buffers, whose matmul (ggml_backend_amx_mul_mat) segfaults
+        # on the AMX machines seen here (llama-cpp-python 0.3.36's llama.cpp); without it the AVX-512 kernels run.
+        command.append("--no-repack")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
