@@ -386,9 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kubeinfer.engine.server.cli import passive_openmp_threads
+    from kubeinfer.engine.server.cli import bounded_openmp_spin
 
-    passive_openmp_threads()  # the offline run gets the same OpenMP setting as `kubeinfer serve`
+    bounded_openmp_spin()  # the offline run gets the same OpenMP setting as `kubeinfer serve`
     levels = [int(c) for c in str(args.concurrency).split(",") if c]
     process = None
     rows: list[Summary] = []

@@ -119,7 +119,8 @@ def rotary_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 
 # A parallel region costs a wake-up of each sleeping OpenMP thread (~45 us on a VM with
-# OMP_WAIT_POLICY=PASSIVE, the server's default): about the time one core streams 1 MiB of weights.
+# OMP_WAIT_POLICY=PASSIVE; less once the server's brief spin keeps them awake within a step): about the
+# time one core streams 1 MiB of weights.
 # Smaller matmuls run on fewer threads, and batch-1 decode wakes the pool less often.
 LINEAR_BYTES_PER_THREAD = 1 << 20
 

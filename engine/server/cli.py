@@ -228,17 +228,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
 
 
-def passive_openmp_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning, unless the user chose a wait policy or a spin count
-    (``GOMP_SPINCOUNT``). On a shared or CPU-limited host (a pod with a CPU limit) spinning threads of other
-    processes stall ours: on the 2-core dev machine under load, CPU decode went from ~0.85 s to ~0.12 s per
-    token. On cores of its own a short spin is ~30% faster (bench/RESULTS.md). Must run before torch loads."""
+# Idle OpenMP threads spin this many iterations (tens of microseconds) before they sleep.
+OPENMP_SPIN_COUNT = 30000
+
+
+def bounded_openmp_spin() -> None:
+    """Idle OpenMP threads spin briefly, then sleep, unless the user chose a wait policy or a spin count.
+
+    A decode step runs ~150 parallel regions back to back: sleeping threads (``OMP_WAIT_POLICY=PASSIVE``) pay
+    a futex wake-up in each, 35 ms instead of 24 ms per served token of the bundled model on 2 cores of its
+    own; libgomp's default spin (300,000) or ``ACTIVE`` keep burning cores between steps, which stalled decode
+    7x when the cores were shared. The bounded spin costs ~20% when two CPU hogs share the 2 cores
+    (bench/RESULTS.md, "OpenMP waiting"). Must run before torch loads."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = str(OPENMP_SPIN_COUNT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    passive_openmp_threads()
+    bounded_openmp_spin()
     args = parse_args(argv)
     from kubeinfer.engine.server.serve import run_server
 

@@ -92,17 +92,18 @@ def test_loading_server_answers_probes_and_503() -> None:
 
 
 @pytest.mark.parametrize(("preset", "expected"), [
-    ({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ({}, {"GOMP_SPINCOUNT": "30000", "OMP_WAIT_POLICY": None}),
     ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}),
     ({"GOMP_SPINCOUNT": "3000"}, {"GOMP_SPINCOUNT": "3000", "OMP_WAIT_POLICY": None}),
 ])
-def test_openmp_waiting_defaults_to_passive_unless_chosen(monkeypatch, preset, expected) -> None:
-    from kubeinfer.engine.server.cli import passive_openmp_threads
+def test_openmp_threads_spin_briefly_unless_chosen(monkeypatch, preset, expected) -> None:
+    from kubeinfer.engine.server.cli import bounded_openmp_spin
 
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in preset.items():
         monkeypatch.setenv(name, value)
-    passive_openmp_threads()
+    bounded_openmp_spin()
     for name, value in expected.items():
         assert os.environ.get(name) == value
