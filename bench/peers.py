@@ -15,17 +15,21 @@ import argparse
 import asyncio
 import os
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from kubeinfer.engine import cpu_features
 from kubeinfer.engine.bench.report import write_json
-from kubeinfer.engine.bench.serve import Summary, launch_server, make_prompts, run_load
+from kubeinfer.engine.bench.serve import (
+    Summary,
+    launch_server,
+    make_prompts,
+    run_load,
+    stop_server,
+    wait_until_ready,
+)
 from kubeinfer.engine.models.bundled import bundled_model_path
 from kubeinfer.engine.ports import free_port
 
@@ -51,18 +55,8 @@ def launch_llama_server(binary: str, model: Path, threads: int, slots: int, ctx_
         command.append("--no-repack")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {process.returncode}: {shlex.join(command)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, f"{url}/v1"
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise TimeoutError("llama-server did not become ready")
+    wait_until_ready(process, f"{url}/health", f"llama-server ({shlex.join(command)})", timeout_s=300)
+    return process, f"{url}/v1"
 
 
 def load_args(args: argparse.Namespace, base_url: str) -> argparse.Namespace:
@@ -85,15 +79,6 @@ def measure(system: str, base_url: str, args: argparse.Namespace, levels: list[i
         print(f"  {system} c={level}: {summary.output_throughput:.1f} tok/s "
               f"(errors {summary.errors}{': ' + summary.first_error if summary.errors else ''})", flush=True)
     return rows
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def print_table(rows: list[Summary]) -> None:
@@ -128,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or bundled_model_path()
     levels = [int(c) for c in args.concurrency.split(",") if c]
     ctx = args.input_len * 2 + args.output_len + 64  # words are about one token; room for the chat-less prompt
-    print(f"CPU: {cpu_features.summary()}; {args.threads} threads; model {model.name}", flush=True)
+    print(f"CPU: {cpu_features.describe()}; {args.threads} threads; model {model.name}", flush=True)
     rows: list[Summary] = []
     for system in args.systems.split(","):
         if system == "kubeinfer":
@@ -142,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows += measure(system, url, args, levels)
         finally:
-            stop(process)
+            stop_server(process)
     print()
     print(f"workload: completions, ~{args.input_len}-word prompts, {args.output_len} tokens each (ignore_eos), greedy")
     print_table(rows)
     if args.json_path:
-        payload: dict[str, Any] = {"cpu": cpu_features.summary(), "model": str(model), "threads": args.threads,
+        payload: dict[str, Any] = {"cpu": cpu_features.describe(), "model": str(model), "threads": args.threads,
                                    "workload": {"input_len": args.input_len, "output_len": args.output_len},
                                    "results": [r.__dict__ for r in rows]}
         write_json(args.json_path, payload)

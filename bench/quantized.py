@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    print(f"CPU: {cpu_features.summary()}; {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"CPU: {cpu_features.describe()}; {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     rows = []
     for mode in args.modes.split(","):

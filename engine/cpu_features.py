@@ -49,12 +49,6 @@ def flags() -> frozenset[str]:
     return detected_flags()
 
 
-def summary() -> str:
-    """The CPU and its SIMD flags, one line, for benchmark output."""
-    simd = sorted(f for f in flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
-    return f"{model_name()}; SIMD flags: {' '.join(simd)}"
-
-
 @cache
 def model_name() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import sys
 import threading
@@ -24,7 +22,7 @@ from dataclasses import asdict, dataclass
 import httpx
 from kubeinfer.engine import cpu_features
 from kubeinfer.engine.bench.report import write_json
-from kubeinfer.engine.bench.serve import launch_server
+from kubeinfer.engine.bench.serve import add_server_options, server_for
 
 Send = Callable[[httpx.Client], int]
 TARGET_DELAY_MS = 100
@@ -123,7 +121,7 @@ def measure(url: str, attack: str, rounds: int, headers: dict[str, str] | None =
 
 
 def print_table(rows: list[Measurement]) -> None:
-    print(f"CPU: {cpu_features.summary()}")
+    print(f"CPU: {cpu_features.describe()}")
     header = f"{'attack':<26}{'status':>8}{'TTFT alone':>12}{'beside':>9}{'delay':>8}{'big req':>9}"
     print(header)
     print("-" * len(header))
@@ -136,12 +134,9 @@ def print_table(rows: list[Measurement]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeinfer bench head-of-line", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (without /v1)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    add_server_options(parser, server_args="--max-model-len 1024")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--attack", action="append", choices=list(ATTACKS), help="default: all")
-    parser.add_argument("--launch", action="store_true", help="start a local kubeinfer server for the run")
-    parser.add_argument("--server-args", default="--max-model-len 1024", help="`kubeinfer serve` flags with --launch")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here (- for stdout)")
     return parser
 
@@ -149,16 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    process = None
-    try:
-        if args.launch:
-            process, base_url = launch_server(args.server_args)
-            args.base_url = base_url.removesuffix("/v1")
-        rows = [measure(args.base_url, attack, args.rounds, headers) for attack in args.attack or ATTACKS]
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+    with server_for(args.base_url, args.launch, args.server_args) as url:
+        rows = [measure(url, attack, args.rounds, headers) for attack in args.attack or ATTACKS]
     print_table(rows)
     if args.json_path:
         write_json(args.json_path, [{**asdict(r), "delay_ms": r.delay_ms} for r in rows])

@@ -20,7 +20,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -303,25 +304,63 @@ def local_serve_command(port: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "kubeinfer.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
 
 
+def wait_until_ready(process: subprocess.Popen, probe_url: str, what: str, timeout_s: float) -> None:
+    """Poll ``probe_url`` until it answers 200; raise if ``process`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            if httpx.get(probe_url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise TimeoutError(f"{what} did not become ready")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it is still there after a minute."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def launch_server(server_args: str) -> tuple[subprocess.Popen, str]:
+    """A local `kubeinfer serve` with ``server_args``, once ready: its process and its ``/v1`` base URL."""
     port = free_port()
     command = local_serve_command(
         port, ["--log-level", "warning", "--disable-log-requests", *shlex.split(server_args)]
     )
     process = subprocess.Popen(command, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return process, f"{url}/v1"
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise TimeoutError("the launched server did not become ready")
+    wait_until_ready(process, f"{url}/ready", "the launched server", timeout_s=600)
+    return process, f"{url}/v1"
+
+
+def add_server_options(parser: argparse.ArgumentParser, server_args: str = "") -> None:
+    """The options of a benchmark that drives one server: where it is, or `--launch` one."""
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (without /v1)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    parser.add_argument("--launch", action="store_true", help="start a local kubeinfer server for the run")
+    parser.add_argument("--server-args", default=server_args, help="`kubeinfer serve` flags with --launch")
+
+
+@contextmanager
+def server_for(base_url: str, launch: bool, server_args: str) -> Iterator[str]:
+    """The server URL (without ``/v1``) to benchmark: ``base_url``, or a server launched for the block."""
+    if not launch:
+        yield base_url
+        return
+    process, url = launch_server(server_args)
+    try:
+        yield url.removesuffix("/v1")
+    finally:
+        stop_server(process)
 
 
 def print_table(rows: list[Summary]) -> None:
@@ -405,8 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print_table(rows[-1:])
     finally:
         if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            stop_server(process)
     if args.offline:
         num = args.offline_num_prompts or args.num_prompts or max(16, 2 * max(levels))
         rows.append(run_offline(args, make_prompts(num, args.input_len, args.seed)))

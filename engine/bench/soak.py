@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
 import sys
 import time
 from collections import Counter
@@ -27,7 +25,8 @@ from typing import Any
 
 import httpx
 from kubeinfer.engine.bench.report import write_json
-from kubeinfer.engine.bench.serve import WORDS, launch_server, percentiles
+from kubeinfer.engine.bench.serve import WORDS, add_server_options, percentiles, server_for
+from prometheus_client.parser import text_string_to_metric_families
 
 Body = dict[str, Any]
 
@@ -184,14 +183,11 @@ class Soak:
 
 async def _metric(client: httpx.AsyncClient, names: Sequence[str]) -> dict[str, float]:
     """Sums of the named Prometheus samples (all label sets) from the server's /metrics."""
-    text = (await client.get("/metrics")).text
     values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in names:
-            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families((await client.get("/metrics")).text):
+        for sample in family.samples:
+            if sample.name in names:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values
 
 
@@ -289,8 +285,7 @@ def print_report(report: SoakReport) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubeinfer bench soak", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (without /v1)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    add_server_options(parser)
     parser.add_argument("--model", default=None, help="default: the first model the server lists")
     parser.add_argument("--minutes", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -299,25 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=8192, help="if /v1/models does not say")
     parser.add_argument("--max-request-body-bytes", type=int, default=2 << 20,
                         help="the server's body limit (with --launch it is passed to the server)")
-    parser.add_argument("--launch", action="store_true", help="start a local kubeinfer server for the run")
-    parser.add_argument("--server-args", default="", help="extra `kubeinfer serve` flags with --launch")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON here (- for stdout)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    process = None
-    try:
-        if args.launch:
-            server_args = f"--max-request-body-bytes {args.max_request_body_bytes} {args.server_args}"
-            process, base_url = launch_server(server_args)
-            args.base_url = base_url.removesuffix("/v1")
+    server_args = f"--max-request-body-bytes {args.max_request_body_bytes} {args.server_args}"
+    with server_for(args.base_url, args.launch, server_args) as url:
+        args.base_url = url
         report = asyncio.run(soak(args))
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
     print_report(report)
     if args.json_path:
         write_json(args.json_path, asdict(report))
