@@ -407,13 +407,15 @@ class TokenizeCompletionRequest(OpenAIRequest):
 
 
 class TokenizeChatRequest(OpenAIRequest):
-    """Chat messages rendered by the chat template, as `/v1/chat/completions` would render them
-    (fields the chat endpoint understands, such as tools, pass through to its renderer)."""
+    """Chat messages rendered by the chat template, as `/v1/chat/completions` would render them: with the
+    fields that rendering reads (vLLM's shape); other chat fields, which change no token, are ignored."""
 
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=())
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
     return_token_strs: bool = False
 

@@ -84,3 +84,15 @@ def test_version(http: httpx.Client) -> None:
     from importlib.metadata import version
 
     assert http.get("/version").json() == {"version": version("kubeinfer")}
+
+
+def test_tokenize_chat_reads_the_rendering_fields_and_ignores_the_rest(http: httpx.Client) -> None:
+    """Fields that rendering reads (tools) reach the template; a sampling field of any shape changes no token
+    and is ignored, as unknown fields are (the schemathesis run once got a 500 from `"n": [[{}]]`)."""
+    plain = http.post("/tokenize", json={"messages": CHAT}).json()
+    with_sampling = http.post("/tokenize", json={"messages": CHAT, "n": [[{}], None], "temperature": "hot"})
+    assert with_sampling.status_code == 200, with_sampling.text
+    assert with_sampling.json()["tokens"] == plain["tokens"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    refused = http.post("/tokenize", json={"messages": CHAT, "tools": tools})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"  # this template has none
