@@ -71,7 +71,13 @@ for g in "${groups[@]}"; do
       cmd/adapter "" "" ;;
     keda)
       build keda-operator github.com/kedacore/keda/v2 "$KEDA_VERSION" cmd/operator "" "$keda_ld"
-      build keda-adapter github.com/kedacore/keda/v2 "$KEDA_VERSION" cmd/adapter "" "$keda_ld" ;;
+      build keda-adapter github.com/kedacore/keda/v2 "$KEDA_VERSION" cmd/adapter "" "$keda_ld"
+      # KEDA's CRDs (ScaledObject, ...) from the same release, beside its binaries.
+      crds="$BIN/keda-crds-$KEDA_VERSION"
+      if [ ! -d "$crds" ]; then
+        mkdir -p "$crds.tmp" && cp "$(module_dir github.com/kedacore/keda/v2 "$KEDA_VERSION")"/config/crd/bases/*.yaml "$crds.tmp/"
+        chmod u+w "$crds.tmp"/*.yaml && mv "$crds.tmp" "$crds"
+      fi ;;
     *) log "unknown group $g (prometheus, prometheus-adapter, keda)"; exit 2 ;;
   esac
 done

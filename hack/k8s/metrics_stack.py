@@ -83,6 +83,18 @@ class MetricsStack:
         """The file_sd targets file the engine harness writes."""
         return self.state_dir / "engines.sd.json"
 
+    @property
+    def gateway_sd_file(self) -> Path:
+        """The file_sd targets file of what stands in front of the engines (the load generator's gateway)."""
+        return self.state_dir / "gateway.sd.json"
+
+    def scrape_gateway(self, port: int, labels: dict[str, str]) -> None:
+        """Scrape 127.0.0.1:port as the gateway (job "gateway"); port 0 stops scraping it."""
+        groups = [{"targets": [f"127.0.0.1:{port}"], "labels": labels}] if port else []
+        tmp = self.gateway_sd_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups))
+        tmp.replace(self.gateway_sd_file)
+
     # ---- processes -------------------------------------------------------------------------
 
     def _spawn(self, name: str, binary: str, args: list[str], env: dict[str, str] | None = None) -> None:
@@ -118,15 +130,16 @@ class MetricsStack:
     # ---- Prometheus ------------------------------------------------------------------------
 
     def start_prometheus(self) -> None:
-        if not self.sd_file.exists():
-            self.sd_file.write_text("[]")
+        for sd_file in (self.sd_file, self.gateway_sd_file):
+            if not sd_file.exists():
+                sd_file.write_text("[]")
         config = {
             "global": {"scrape_interval": self.scrape_interval, "evaluation_interval": self.scrape_interval},
             "scrape_configs": [{
-                "job_name": "kubeinfer-engines",
+                "job_name": job,
                 "scrape_timeout": self.scrape_interval,
-                "file_sd_configs": [{"files": [str(self.sd_file)], "refresh_interval": "1s"}],
-            }],
+                "file_sd_configs": [{"files": [str(sd_file)], "refresh_interval": "1s"}],
+            } for job, sd_file in (("kubeinfer-engines", self.sd_file), ("gateway", self.gateway_sd_file))],
         }
         path = self.state_dir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config))
@@ -153,12 +166,12 @@ class MetricsStack:
 
     # ---- APIServices -----------------------------------------------------------------------
 
-    def _serving_cert(self, service: str) -> tuple[Path, Path]:
+    def _serving_cert(self, service: str, client_auth: bool = False) -> tuple[Path, Path]:
         import pki
 
         ca = pki.CertificateAuthority.load(self.plane.state_dir / "pki", issue_into=self.state_dir / "pki")
         return ca.issue(service, service, server_ips=("127.0.0.1",),
-                        server_dns=("localhost", f"{service}.{MONITORING}.svc"))
+                        server_dns=("localhost", f"{service}.{MONITORING}.svc"), client_auth=client_auth)
 
     def register(self, api_service: str, service: str, port: int) -> None:
         """The APIService and its ExternalName Service (localhost:port), trusted through the test CA."""
@@ -209,3 +222,48 @@ class MetricsStack:
         self.register(CUSTOM_METRICS_API, "prometheus-adapter", port)
         self._wait(lambda: self.api_service_available(CUSTOM_METRICS_API), 90,
                    f"APIService {CUSTOM_METRICS_API} Available", "prometheus-adapter")
+
+    def _established(self, crd: str) -> bool:
+        result = self.plane.kubectl("get", "crd", crd, "-o", "json", check=False)
+        status = json.loads(result.stdout).get("status") if result.returncode == 0 else None
+        return any(c["type"] == "Established" and c["status"] == "True" for c in (status or {}).get("conditions") or [])
+
+    # ---- KEDA ------------------------------------------------------------------------------
+
+    def start_keda(self, keda_version: str) -> None:
+        """KEDA's operator (ScaledObjects -> its HPA; scales 0 <-> 1 itself) and its metrics apiserver
+        (external.metrics.k8s.io, registered as v1beta1.external.metrics.k8s.io), as its release
+        manifests run them: one namespace for KEDA's objects, mTLS between the two over gRPC with
+        certificates in one directory (ca.crt, tls.crt, tls.key; here from the test CA, with
+        --enable-cert-rotation off, as with cert-manager), the admission webhooks left out."""
+        crds = self.plane.bin_dir / f"keda-crds-{keda_version}"
+        self.plane.kubectl("apply", "--server-side", "-f", str(crds))
+        self._wait(lambda: self._established("scaledobjects.keda.sh"), 60, "KEDA's CRDs Established", "")
+        certs = self.state_dir / "keda-certs"
+        certs.mkdir(exist_ok=True)
+        cert, key = self._serving_cert("keda-metrics-apiserver", client_auth=True)
+        for source, name in ((self.plane.state_dir / "pki" / "ca.crt", "ca.crt"), (cert, "tls.crt"), (key, "tls.key")):
+            (certs / name).write_bytes(source.read_bytes())
+        kubeconfig = str(self.plane.state_dir / "admin.kubeconfig")
+        self.plane.kubectl("create", "namespace", MONITORING, check=False)
+        env = {"KUBECONFIG": kubeconfig, "WATCH_NAMESPACE": "", "POD_NAMESPACE": MONITORING,
+               "KEDA_CLUSTER_OBJECT_NAMESPACE": MONITORING}
+        grpc, health = free_port(), free_port()
+        self._spawn("keda-operator", "keda-operator", [
+            "--leader-elect=false", "--zap-log-level=info", "--zap-encoder=console", "--metrics-bind-address=0",
+            f"--health-probe-bind-address=127.0.0.1:{health}", f"--metrics-service-bind-address=127.0.0.1:{grpc}",
+            f"--cert-dir={certs}", f"--ca-dir={certs}", "--enable-cert-rotation=false",
+            "--enable-webhook-patching=false", "--enable-apiservice-patching=false"], env=env)
+        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{health}/readyz"), 90, "keda-operator /readyz",
+                   "keda-operator")
+        port = free_port()
+        self._spawn("keda-adapter", "keda-adapter", [
+            f"--secure-port={port}", "--bind-address=127.0.0.1", f"--tls-cert-file={certs / 'tls.crt'}",
+            f"--tls-private-key-file={certs / 'tls.key'}", f"--cert-dir={certs}",
+            f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
+            f"--lister-kubeconfig={kubeconfig}", f"--metrics-service-address=127.0.0.1:{grpc}",
+            "--metrics-service-grpc-authority=localhost", f"--port={free_port()}", "--zap-log-level=info"],
+            env=env)
+        self.register(EXTERNAL_METRICS_API, "keda-metrics-apiserver", port)
+        self._wait(lambda: self.api_service_available(EXTERNAL_METRICS_API), 90,
+                   f"APIService {EXTERNAL_METRICS_API} Available", "keda-adapter")

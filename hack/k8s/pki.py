@@ -78,15 +78,16 @@ class CertificateAuthority:
         *,
         server_ips: tuple[str, ...] = (),
         server_dns: tuple[str, ...] = (),
+        client_auth: bool = False,
     ) -> tuple[Path, Path]:
-        """Issue a client cert (or a serving cert when SANs are given); returns (cert, key) paths."""
+        """Issue a client cert (or a serving cert when SANs are given, for both ends of an mTLS link
+        with `client_auth`); returns (cert, key) paths."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        usage = (
-            [ExtendedKeyUsageOID.SERVER_AUTH]
-            if (server_ips or server_dns)
-            else [ExtendedKeyUsageOID.CLIENT_AUTH]
-        )
+        serving = bool(server_ips or server_dns)
+        usage = [ExtendedKeyUsageOID.SERVER_AUTH] if serving else []
+        if client_auth or not serving:
+            usage.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name, organization))

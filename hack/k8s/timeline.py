@@ -70,6 +70,7 @@ class Timeline:
             "t": round(now - self._t0, 1),
             "load_workers": self.load.concurrency if self.load.active else 0,
             "in_flight": stats.in_flight,
+            "gateway_pending": stats.pending,
             "completed": stats.ok,
             "failed": stats.failed,
             "tok_s": round(tok_s, 1),
