@@ -428,11 +428,13 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
       kq::scalar::quantize_rows(x, ldx, M, K, xq, nthreads);
     acts.q8 = xq;
   } else {
-    float* sums = kq::sums_buffer(M * 2 * nb32);
-    kq::scalar::half_sums(x, ldx, M, K, sums, nthreads);
     acts.x = x;
     acts.ldx = ldx;
-    acts.sums = sums;
+    if (isa != kq::AVX512_VNNI) {  // the AVX-512 path dequantises the offsets in registers instead
+      float* sums = kq::sums_buffer(M * 2 * nb32);
+      kq::scalar::half_sums(x, ldx, M, K, sums, nthreads);
+      acts.sums = sums;
+    }
   }
 #if KQ_X86
   if (isa == kq::AVX512_VNNI) return kq::avx512::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
@@ -698,6 +700,35 @@ inline void row_dot_f32(const uint8_t* w, int64_t nblocks, float row_scale, cons
   for (int t = 0; t < MT; ++t) res[t] = hsum(acc[t]) + offsets[t];
 }
 
+#if KQ_SIMD_PASS == 2
+// F32 mode on AVX-512: each half of 16 weights is one zmm, dequantised in registers to the weights' own values
+// (scale * q + offset, once per group for all MT rows) and multiplied with x: no offset sums, half the
+// instructions of the 256-bit form, and two accumulators per row so the FMA latency chain is not the limit.
+template <class F, int MT>
+inline void row_dot_f32_512(const uint8_t* w, int64_t nblocks, float row_scale, const float* const* xs, float* res) {
+  __m512 acc0[MT], acc1[MT];
+  for (int t = 0; t < MT; ++t) acc0[t] = acc1[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    F::decode(w + b * F::BYTES, row_scale, [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
+      const int64_t gi = b * F::GROUPS + j;
+      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+      const __m512 f0 = _mm512_cvtepi32_ps(F::SIGNED ? _mm512_cvtepi8_epi32(lo) : _mm512_cvtepu8_epi32(lo));
+      const __m512 f1 = _mm512_cvtepi32_ps(F::SIGNED ? _mm512_cvtepi8_epi32(hi) : _mm512_cvtepu8_epi32(hi));
+      const __m512 w0 = F::OFFSET ? _mm512_fmadd_ps(f0, _mm512_set1_ps(s0), _mm512_set1_ps(o0))
+                                  : _mm512_mul_ps(f0, _mm512_set1_ps(s0));
+      const __m512 w1 = F::OFFSET ? _mm512_fmadd_ps(f1, _mm512_set1_ps(s1), _mm512_set1_ps(o1))
+                                  : _mm512_mul_ps(f1, _mm512_set1_ps(s1));
+      for (int t = 0; t < MT; ++t) {
+        const float* x = xs[t] + 32 * gi;
+        acc0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc0[t]);
+        acc1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc1[t]);
+      }
+    });
+  }
+  for (int t = 0; t < MT; ++t) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+}
+#endif
+
 template <class F>
 void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts, int64_t nb32,
          int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
@@ -710,12 +741,21 @@ void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, 
         default: row_dot<F, 4>(row, nblocks, scale, tile.q8, res); break;
       }
     } else {
+#if KQ_SIMD_PASS == 2
+      switch (mt) {
+        case 1: row_dot_f32_512<F, 1>(row, nblocks, scale, tile.x, res); break;
+        case 2: row_dot_f32_512<F, 2>(row, nblocks, scale, tile.x, res); break;
+        case 3: row_dot_f32_512<F, 3>(row, nblocks, scale, tile.x, res); break;
+        default: row_dot_f32_512<F, 4>(row, nblocks, scale, tile.x, res); break;
+      }
+#else
       switch (mt) {
         case 1: row_dot_f32<F, 1>(row, nblocks, scale, tile.x, tile.sums, res); break;
         case 2: row_dot_f32<F, 2>(row, nblocks, scale, tile.x, tile.sums, res); break;
         case 3: row_dot_f32<F, 3>(row, nblocks, scale, tile.x, tile.sums, res); break;
         default: row_dot_f32<F, 4>(row, nblocks, scale, tile.x, tile.sums, res); break;
       }
+#endif
     }
   };
   kq::matmul_rows(dot, w, row_bytes, row_scales, acts, nb32, M, N, y, ldy, nthreads);
