@@ -6,7 +6,7 @@ kwok pods (engine_harness.py), then drives load, prints one line a second (repli
 pod, tok/s, what the HPA saw), stops the load, waits for the scale-down and writes
 .kube/autoscaling-demo.json and .kube/autoscaling-demo.png. Everything it started stops at the end.
 
-    python hack/k8s/autoscaling_demo.py [--load-seconds 120] [--concurrency 8] [--max-replicas 3]
+    python hack/k8s/autoscaling_demo.py [--load-seconds 120] [--concurrency 12] [--max-replicas 3]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def line(sample: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load-seconds", type=float, default=120)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=12,
+                        help="closed-loop clients (12 keep 3 engines of 2 decode slots at the target queue)")
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--target", type=int, default=2, help="targetQueueDepth (waiting requests per pod)")
     args = parser.parse_args()
@@ -83,7 +84,7 @@ def main() -> None:
                  "spec": {"model": {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", "servedName": "smol"},
                           "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": args.max_replicas,
                                           "targetQueueDepth": args.target,
-                                          "scaleDown": {"stabilizationWindowSeconds": 15,
+                                          "scaleDown": {"stabilizationWindowSeconds": 30,
                                                         "podsPerPeriod": args.max_replicas, "periodSeconds": 5}}}}
         plane.kubectl("apply", "-f", "-", stdin=__import__("json").dumps(model))
         harness = EngineHarness(api, "default", "app.kubernetes.io/component=engine,kubeinfer.dev/model=demo",

@@ -25,7 +25,6 @@ class Timeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = time.monotonic()
-        self._last_tokens = (self._t0, 0)
 
     def start(self) -> Timeline:
         self._thread = threading.Thread(target=self._run, name="timeline", daemon=True)
@@ -57,9 +56,10 @@ class Timeline:
         running = {r["metric"].get("pod", "?"): float(r["value"][1])
                    for r in self.query(f'vllm:num_requests_running{{namespace="{self.namespace}"}}')}
         stats = self.load.stats
-        last_t, last_tokens = self._last_tokens
-        tok_s = (stats.tokens - last_tokens) / max(now - last_t, 1e-6)
-        self._last_tokens = (now, stats.tokens)
+        # The engines' own counter (a rate over 5 s of 1 s scrapes), not the client's completions: those
+        # arrive in bursts as whole requests finish.
+        generated = self.query(f'sum(rate(vllm:generation_tokens_total{{namespace="{self.namespace}"}}[5s]))')
+        tok_s = float(generated[0]["value"][1]) if generated else 0.0
         hpa_status = hpa.get("status") or {}
         metric = None
         for current in hpa_status.get("currentMetrics") or []:
