@@ -135,18 +135,21 @@ def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: to
     writes ``out`` (``float32 [M, N]``, any row stride; e.g. a column slice of a wider output) when given.
     ``activations``: ``f32`` or ``q8`` (default: ``default_activations()``)."""
     mode = ACTIVATION_MODES[activations or default_activations()]
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+    m, width = x.shape  # (a ValueError for a tensor that is not 2-D)
+    if x.dtype != torch.float32 or width != k or x.stride(1) != 1:
         raise ValueError("matmul needs a float32 [M, k] input with unit stride along k")
-    n = weight.shape[0]
+    n, wbytes = weight.shape
     if out is None:
-        out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    elif out.dtype != torch.float32 or out.shape != (x.shape[0], n) or out.stride(1) != 1:
+        out = torch.empty(m, n, dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError("out must be float32 [M, N] with unit stride along N")
     if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
         raise ValueError("weights and scales must be contiguous")
-    _check(_lib().kq_matmul(qtype, weight.data_ptr(), weight.shape[1], None if scales is None else scales.data_ptr(),
-                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0], n, k, mode,
-                            torch.get_num_threads()), "matmul")
+    status = _lib().kq_matmul(qtype, weight.data_ptr(), wbytes, None if scales is None else scales.data_ptr(),
+                              x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), m, n, k, mode,
+                              torch.get_num_threads())
+    if status:
+        _check(status, "matmul")
     return out
 
 
