@@ -47,7 +47,11 @@ def check(out, hf, prompt: list[int]) -> None:
     for j in range(1, len(prompt)):
         entry = got[j]
         row = full[j - 1]
-        assert entry[prompt[j]].rank == int((row > row[prompt[j]]).sum()) + 1
+        # The reference fixes the logits within ATOL only, so the rank is fixed up to the tokens within ATOL
+        # of this one (deep in the tail, thousands of logits lie that close; the top ones are checked exactly).
+        value = row[prompt[j]]
+        lowest, highest = int((row > value + ATOL).sum()) + 1, int((row > value - ATOL).sum()) + 1
+        assert lowest <= entry[prompt[j]].rank <= highest, (j, entry[prompt[j]].rank, lowest, highest)
         top_ids = row.topk(TOP).indices.tolist()
         assert set(top_ids) <= set(entry), (j, top_ids, list(entry))
         assert len(entry) <= TOP + 1

@@ -61,7 +61,9 @@ class ServerProcess:
             if state == (200, 200):
                 return self
             time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+        log = self.log()
+        self.stop()  # a server that never got ready is not left running
+        raise TimeoutError(f"server not ready after {timeout}s:\n{log}")
 
     def log(self, tail: int | None = 4000) -> str:
         """The server's output; its last `tail` characters unless `tail` is None."""
