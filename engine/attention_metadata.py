@@ -26,6 +26,8 @@ class AttentionMetadata:
     # Host-side copies, so backends that loop or build masks never sync with the device.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # True for DecodeGraphs' static buffers: the tensors hold each step's facts, the host lists only bounds.
+    static_buffers: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -59,7 +59,7 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = Field(default=1, ge=1)
     seed: int = 0
-    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps (engine/cuda_graphs.py)
+    enforce_eager: bool = False  # no CUDA graphs (GPU) or recorded steps (CPU) for decode (engine/cuda_graphs.py)
     # None: a GGUF keeps its quantized tensors on the CPU; see engine/layers/quantization.py for the rest
     quantization: QuantizationMethod | None = None
 

@@ -16,6 +16,9 @@ costs more than running them. Replaying one graph per step removes that. Correct
   each split's share of a context is computed on the device from the real length.
 * Tensor parallelism keeps graphs off (its all-reduces would have to be captured on every rank).
 
+On the CPU the same buffers and padding serve a recording instead of a CUDA graph: each size's forward is
+run once under ``cpu_replay.recording()`` and its kernel calls are replayed raw (``cpu_replay``).
+
 ``emulate=True`` replays by re-running the captured Python on the static buffers instead of a CUDA graph,
 so the padding and buffer logic can be checked on the CPU (with the Triton backend in its interpreter):
 what it cannot check is the capture itself, which only ``make gpu-check`` on a GPU does.
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from kubeinfer.engine import cpu_replay
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -38,6 +42,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CAPTURE_BATCH_SIZE = 256  # larger decode batches run eagerly (launch cost is small next to their work)
+# On the CPU each recorded size keeps its own intermediates (~1.2 MB per sequence for SmolLM2-135M), and at
+# 32 sequences the Python a recording removes is ~10% of the step: larger batches run eagerly.
+MAX_CPU_REPLAY_BATCH_SIZE = 32
 
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
@@ -52,13 +59,16 @@ def graphs_off_reason(config: EngineConfig, device: torch.device, world_size: in
     """Why decode steps run eagerly with this configuration, or None when they replay CUDA graphs."""
     if config.enforce_eager:
         return "--enforce-eager"
-    if device.type != "cuda":
-        return f"the device is {device.type}, not cuda"
+    if device.type not in ("cuda", "cpu"):
+        return f"the device is {device.type}, not cuda or cpu"
     if world_size > 1:
         return "tensor parallelism (tensor_parallel_size > 1) runs eagerly"
     from kubeinfer.engine.layers.attention import select_backend
 
     backend = select_backend(device)
+    if device.type == "cpu":  # the recording itself checks the rest (cpu_replay.ReplayUnsupported)
+        safe = getattr(backend, "CPU_REPLAY_SAFE", False)
+        return None if safe else f"the attention backend {backend.__name__.rsplit('.', 1)[-1]} cannot be recorded"
     if not getattr(backend, "CUDA_GRAPH_SAFE", False):
         return f"the attention backend {backend.__name__.rsplit('.', 1)[-1]} cannot be captured"
     return None
@@ -95,17 +105,25 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size], query_start_loc=self.query_start_loc[:size + 1],
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size], max_query_len=1,
             max_seq_len=self.max_seq_len, block_size=self.block_size, query_lens_cpu=[1] * size,
-            seq_lens_cpu=[self.max_seq_len] * size)
+            seq_lens_cpu=[self.max_seq_len] * size, static_buffers=True)
 
     def _run_forward(self, size: int) -> torch.Tensor:
         return self.forward(self.input_ids[:size], self.positions[:size], self._metadata(size))
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every size, largest first, in one memory pool (the buffers hold padding: no KV is touched)."""
+        """Capture every size, largest first, in one memory pool (the buffers hold padding: no KV is touched).
+        On the CPU: record each size's kernel calls (``cpu_replay``; ReplayUnsupported when it cannot)."""
         if self.emulate:
             for size in self.sizes:
                 self._graphs[size] = size
+            return
+        if self.device.type == "cpu":
+            for size in self.sizes:
+                self._run_forward(size)  # kernels built, caches warm, as for the CUDA capture
+                with cpu_replay.recording() as recorded:
+                    self._outputs[size] = self._run_forward(size)
+                self._graphs[size] = recorded
             return
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
@@ -148,5 +166,8 @@ class DecodeGraphs:
         self.replays += 1
         if self.emulate:
             return self._run_forward(size)[:num]
+        if self.device.type == "cpu":
+            cpu_replay.replay(self._graphs[size].steps)
+            return self._outputs[size][:num]
         self._graphs[size].replay()
         return self._outputs[size][:num]

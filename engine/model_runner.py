@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from kubeinfer.engine import faults
+from kubeinfer.engine import cpu_replay, faults
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.config import (
     DEFAULT_CPU_KV_CACHE_BYTES,
@@ -28,7 +28,12 @@ from kubeinfer.engine.config import (
     EngineConfig,
 )
 from kubeinfer.engine.core.scheduler import ScheduledSeq
-from kubeinfer.engine.cuda_graphs import MAX_CAPTURE_BATCH_SIZE, DecodeGraphs, graphs_off_reason
+from kubeinfer.engine.cuda_graphs import (
+    MAX_CAPTURE_BATCH_SIZE,
+    MAX_CPU_REPLAY_BATCH_SIZE,
+    DecodeGraphs,
+    graphs_off_reason,
+)
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
 from kubeinfer.engine.ports import free_port
 from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
@@ -270,14 +275,21 @@ class ModelRunner:
         """Capture the decode graphs (``emulate``: re-run the captured Python instead, to check the padding and
         static buffers on the CPU; see ``cuda_graphs``)."""
         start = time.perf_counter()
+        cap = MAX_CPU_REPLAY_BATCH_SIZE if self.device.type == "cpu" else MAX_CAPTURE_BATCH_SIZE
         graphs = DecodeGraphs(
             lambda ids, positions, md: self.model(ids, positions, md, self.kv_caches), device=self.device,
-            max_batch_size=min(self.config.max_num_seqs, MAX_CAPTURE_BATCH_SIZE),
+            max_batch_size=min(self.config.max_num_seqs, cap),
             max_blocks_per_seq=-(-self.max_model_len // self.block_size), block_size=self.block_size,
             max_seq_len=self.max_model_len, emulate=emulate)
-        graphs.capture()
+        try:
+            graphs.capture()
+        except cpu_replay.ReplayUnsupported as why:
+            self.cuda_graphs_off = f"the decode step cannot be recorded: {why}"
+            logger.info("decode steps run eagerly: %s", self.cuda_graphs_off)
+            return
         self.decode_graphs, self.cuda_graphs_off = graphs, None
-        logger.info("decode CUDA graphs%s for batch sizes %s captured in %.1f s",
+        kind = "CPU recordings" if self.device.type == "cpu" and not emulate else "CUDA graphs"
+        logger.info("decode %s%s for batch sizes %s captured in %.1f s", kind,
                     " (emulated)" if emulate else "", graphs.sizes, time.perf_counter() - start)
 
     # ---- one step -------------------------------------------------------------------------

@@ -16,6 +16,9 @@ from kubeinfer.engine.layers import attention as torch_backend
 from kubeinfer.engine.layers import cpu_kernels
 
 store_kv_cache = torch_backend.store_kv_cache
+# Decode steps on DecodeGraphs' static buffers read every per-step fact from them (``_plan``), so they can
+# be recorded and replayed (``cpu_replay``).
+CPU_REPLAY_SAFE = True
 
 
 def rotary_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -44,7 +47,7 @@ class _Plan:
     kernel_rows: torch.Tensor  # int64 query row of each kernel row
     kernel_tables: torch.Tensor  # int32 [kernel rows, blocks]: the row's sequence's block table
     kernel_lens: torch.Tensor  # int32 [kernel rows]: positions the row attends to (causal)
-    built_from: tuple[list[int], list[int], torch.Tensor]  # in case a caller refills the same metadata
+    built_from: tuple[list[int], list[int], torch.Tensor] | None  # in case a caller refills the same metadata
 
     def matches(self, md: AttentionMetadata) -> bool:
         seq_lens, query_lens, tables = self.built_from
@@ -53,7 +56,13 @@ class _Plan:
 
 def _plan(md: AttentionMetadata) -> _Plan:
     plan = getattr(md, "_cpu_attention_plan", None)
-    if plan is not None and plan.matches(md):
+    if plan is not None and (plan.built_from is None or plan.matches(md)):
+        return plan
+    if _reads_static_buffers(md):
+        # A decode step on DecodeGraphs' static buffers (seq_lens_cpu holds the longest context there, not
+        # the real lengths): the kernel reads the lengths and tables from those buffers at every replay.
+        plan = _Plan([], torch.arange(md.num_seqs), md.block_tables, md.seq_lens, None)
+        md._cpu_attention_plan = plan
         return plan
     prefills, rows, sequences, lens, start = [], [], [], [], 0
     for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
@@ -72,6 +81,11 @@ def _plan(md: AttentionMetadata) -> _Plan:
                  (list(md.seq_lens_cpu), list(md.query_lens_cpu), md.block_tables.clone()))
     md._cpu_attention_plan = plan  # every layer of the step reuses it
     return plan
+
+
+def _reads_static_buffers(md: AttentionMetadata) -> bool:
+    return (getattr(md, "static_buffers", False) and md.max_query_len == 1 and md.seq_lens.dtype == torch.int32
+            and md.block_tables.dtype == torch.int32 and md.block_tables.stride(1) == 1)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from kubeinfer.engine import cpu_replay
 from kubeinfer.engine.layers import cpu_linear
 from kubeinfer.engine.layers.quantization import QuantizedWeight
 from torch import nn
@@ -26,8 +27,8 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:size].copy_(loaded_weight.narrow(0, self.vocab_start, size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return self._lookup(input_ids)
+        if self.tp_size == 1:  # a lookup, not a kernel: a recorded CPU decode step re-runs it (cpu_replay)
+            return cpu_replay.eager_op(lambda: self._lookup(input_ids))
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard_size)
         y = self._lookup(local.masked_fill(outside, 0))

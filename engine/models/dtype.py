@@ -34,9 +34,11 @@ def _warn_slow_cpu_dtype(dtype: torch.dtype) -> None:
 
 
 def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | str | None,
-                  device: torch.device) -> torch.dtype:
-    """``auto``: on CPU bfloat16 when the CPU has fast bf16, else float32; on GPU the checkpoint's dtype,
-    with float32 checkpoints served in bfloat16. An explicit half dtype on a CPU without fast bf16 is
+                  device: torch.device, quantized: bool = False) -> torch.dtype:
+    """``auto``: on CPU float32 for quantized weights (their kernels compute in float32, so bf16 activations
+    would only add conversions, and float32 decode steps can be recorded and replayed: ``cpu_replay``),
+    else bfloat16 when the CPU has fast bf16, else float32; on GPU the checkpoint's dtype, with float32
+    checkpoints served in bfloat16. An explicit half dtype on a CPU without fast bf16 is
     honoured, with one warning saying why it is slow."""
     if isinstance(requested, torch.dtype):
         if requested not in DTYPES.values():
@@ -49,7 +51,7 @@ def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | 
         if name in DTYPES:
             chosen = DTYPES[name]
         elif device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+            return torch.bfloat16 if cpu_has_fast_bf16() and not quantized else torch.float32
         else:
             if isinstance(checkpoint_dtype, str):
                 checkpoint_dtype = DTYPES.get(checkpoint_dtype.removeprefix("torch."))

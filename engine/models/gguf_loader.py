@@ -180,8 +180,8 @@ def load_gguf(path: str | Path, *, model_id: str, dtype: str | torch.dtype = "au
     eos = end_of_generation_ids(tokenizer, _field(reader, "tokenizer.ggml.eos_token_id"),
                                 _field(reader, "tokenizer.ggml.eot_token_id"),
                                 _field(reader, "tokenizer.ggml.eom_token_id"))
-    cfg = gguf_model_config(reader, resolve_dtype(dtype, None, device), eos)
     method = resolve_method(quantization, "gguf", device)
+    cfg = gguf_model_config(reader, resolve_dtype(dtype, None, device, quantized=method != "none"), eos)
     model = build_model(cfg, device, tp_rank, tp_size)
     prepare_model(model, method)
     model.load_weights(iter_gguf_weights(reader, cfg, keep_quantized=method == "gguf"))

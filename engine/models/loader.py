@@ -115,11 +115,12 @@ def load_hf_checkpoint(path: Path, *, model_id: str, dtype: str | torch.dtype, d
     tokenizer = load_tokenizer(path, revision=revision)
     generation = path / "generation_config.json"
     generation_eos = json.loads(generation.read_text()).get("eos_token_id") if generation.is_file() else None
-    torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None) or raw.get("torch_dtype"), device)
-    eos = end_of_generation_ids(tokenizer, raw.get("eos_token_id"), generation_eos)
-    cfg = ModelConfig.from_hf(hf_config, torch_dtype, eos)
     qc = quantization_config(path, raw)
     method = resolve_method(quantization, "hf", device, checkpoint_method(qc))
+    torch_dtype = resolve_dtype(dtype, getattr(hf_config, "dtype", None) or raw.get("torch_dtype"), device,
+                                quantized=method != "none")
+    eos = end_of_generation_ids(tokenizer, raw.get("eos_token_id"), generation_eos)
+    cfg = ModelConfig.from_hf(hf_config, torch_dtype, eos)
     weights: Iterator[tuple[str, torch.Tensor | QuantizedRows]] = iter_safetensors(path)
     if method in PREQUANTIZED:
         weights = iter_int4_weights(weights, parse_spec(qc))

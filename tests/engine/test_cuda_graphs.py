@@ -34,10 +34,10 @@ def test_graphs_only_on_one_gpu_with_the_triton_backend(monkeypatch: pytest.Monk
     on = EngineConfig()
     assert graphs_off_reason(on, CUDA, 1) is None
     assert graphs_off_reason(EngineConfig(enforce_eager=True), CUDA, 1) == "--enforce-eager"
-    assert "cpu" in graphs_off_reason(on, torch.device("cpu"), 1)
     assert "tensor parallelism" in graphs_off_reason(on, CUDA, 2)
     monkeypatch.setenv(BACKEND_ENV, "torch")  # plans each step from host copies of the lengths
     assert "cannot be captured" in graphs_off_reason(on, CUDA, 1)
+    assert "cannot be recorded" in graphs_off_reason(on, torch.device("cpu"), 1)  # (tests/engine/test_cpu_replay.py)
 
 
 def test_enforce_eager_flag_reaches_the_model_runner(tmp_path) -> None:

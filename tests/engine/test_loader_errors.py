@@ -77,10 +77,12 @@ def test_resolve_dtype(monkeypatch) -> None:
     for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(dtype_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert resolve_dtype("auto", torch.float16, CPU) == expected
+        assert resolve_dtype("auto", torch.float16, CPU, quantized=True) == torch.float32  # kernels compute in fp32
     assert resolve_dtype("auto", torch.float16, CUDA) == torch.float16
     assert resolve_dtype("auto", "bfloat16", CUDA) == torch.bfloat16
     assert resolve_dtype("auto", torch.float32, CUDA) == torch.bfloat16
     assert resolve_dtype("auto", None, CUDA) == torch.bfloat16
+    assert resolve_dtype("auto", None, CUDA, quantized=True) == torch.bfloat16
     with pytest.raises(ValueError, match="auto, float32, bfloat16, float16"):
         resolve_dtype("int8", None, CPU)
     with pytest.raises(ValueError):

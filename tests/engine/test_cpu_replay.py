@@ -1,0 +1,117 @@
+"""Recorded CPU decode steps (engine/cpu_replay.py via cuda_graphs.DecodeGraphs): a replay computes exactly
+what the eager forward computes, the engine's tokens do not change, and what cannot be recorded is refused
+with the reason (the engine then runs eagerly)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from kubeinfer.engine import cpu_replay
+from kubeinfer.engine.config import EngineConfig
+from kubeinfer.engine.cuda_graphs import DecodeGraphs
+from kubeinfer.engine.layers import cpu_kernels
+from kubeinfer.engine.llm_engine import LLMEngine
+from kubeinfer.engine.models.loader import load_model
+
+from tests.engine.test_engine import QUESTIONS, run_engine
+from tests.engine.tiny_models import make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs the C++ CPU kernels (a C++ compiler)")
+
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model(None, dtype="float32")  # the bundled Q4_1 GGUF, kept quantized
+
+
+def test_replay_equals_the_eager_forward_bit_for_bit(bundled) -> None:
+    model, cfg = bundled.model, bundled.config
+    shape = (64, BLOCK, model.num_kv_heads_per_rank, cfg.head_dim)
+    gen = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(cfg.num_layers)]
+    graphs = DecodeGraphs(lambda ids, pos, md: model(ids, pos, md, kv), device=torch.device("cpu"),
+                          max_batch_size=4, max_blocks_per_seq=16, block_size=BLOCK, max_seq_len=16 * BLOCK)
+    with torch.inference_mode():
+        graphs.capture()
+    assert set(graphs._graphs) == {1, 2, 4}
+    rng = random.Random(1)
+    for batch in (1, 3, 4, 2):  # 3 replays the size-4 recording with a padding row
+        graphs.input_ids[:4] = 0
+        graphs.seq_lens[:4] = 0
+        graphs.slot_mapping[:4] = -1
+        for row in range(batch):
+            length = rng.randint(1, 16 * BLOCK)
+            blocks = rng.sample(range(64), -(-length // BLOCK))
+            graphs.block_tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            graphs.seq_lens[row] = length
+            graphs.positions[row] = length - 1
+            graphs.slot_mapping[row] = blocks[-1] * BLOCK + (length - 1) % BLOCK
+            graphs.input_ids[row] = rng.randrange(cfg.vocab_size)
+        size = next(s for s in graphs.sizes if s >= batch)
+        with torch.inference_mode():
+            saved = [(k.clone(), v.clone()) for k, v in kv]
+            eager = graphs._run_forward(size)[:batch].clone()
+            eager_kv = [(k.clone(), v.clone()) for k, v in kv]
+            for (k, v), (k0, v0) in zip(kv, saved, strict=True):  # the same KV writes again
+                k.copy_(k0)
+                v.copy_(v0)
+            cpu_replay.replay(graphs._graphs[size].steps)
+            replayed = graphs._outputs[size][:batch]
+        assert torch.equal(replayed, eager), (batch, (replayed - eager).abs().max())
+        assert all(torch.equal(k, k1) and torch.equal(v, v1) for (k, v), (k1, v1) in zip(kv, eager_kv, strict=True))
+
+
+def _engine(**options) -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype="float32", num_gpu_blocks_override=40, block_size=BLOCK,
+                                  max_num_batched_tokens=64, **options))
+
+
+def _prompts(engine: LLMEngine) -> list[list[int]]:
+    tok = engine.tokenizer
+    rendered = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                        return_dict=False) for q in QUESTIONS]
+    return [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in rendered]
+
+
+def test_engine_tokens_are_the_same_replayed_or_eager() -> None:
+    """Chunked prefill and preemption around the replayed decode steps: the same greedy tokens as eager."""
+    outputs, replays = {}, {}
+    for eager in (True, False):
+        engine = _engine(enforce_eager=eager)
+        outputs[eager] = run_engine(engine, _prompts(engine), [12] * len(QUESTIONS))
+        graphs = engine.runner.decode_graphs
+        replays[eager] = 0 if graphs is None else graphs.replays
+        assert engine.get_stats().num_preemptions_total > 0
+    assert outputs[False] == outputs[True]
+    assert replays[True] == 0 and replays[False] > 10, replays
+
+
+def test_what_cannot_be_recorded_runs_eagerly_with_the_reason(tmp_path) -> None:
+    # bf16 activations around float32 quantized matmuls: the conversions are torch ops, not kernel calls.
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", num_gpu_blocks_override=40, block_size=BLOCK))
+    assert engine.runner.decode_graphs is None
+    assert "cannot be recorded" in engine.runner.cuda_graphs_off and "aten.to" in engine.runner.cuda_graphs_off
+    out = run_engine(engine, _prompts(engine)[:1], [4])
+    assert len(out[0]) == 4
+    # A dense checkpoint: its linears run in torch / oneDNN.
+    path = str(make_tiny_checkpoint("llama", tmp_path / "llama"))
+    dense = LLMEngine(EngineConfig(model=path, dtype="float32", num_gpu_blocks_override=40, block_size=BLOCK))
+    assert dense.runner.decode_graphs is None and "cannot be recorded" in dense.runner.cuda_graphs_off
+
+
+def test_an_op_outside_the_kernels_is_refused_by_name() -> None:
+    x = torch.ones(4)
+    with pytest.raises(cpu_replay.ReplayUnsupported, match=r"aten\.add"), cpu_replay.recording():
+        _ = x + 1
+    with cpu_replay.recording() as rec:  # views, allocations and eager_op work are fine
+        y = x.view(2, 2)
+        z = cpu_replay.eager_op(lambda: y * 2)
+        torch.empty(3)
+    assert len(rec.steps) == 1
+    x.fill_(3)
+    cpu_replay.replay(rec.steps)
+    assert torch.equal(z, torch.full((2, 2), 6.0))
