@@ -56,6 +56,7 @@ def test_bf16_is_packed_only_where_onednn_can(monkeypatch) -> None:
     """On an AVX2-only CPU (faked here on any machine) bf16 weights stay unpacked instead of raising."""
     monkeypatch.setenv(cpu_features.FLAGS_ENV, "avx avx2 fma f16c")
     layer = RowParallelLinear(64, 64).to(torch.bfloat16)
+    torch.nn.init.normal_(layer.weight)  # the parameter is allocated uninitialised: old memory can hold NaNs
     assert not onednn.packs(torch.bfloat16) and onednn.packs(torch.float32)
     assert onednn.prepack_model(layer) == 0 and layer.packed_weight is None
     x = torch.randn(3, 64, dtype=torch.bfloat16)
