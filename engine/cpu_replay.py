@@ -9,9 +9,9 @@ Correctness rests on the recording seeing everything the forward computes:
 
 * every kernel call goes through the libraries' ``_lib()``, which the recorder swaps for a proxy that logs
   the function and its arguments (raw pointers, sizes, scalars) and calls it;
-* a ``TorchDispatchMode`` watches every aten op the forward runs: allocations, views and conversions that return their input are allowed (their
-  memory is kept alive by the recording, so the pointers stay valid), and so is work wrapped in
-  ``eager_op`` (re-run in Python on each replay, writing into the same output, e.g. the embedding lookup);
+* a ``TorchDispatchMode`` watches every aten op the forward runs: allocations, views and conversions that
+  return their input are allowed (their memory is kept alive by the recording, so the pointers stay valid),
+  and so is work wrapped in ``eager_op`` (re-run in Python on each replay, writing into the same output, e.g. the embedding lookup);
   any other op means part of the step would not be replayed, so the capture fails with ``ReplayUnsupported``
   naming it and the engine keeps running decode steps eagerly.
 """
@@ -30,8 +30,6 @@ _ALLOWED_OPS = {
     "split_with_sizes", "narrow", "slice", "select", "unsqueeze", "squeeze", "t", "transpose", "as_strided",
     "expand", "permute", "detach", "unbind", "arange",
 }
-
-
 # Conversions that are free when the tensor already has the wanted dtype/layout (they return it as is).
 _NO_OP_WHEN_ALIASED = {"to", "contiguous"}
 
@@ -76,6 +74,10 @@ def _bound(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], int]:
     return lambda: fn(*args)
 
 
+def _returning(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
 _active: _Recording | None = None
 
 
@@ -89,7 +91,7 @@ def recording() -> Iterator[_Recording]:
     libs = {module: module._lib for module in (cpu_kernels, quant_kernels)}
     for module, lib in libs.items():
         real = lib()
-        module._lib = (lambda proxy: lambda: proxy)(None if real is None else _RecordingLibrary(real, rec))
+        module._lib = _returning(None if real is None else _RecordingLibrary(real, rec))
     _active = rec
     try:
         with rec:

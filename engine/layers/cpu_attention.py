@@ -84,7 +84,7 @@ def _plan(md: AttentionMetadata) -> _Plan:
 
 
 def _reads_static_buffers(md: AttentionMetadata) -> bool:
-    return (getattr(md, "static_buffers", False) and md.max_query_len == 1 and md.seq_lens.dtype == torch.int32
+    return (md.static_buffers and md.max_query_len == 1 and md.seq_lens.dtype == torch.int32
             and md.block_tables.dtype == torch.int32 and md.block_tables.stride(1) == 1)
 
 

@@ -145,11 +145,9 @@ def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: to
         raise ValueError("out must be float32 [M, N] with unit stride along N")
     if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
         raise ValueError("weights and scales must be contiguous")
-    status = _lib().kq_matmul(qtype, weight.data_ptr(), wbytes, None if scales is None else scales.data_ptr(),
-                              x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), m, n, k, mode,
-                              torch.get_num_threads())
-    if status:
-        _check(status, "matmul")
+    _check(_lib().kq_matmul(qtype, weight.data_ptr(), wbytes, None if scales is None else scales.data_ptr(),
+                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), m, n, k, mode,
+                            torch.get_num_threads()), "matmul")
     return out
 
 

@@ -134,9 +134,6 @@ class QuantizedWeight:
     k: int
     segments: list[tuple[int, QuantizedRows]] = field(default_factory=list)  # (first row, rows), sorted
     perm: torch.Tensor | None = None  # the input order every segment holds (GPTQ act-order), None: as is
-    # (qtype, data, k, scales) of the one segment holding every row: matmul's fast path (set by put)
-    _whole: tuple[int, torch.Tensor, int, torch.Tensor | None] | None = field(default=None, repr=False,
-                                                                              compare=False)
 
     def put(self, offset: int, part: QuantizedRows) -> None:
         if part.k != self.k or offset < 0 or offset + part.shape[0] > self.rows:
@@ -157,8 +154,6 @@ class QuantizedWeight:
                 p, o = QuantizedRows(p.qtype, torch.cat([prev.data, p.data]), p.k, scales, p.perm), prev_o
             merged.append((o, p))
         self.segments = merged
-        whole = merged[0][1] if len(merged) == 1 and merged[0][1].shape[0] == self.rows else None
-        self._whole = None if whole is None else (whole.qtype, whole.data, whole.k, whole.scales)
 
     @property
     def nbytes(self) -> int:
@@ -177,11 +172,9 @@ class QuantizedWeight:
             rows = rows.index_select(1, self.perm)
         if rows.dtype != torch.float32 or rows.stride(-1) != 1:
             rows = rows.float().contiguous()
-        if self._whole is not None and bias is None:  # one kernel call: the decode hot path
-            out = qk.matmul(rows, *self._whole).view(*x.shape[:-1], self.rows)
-            return out if x.dtype == torch.float32 else out.to(x.dtype)
-        full = len(self.segments) == 1 and self._covers_all_rows()
-        out = None if full else (torch.empty if self._covers_all_rows() else torch.zeros)(rows.shape[0], self.rows)
+        covered = self._covers_all_rows()
+        full = len(self.segments) == 1 and covered
+        out = None if full else (torch.empty if covered else torch.zeros)(rows.shape[0], self.rows)
         for offset, part in self.segments:
             target = None if out is None else out.narrow(1, offset, part.shape[0])
             result = qk.matmul(rows, part.qtype, part.data, self.k, part.scales, out=target)

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
         default=False,
-help="run every step eagerly. Default: on one CUDA GPU, decode steps of up to 256 sequences replay "
+        help="run every step eagerly. Default: on one CUDA GPU, decode steps of up to 256 sequences replay "
         "CUDA graphs captured at start-up (one per padded batch size); on the CPU, decode steps of up to 32 "
         "sequences of a float32 model with quantized weights replay their recorded kernel calls; prefills, "
         "mixed steps and tensor parallelism always run eagerly",
