@@ -197,12 +197,14 @@ class MetricsStack:
     def unregister(self, api_service: str) -> None:
         self.plane.kubectl("delete", "apiservice", api_service, "--ignore-not-found")
 
+    def _condition_true(self, resource: str, name: str, condition: str) -> bool:
+        """Whether the object exists and its status has `condition` True (a new object may have no status yet)."""
+        result = self.plane.kubectl("get", resource, name, "-o", "json", check=False)
+        status = json.loads(result.stdout).get("status") if result.returncode == 0 else None
+        return any(c["type"] == condition and c["status"] == "True" for c in (status or {}).get("conditions") or [])
+
     def api_service_available(self, api_service: str) -> bool:
-        result = self.plane.kubectl("get", "apiservice", api_service, "-o", "json", check=False)
-        if result.returncode != 0:
-            return False
-        conditions = json.loads(result.stdout).get("status", {}).get("conditions", [])
-        return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
+        return self._condition_true("apiservice", api_service, "Available")
 
     # ---- prometheus-adapter ----------------------------------------------------------------
 
@@ -223,11 +225,6 @@ class MetricsStack:
         self._wait(lambda: self.api_service_available(CUSTOM_METRICS_API), 90,
                    f"APIService {CUSTOM_METRICS_API} Available", "prometheus-adapter")
 
-    def _established(self, crd: str) -> bool:
-        result = self.plane.kubectl("get", "crd", crd, "-o", "json", check=False)
-        status = json.loads(result.stdout).get("status") if result.returncode == 0 else None
-        return any(c["type"] == "Established" and c["status"] == "True" for c in (status or {}).get("conditions") or [])
-
     # ---- KEDA ------------------------------------------------------------------------------
 
     def start_keda(self, keda_version: str) -> None:
@@ -238,7 +235,7 @@ class MetricsStack:
         --enable-cert-rotation off, as with cert-manager), the admission webhooks left out."""
         crds = self.plane.bin_dir / f"keda-crds-{keda_version}"
         self.plane.kubectl("apply", "--server-side", "-f", str(crds))
-        self._wait(lambda: self._established("scaledobjects.keda.sh"), 60, "KEDA's CRDs Established", "")
+        self._wait(lambda: self._condition_true("crd", "scaledobjects.keda.sh", "Established"), 60, "KEDA's CRDs Established", "")
         certs = self.state_dir / "keda-certs"
         certs.mkdir(exist_ok=True)
         cert, key = self._serving_cert("keda-metrics-apiserver", client_auth=True)
