@@ -23,6 +23,8 @@
 #ifndef KQ_SIMD_PASS
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -263,6 +265,16 @@ template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_byt
 
 }  // namespace scalar
 
+float* panel_buffer(int64_t count);  // (defined after the SIMD passes)
+
+// From this many activation rows on, F32 mode dequantises each panel of PANEL_ROWS weight rows once and runs a
+// register-tiled float32 GEMM over all of them (compute bound); below it the weights are decoded in registers
+// for every four rows (bandwidth bound: decode reads each weight byte once, from DRAM).
+inline int64_t g_panel_min_m = 8;  // kq_set_panel_min_rows moves it (benchmarks, tests)
+constexpr int64_t PANEL_ROWS = 16;
+// Activation rows per pass over the panels, sized so a pass's rows stay in L2 while every panel meets them.
+constexpr int64_t PANEL_X_BYTES = 512 * 1024;
+
 // The row loops, shared by every ISA: threads split the output rows in blocks of ROW_BLOCK; within a
 // block, four activation rows at a time reuse each decoded weight group (the weights stay in L1).
 constexpr int64_t ROW_BLOCK = 16;
@@ -379,6 +391,13 @@ float* sums_buffer(int64_t count) {
   return buffer.data();
 }
 
+// The panel GEMM's dequantised weight rows: one per worker thread, grown to the widest panel seen.
+float* panel_buffer(int64_t count) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
+  return buffer.data();
+}
+
 }  // namespace kq
 
 extern "C" {
@@ -393,6 +412,13 @@ int kq_set_isa(int isa) {
 }
 
 int kq_current_isa() { return kq::current_isa(); }
+
+// F32-mode calls with at least `rows` activation rows use the panel GEMM; returns the previous threshold.
+int64_t kq_set_panel_min_rows(int64_t rows) {
+  const int64_t previous = kq::g_panel_min_m;
+  kq::g_panel_min_m = std::max<int64_t>(1, rows);
+  return previous;
+}
 
 // Bytes of one row of `k` weights in `type`; 0 when the type is unknown or k is not a whole number of blocks.
 int64_t kq_row_bytes(int type, int64_t k) {
@@ -430,13 +456,19 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   } else {
     acts.x = x;
     acts.ldx = ldx;
-    if (isa != kq::AVX512_VNNI) {  // the AVX-512 path dequantises the offsets in registers instead
+    const bool panel = M >= kq::g_panel_min_m && isa != kq::SCALAR;  // dequantises whole rows: no sums
+    if (isa != kq::AVX512_VNNI && !panel) {  // the AVX-512 path dequantises the offsets in registers instead
       float* sums = kq::sums_buffer(M * 2 * nb32);
       kq::scalar::half_sums(x, ldx, M, K, sums, nthreads);
       acts.sums = sums;
     }
   }
 #if KQ_X86
+  if (!q8 && M >= kq::g_panel_min_m && isa != kq::SCALAR) {
+    const int64_t K = nb32 * 32;
+    if (isa == kq::AVX512_VNNI) return kq::avx512::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+    return kq::avx2::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+  }
   if (isa == kq::AVX512_VNNI) return kq::avx512::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
   if (isa == kq::AVX2) return kq::avx2::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
 #endif
@@ -728,6 +760,118 @@ inline void row_dot_f32_512(const uint8_t* w, int64_t nblocks, float row_scale, 
   for (int t = 0; t < MT; ++t) res[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
 }
 #endif
+
+// ---- The panel GEMM (F32 mode, M >= g_panel_min_m) ----
+#if KQ_SIMD_PASS == 2
+using Vec = __m512;
+constexpr int LANES = 16, TILE_N = 4;  // 4 x 4 accumulators + 4 weight vectors + 1 activation of 32 zmm
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#else
+using Vec = __m256;
+constexpr int LANES = 8, TILE_N = 3;  // 4 x 3 accumulators + 3 weight vectors + 1 activation of 16 ymm
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return hsum(v); }
+#endif
+constexpr int TILE_M = 4;
+
+// One weight row to float32 (scale * q + offset, one rounding: the values kq_dequantize_rows gives).
+template <class F> inline void dequantize_row(const uint8_t* w, int64_t nblocks, float row_scale, float* out) {
+  for (int64_t b = 0; b < nblocks; ++b) {
+    F::decode(w + b * F::BYTES, row_scale, [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
+      float* dst = out + 32 * (b * F::GROUPS + j);
+      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+#if KQ_SIMD_PASS == 2
+      const __m512 f0 = _mm512_cvtepi32_ps(F::SIGNED ? _mm512_cvtepi8_epi32(lo) : _mm512_cvtepu8_epi32(lo));
+      const __m512 f1 = _mm512_cvtepi32_ps(F::SIGNED ? _mm512_cvtepi8_epi32(hi) : _mm512_cvtepu8_epi32(hi));
+      _mm512_storeu_ps(dst, _mm512_fmadd_ps(f0, _mm512_set1_ps(s0), _mm512_set1_ps(o0)));
+      _mm512_storeu_ps(dst + 16, _mm512_fmadd_ps(f1, _mm512_set1_ps(s1), _mm512_set1_ps(o1)));
+#else
+      const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+      for (int i = 0; i < 4; ++i) {
+        const __m256 f = _mm256_cvtepi32_ps(F::SIGNED ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]));
+        const bool second = i >= 2;
+        _mm256_storeu_ps(dst + 8 * i, _mm256_fmadd_ps(f, _mm256_set1_ps(second ? s1 : s0), _mm256_set1_ps(second ? o1 : o0)));
+      }
+#endif
+    });
+  }
+}
+
+// y[m, n] for MR activation rows and NR dequantised weight rows: MR x NR vector accumulators along k, summed
+// across lanes at the end.
+template <int MR, int NR>
+void gemm_tile(const float* x, int64_t ldx, const float* wp, int64_t K, float* y, int64_t ldy) {
+  Vec acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = vzero();
+  for (int64_t k = 0; k < K; k += LANES) {
+    Vec wv[NR];
+    for (int n = 0; n < NR; ++n) wv[n] = vload(wp + n * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const Vec xv = vload(x + m * ldx + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = vfma(xv, wv[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) y[m * ldy + n] = vsum(acc[m][n]);
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+
+template <int MR, int... NRs> constexpr std::array<TileFn, sizeof...(NRs)> tile_row(std::integer_sequence<int, NRs...>) {
+  return {&gemm_tile<MR, NRs + 1>...};
+}
+
+// TILES[mr - 1][nr - 1]: the full tile and every edge tile.
+const std::array<std::array<TileFn, TILE_N>, TILE_M> TILES = {
+    tile_row<1>(std::make_integer_sequence<int, TILE_N>{}), tile_row<2>(std::make_integer_sequence<int, TILE_N>{}),
+    tile_row<3>(std::make_integer_sequence<int, TILE_N>{}), tile_row<4>(std::make_integer_sequence<int, TILE_N>{})};
+
+template <class F>
+void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
+               int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  const int64_t npanels = (N + kq::PANEL_ROWS - 1) / kq::PANEL_ROWS;
+  const int64_t chunk = std::max<int64_t>(TILE_M, kq::PANEL_X_BYTES / (K * 4) / TILE_M * TILE_M);
+#pragma omp parallel num_threads(nthreads) if (npanels > 1)
+  {
+    float* panel = kq::panel_buffer(kq::PANEL_ROWS * K);
+    for (int64_t mc = 0; mc < M; mc += chunk) {  // the same panels go to the same threads in every pass
+      const int64_t mc1 = std::min(M, mc + chunk);
+#pragma omp for schedule(static) nowait
+      for (int64_t p = 0; p < npanels; ++p) {
+        const int64_t n0 = p * kq::PANEL_ROWS, rows = std::min(kq::PANEL_ROWS, N - n0);
+        for (int64_t r = 0; r < rows; ++r)
+          dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, panel + r * K);
+        for (int64_t m0 = mc; m0 < mc1; m0 += TILE_M) {
+          const int mr = static_cast<int>(std::min<int64_t>(TILE_M, mc1 - m0));
+          for (int64_t r = 0; r < rows; r += TILE_N) {
+            const int nr = static_cast<int>(std::min<int64_t>(TILE_N, rows - r));
+            TILES[mr - 1][nr - 1](x + m0 * ldx, ldx, panel + r * K, K, y + m0 * ldy + n0 + r, ldy);
+          }
+        }
+      }
+    }
+  }
+}
+
+int panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x,
+                 int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  switch (type) {
+    case kq::Q8_0: panel_run<FmtQ8_0>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::INT8_ROW: panel_run<FmtInt8Row>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_0: panel_run<FmtQ4<false>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_1: panel_run<FmtQ4<true>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_K: panel_run<FmtK<false>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::Q5_K: panel_run<FmtK<true>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::Q6_K: panel_run<FmtQ6_K>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    default: return 1;
+  }
+}
 
 template <class F>
 void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts, int64_t nb32,

@@ -45,6 +45,7 @@ _SIGNATURES = {
     "kq_supported_isa": ([], _INT),
     "kq_set_isa": ([_INT], _INT),
     "kq_current_isa": ([], _INT),
+    "kq_set_panel_min_rows": ([_I64], _I64),
     "kq_row_bytes": ([_INT, _I64], _I64),
     "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
@@ -106,6 +107,12 @@ def current_isa() -> str:
 def set_isa(name: str) -> str:
     """Use at most ``name`` (scalar, avx2, avx512; capped at what the CPU supports); returns the path in use."""
     return ISA_NAMES[_lib().kq_set_isa(_ISA_CODES[name])]
+
+
+def set_panel_min_rows(rows: int) -> int:
+    """Float32-activation calls with at least ``rows`` rows use the panel GEMM (dequantise, then a tiled
+    float32 GEMM); fewer decode in registers. Returns the previous threshold (benchmarks, tests)."""
+    return _lib().kq_set_panel_min_rows(rows)
 
 
 @cache

@@ -1,0 +1,95 @@
+"""The quantized CPU matmul (``engine/csrc/quant_kernels.cpp``) at SmolLM2-135M's shapes, by activation rows.
+
+For each row count M, one layer's four matmuls (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536)
+through: ``decode`` (weights decoded in registers for every four rows), ``panel`` (each panel of weight rows
+dequantised once, then a register-tiled float32 GEMM) and, as the peer, ``dense`` (``torch.matmul`` on the
+dequantised float32 weights: oneDNN/MKL). Paths are timed interleaved, fastest of ``--reps``; GFLOP/s is
+2*M*N*K over the time. ``max err`` is the panel result's largest difference from the dense one, relative to
+the largest output. The engine switches from decode to panel at the row count where panel wins (printed).
+
+    python bench/quant_matmul.py [--rows 1,4,8,16,32,64,256,1024] [--format Q4_1] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, quants
+from kubeinfer.engine import cpu_features
+from kubeinfer.engine.bench.report import write_json
+from kubeinfer.engine.layers import quant_kernels as qk
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+
+
+def quantized(fmt: str, n: int, k: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random weights in ``fmt`` through the gguf package's quantizer, and their dequantised values."""
+    dense = (rng.standard_normal((n, k)) / k**0.5).astype(np.float32)
+    blocks = torch.from_numpy(quants.quantize(dense, GGMLQuantizationType[fmt]).reshape(n, -1).copy())
+    return blocks, qk.dequantize(qk.GGUF_TYPES[fmt], blocks, k)
+
+
+def quantized_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int, panel_min_rows: int) -> None:
+    qk.set_panel_min_rows(panel_min_rows)
+    for name, (blocks, _) in weights.items():
+        qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
+
+
+def dense_layer(weights: dict, xs: dict[str, torch.Tensor]) -> None:
+    for name, (_, w) in weights.items():
+        torch.matmul(xs[name], w.T)
+
+
+def timed_us(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - start) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64,256,1024")
+    parser.add_argument("--format", default="Q4_1", choices=sorted(qk.GGUF_TYPES))
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args(argv)
+    qtype = qk.GGUF_TYPES[args.format]
+    rng = np.random.default_rng(0)
+    weights = {name: quantized(args.format, n, k, rng) for name, (n, k) in SHAPES.items()}
+    print(f"CPU: {cpu_features.describe()}; kernel path {qk.current_isa()}; {torch.get_num_threads()} threads; "
+          f"{args.format}", flush=True)
+    header = f"{'M':>6}{'decode us':>11}{'panel us':>10}{'dense us':>10}{'panel/dense':>13}{'panel GF/s':>12}{'max err':>10}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for m in [int(r) for r in args.rows.split(",") if r]:
+        xs = {name: torch.randn(m, k) for name, (_, k) in SHAPES.items()}
+        flops = sum(2 * m * n * k for n, k in SHAPES.values())
+
+        times = {"decode": float("inf"), "panel": float("inf"), "dense": float("inf")}
+        for _ in range(args.reps):  # interleaved: a noisy neighbour slows every path alike
+            times["decode"] = min(times["decode"], timed_us(quantized_layer, weights, xs, qtype, 1 << 40))
+            times["panel"] = min(times["panel"], timed_us(quantized_layer, weights, xs, qtype, 1))
+            times["dense"] = min(times["dense"], timed_us(dense_layer, weights, xs))
+        qk.set_panel_min_rows(1)
+        err = max(float((qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32") - xs[name] @ w.T)
+                        .abs().max() / (xs[name] @ w.T).abs().max()) for name, (blocks, w) in weights.items())
+        row = {"rows": m, **{f"{k}_us": v for k, v in times.items()},
+               "panel_gflops": flops / times["panel"] / 1e3, "max_rel_err": err}
+        rows.append(row)
+        print(f"{m:>6}{times['decode']:>11.0f}{times['panel']:>10.0f}{times['dense']:>10.0f}"
+              f"{times['panel'] / times['dense']:>13.2f}{row['panel_gflops']:>12.1f}{err:>10.1e}", flush=True)
+    qk.set_panel_min_rows(8)
+    wins = [r["rows"] for r in rows if r["panel_us"] < r["decode_us"]]
+    print(f"panel is faster than decode from M = {min(wins) if wins else '-'} (the engine's threshold: 8)")
+    if args.json_path:
+        write_json(args.json_path, {"cpu": cpu_features.describe(), "format": args.format, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
