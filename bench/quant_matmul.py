@@ -1,11 +1,13 @@
 """The quantized CPU matmul (``engine/csrc/quant_kernels.cpp``) at SmolLM2-135M's shapes, by activation rows.
 
 For each row count M, one layer's four matmuls (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536)
-through: ``decode`` (weights decoded in registers for every four rows), ``panel`` (each panel of weight rows
-dequantised once, then a register-tiled float32 GEMM) and, as the peer, ``dense`` (``torch.matmul`` on the
-dequantised float32 weights: oneDNN/MKL). Paths are timed interleaved, fastest of ``--reps``; GFLOP/s is
-2*M*N*K over the time. ``max err`` is the panel result's largest difference from the dense one, relative to
-the largest output. The engine switches from decode to panel at the row count where panel wins (printed).
+through each float32 path of the kernel: ``decode`` (weights decoded in registers for every four rows),
+``panel`` (each panel of 16 weight rows dequantised once, then 4-row x 4-weight-row dot-product tiles),
+``wide`` (wide k-major panels and an outer-product micro-kernel) and, as the peer, ``dense``
+(``torch.matmul`` on the dequantised float32 weights: oneDNN/MKL). Paths are timed interleaved, fastest of
+``--reps``; GFLOP/s is 2*M*N*K over the best path's time. ``max err`` is the largest difference of any path
+from the dense result, relative to the largest output. The engine's row thresholds between the paths
+(printed) come from this table.
 
     python bench/quant_matmul.py [--rows 1,4,8,16,32,64,256,1024] [--format Q4_1] [--json PATH]
 """
@@ -33,8 +35,14 @@ def quantized(fmt: str, n: int, k: int, rng: np.random.Generator) -> tuple[torch
     return blocks, qk.dequantize(qk.GGUF_TYPES[fmt], blocks, k)
 
 
-def quantized_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int, panel_min_rows: int) -> None:
-    qk.set_panel_min_rows(panel_min_rows)
+# the kernel's three float32 paths, each forced by its thresholds: (panel from rows, wide panels from rows)
+PATHS = {"decode": (1 << 40, 1 << 40), "panel": (1, 1 << 40), "wide": (1, 1)}
+
+
+def quantized_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int, path: str) -> None:
+    panel_from, wide_from = PATHS[path]
+    qk.set_panel_min_rows(panel_from)
+    qk.set_wide_min_rows(wide_from)
     for name, (blocks, _) in weights.items():
         qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
 
@@ -62,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     weights = {name: quantized(args.format, n, k, rng) for name, (n, k) in SHAPES.items()}
     print(f"CPU: {cpu_features.describe()}; kernel path {qk.current_isa()}; {torch.get_num_threads()} threads; "
           f"{args.format}", flush=True)
-    header = f"{'M':>6}{'decode us':>11}{'panel us':>10}{'dense us':>10}{'panel/dense':>13}{'panel GF/s':>12}{'max err':>10}"
+    defaults = (qk.set_panel_min_rows(8), qk.set_wide_min_rows(96))
+    qk.set_panel_min_rows(defaults[0])
+    qk.set_wide_min_rows(defaults[1])
+    header = (f"{'M':>6}{'decode us':>11}{'panel us':>10}{'wide us':>9}{'dense us':>10}{'best':>8}{'best/dense':>12}"
+              f"{'best GF/s':>11}{'max err':>10}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -70,22 +82,27 @@ def main(argv: list[str] | None = None) -> int:
         xs = {name: torch.randn(m, k) for name, (_, k) in SHAPES.items()}
         flops = sum(2 * m * n * k for n, k in SHAPES.values())
 
-        times = {"decode": float("inf"), "panel": float("inf"), "dense": float("inf")}
+        times = {name: float("inf") for name in [*PATHS, "dense"]}
         for _ in range(args.reps):  # interleaved: a noisy neighbour slows every path alike
-            times["decode"] = min(times["decode"], timed_us(quantized_layer, weights, xs, qtype, 1 << 40))
-            times["panel"] = min(times["panel"], timed_us(quantized_layer, weights, xs, qtype, 1))
+            for path in PATHS:
+                times[path] = min(times[path], timed_us(quantized_layer, weights, xs, qtype, path))
             times["dense"] = min(times["dense"], timed_us(dense_layer, weights, xs))
-        qk.set_panel_min_rows(1)
-        err = max(float((qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32") - xs[name] @ w.T)
-                        .abs().max() / (xs[name] @ w.T).abs().max()) for name, (blocks, w) in weights.items())
-        row = {"rows": m, **{f"{k}_us": v for k, v in times.items()},
-               "panel_gflops": flops / times["panel"] / 1e3, "max_rel_err": err}
+        errs = {}
+        for path in PATHS:
+            quantized_layer({}, xs, qtype, path)  # (sets the thresholds)
+            errs[path] = max(float((qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
+                                    - xs[name] @ w.T).abs().max() / (xs[name] @ w.T).abs().max())
+                             for name, (blocks, w) in weights.items())
+        best = min(PATHS, key=times.get)
+        row = {"rows": m, **{f"{k}_us": v for k, v in times.items()}, "best": best,
+               "best_gflops": flops / times[best] / 1e3, "max_rel_err": max(errs.values())}
         rows.append(row)
-        print(f"{m:>6}{times['decode']:>11.0f}{times['panel']:>10.0f}{times['dense']:>10.0f}"
-              f"{times['panel'] / times['dense']:>13.2f}{row['panel_gflops']:>12.1f}{err:>10.1e}", flush=True)
-    qk.set_panel_min_rows(8)
-    wins = [r["rows"] for r in rows if r["panel_us"] < r["decode_us"]]
-    print(f"panel is faster than decode from M = {min(wins) if wins else '-'} (the engine's threshold: 8)")
+        print(f"{m:>6}{times['decode']:>11.0f}{times['panel']:>10.0f}{times['wide']:>9.0f}{times['dense']:>10.0f}"
+              f"{best:>8}{times[best] / times['dense']:>12.2f}{row['best_gflops']:>11.1f}{row['max_rel_err']:>10.1e}",
+              flush=True)
+    qk.set_panel_min_rows(defaults[0])
+    qk.set_wide_min_rows(defaults[1])
+    print(f"the engine's thresholds: panel from {defaults[0]} rows, wide panels from {defaults[1]}")
     if args.json_path:
         write_json(args.json_path, {"cpu": cpu_features.describe(), "format": args.format, "rows": rows})
     return 0

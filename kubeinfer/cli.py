@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-BENCHMARKS = ("offline", "serve", "soak", "head-of-line")
+BENCHMARKS = ("offline", "serve", "soak", "head-of-line", "peers")
 
 USAGE = """usage: kubeinfer <command> [options]
 
 commands:
   serve      run the OpenAI-compatible inference server (like `vllm serve`)
-  bench      benchmarks: `kubeinfer bench offline` | `serve` | `soak` | `head-of-line`
+  bench      benchmarks: `kubeinfer bench offline` | `serve` | `soak` | `head-of-line` | `peers`
   operator   run the Kubernetes operator for InferenceModel resources
 """
 

@@ -271,6 +271,7 @@ float* panel_buffer(int64_t count);  // (defined after the SIMD passes)
 // register-tiled float32 GEMM over all of them (compute bound); below it the weights are decoded in registers
 // for every four rows (bandwidth bound: decode reads each weight byte once, from DRAM).
 inline int64_t g_panel_min_m = 8;  // kq_set_panel_min_rows moves it (benchmarks, tests)
+inline int64_t g_wide_min_m = 96;  // from here on the panels are wide and k-major (kq_set_wide_min_rows)
 constexpr int64_t PANEL_ROWS = 16;
 // Activation rows per pass over the panels, sized so a pass's rows stay in L2 while every panel meets them.
 constexpr int64_t PANEL_X_BYTES = 512 * 1024;
@@ -412,6 +413,13 @@ int kq_set_isa(int isa) {
 }
 
 int kq_current_isa() { return kq::current_isa(); }
+
+// Panel GEMM calls with at least `rows` activation rows use wide k-major panels; returns the previous threshold.
+int64_t kq_set_wide_min_rows(int64_t rows) {
+  const int64_t previous = kq::g_wide_min_m;
+  kq::g_wide_min_m = std::max<int64_t>(1, rows);
+  return previous;
+}
 
 // F32-mode calls with at least `rows` activation rows use the panel GEMM; returns the previous threshold.
 int64_t kq_set_panel_min_rows(int64_t rows) {
@@ -832,9 +840,102 @@ const std::array<std::array<TileFn, TILE_N>, TILE_M> TILES = {
     tile_row<1>(std::make_integer_sequence<int, TILE_N>{}), tile_row<2>(std::make_integer_sequence<int, TILE_N>{}),
     tile_row<3>(std::make_integer_sequence<int, TILE_N>{}), tile_row<4>(std::make_integer_sequence<int, TILE_N>{})};
 
+// ---- Wide panels (F32 mode, M >= g_wide_min_m): WIDE weight rows dequantised and stored k-major, so the
+// micro-kernel broadcasts one activation and multiplies it with WIDE weights at once: no lane sums, and
+// each weight vector serves WIDE_M rows. Storing the panel k-major is a scalar transpose: paid once per
+// panel, so it only pays off from many rows on.
+#if KQ_SIMD_PASS == 2
+constexpr int WIDE_VECS = 2, WIDE_M = 12;  // 12 x 32 tile: 24 accumulators + 2 weight vectors of 32 zmm
+inline Vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#else
+constexpr int WIDE_VECS = 2, WIDE_M = 6;  // 6 x 16 tile: 12 accumulators + 2 weight vectors of 16 ymm
+inline Vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#endif
+constexpr int WIDE = WIDE_VECS * LANES;
+
+template <int MR>
+void wide_tile(const float* x, int64_t ldx, const float* wt, int64_t K, float* y, int64_t ldy, int64_t ncols) {
+  Vec acc[MR][WIDE_VECS];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < WIDE_VECS; ++v) acc[m][v] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    Vec wv[WIDE_VECS];
+    for (int v = 0; v < WIDE_VECS; ++v) wv[v] = vload(wt + k * WIDE + v * LANES);
+    for (int m = 0; m < MR; ++m) {
+      const Vec xb = vbroadcast(x + m * ldx + k);
+      for (int v = 0; v < WIDE_VECS; ++v) acc[m][v] = vfma(xb, wv[v], acc[m][v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    if (ncols == WIDE) {
+      for (int v = 0; v < WIDE_VECS; ++v) vstore(y + m * ldy + v * LANES, acc[m][v]);
+    } else {  // the last panel of a matrix whose rows are not a multiple of WIDE
+      alignas(64) float row[WIDE];
+      for (int v = 0; v < WIDE_VECS; ++v) vstore(row + v * LANES, acc[m][v]);
+      std::memcpy(y + m * ldy, row, static_cast<size_t>(ncols) * sizeof(float));
+    }
+  }
+}
+
+using WideFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+
+template <int... MRs> constexpr std::array<WideFn, sizeof...(MRs)> wide_tiles(std::integer_sequence<int, MRs...>) {
+  return {&wide_tile<MRs + 1>...};
+}
+
+const std::array<WideFn, WIDE_M> WIDE_TILES = wide_tiles(std::make_integer_sequence<int, WIDE_M>{});  // [mr - 1]
+
+// dst[i * ldd + j] = src[j * lds + i] for an 8 x 8 block of floats (the classic unpack/shuffle/permute).
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+template <class F>
+void wide_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
+              int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  const int64_t npanels = (N + WIDE - 1) / WIDE;
+  // Every panel meets all M rows (transposed once): 2 * WIDE flops per activation byte read, which L3 feeds.
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
+  for (int64_t p = 0; p < npanels; ++p) {
+    float* eight = kq::panel_buffer((WIDE + 8) * K);  // eight dequantised rows, then the k-major panel
+    float* panel = eight + 8 * K;
+    const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
+    for (int64_t r0 = 0; r0 < WIDE; r0 += 8) {
+      for (int64_t r = r0; r < r0 + 8; ++r) {
+        float* dst = eight + (r - r0) * K;
+        if (r < rows) dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, dst);
+        else std::fill(dst, dst + K, 0.f);
+      }
+      for (int64_t k = 0; k < K; k += 8) transpose8(eight + k, K, panel + k * WIDE + r0, WIDE);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += WIDE_M) {
+      const int64_t mr = std::min<int64_t>(WIDE_M, M - m0);
+      WIDE_TILES[mr - 1](x + m0 * ldx, ldx, panel, K, y + m0 * ldy + n0, ldy, rows);
+    }
+  }
+}
+
 template <class F>
 void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
                int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  if (M >= kq::g_wide_min_m) return wide_run<F>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
   const int64_t npanels = (N + kq::PANEL_ROWS - 1) / kq::PANEL_ROWS;
   const int64_t chunk = std::max<int64_t>(TILE_M, kq::PANEL_X_BYTES / (K * 4) / TILE_M * TILE_M);
 #pragma omp parallel num_threads(nthreads) if (npanels > 1)

@@ -46,6 +46,7 @@ _SIGNATURES = {
     "kq_set_isa": ([_INT], _INT),
     "kq_current_isa": ([], _INT),
     "kq_set_panel_min_rows": ([_I64], _I64),
+    "kq_set_wide_min_rows": ([_I64], _I64),
     "kq_row_bytes": ([_INT, _I64], _I64),
     "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
@@ -113,6 +114,12 @@ def set_panel_min_rows(rows: int) -> int:
     """Float32-activation calls with at least ``rows`` rows use the panel GEMM (dequantise, then a tiled
     float32 GEMM); fewer decode in registers. Returns the previous threshold (benchmarks, tests)."""
     return _lib().kq_set_panel_min_rows(rows)
+
+
+def set_wide_min_rows(rows: int) -> int:
+    """Panel GEMM calls with at least ``rows`` rows dequantise wide, k-major panels (an outer-product
+    micro-kernel; the transpose pays off from many rows on). Returns the previous threshold."""
+    return _lib().kq_set_wide_min_rows(rows)
 
 
 @cache

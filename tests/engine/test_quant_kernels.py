@@ -2,11 +2,11 @@
 
 Weights are random GGUF blocks (random bytes with sane fp16 scales; for Q8_0/Q4_0/Q4_1 also real weights
 quantized by the ``gguf`` package's own ``gguf.quants.quantize``), dequantised by ``gguf.quants.dequantize``.
-In ``f32`` mode (weights dequantised in registers, or a panel of rows at a time for the tiled GEMM; both
-are forced at every row count) the result must equal ``dequant(W) @ x`` up to float32 rounding. In ``q8``
-mode the kernels quantize the activations to int8 per block of 32 as llama.cpp does, so the result is
-checked tightly against ``dequant(W) @ q8(x)`` (the same arithmetic in float64: catches any decoding or
-indexing bug) and loosely against the plain reference.
+In ``f32`` mode (weights dequantised in registers, or a panel of rows at a time for the tiled GEMM, narrow
+or wide; each is forced at every row count) the result must equal ``dequant(W) @ x`` up to float32
+rounding. In ``q8`` mode the kernels quantize the activations to int8 per block of 32 as llama.cpp does,
+so the result is checked tightly against ``dequant(W) @ q8(x)`` (the same arithmetic in float64: catches
+any decoding or indexing bug) and loosely against the plain reference.
 """
 
 from __future__ import annotations
@@ -72,13 +72,20 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
     return (q * d).reshape(x.shape).astype(np.float64)
 
 
-@pytest.fixture(params=["f32-decode", "f32-panel", "q8"])
+# float32 activations through each path, forced at every row count by the thresholds (panel from, wide from);
+# the kernels pick between them by rows
+_F32_PATHS = {"f32-decode": (1 << 40, 1 << 40), "f32-panel": (1, 1 << 40), "f32-wide": (1, 1), "q8": None}
+
+
+@pytest.fixture(params=list(_F32_PATHS))
 def mode(request: pytest.FixtureRequest):
-    """The activation mode; float32 twice: decoded in registers, and the panel GEMM, forced at every row count
-    (the kernels pick between them by rows)."""
-    previous = qk.set_panel_min_rows(1 if request.param == "f32-panel" else 1 << 40)
+    """The activation mode; float32 three times: decoded in registers, the panel GEMM's dot-product tiles, and
+    its wide k-major panels (outer-product tiles)."""
+    panel_from, wide_from = _F32_PATHS[request.param] or (8, 96)
+    previous = qk.set_panel_min_rows(panel_from), qk.set_wide_min_rows(wide_from)
     yield request.param.split("-")[0]
-    qk.set_panel_min_rows(previous)
+    qk.set_panel_min_rows(previous[0])
+    qk.set_wide_min_rows(previous[1])
 
 
 def check(qtype: int, weights: np.ndarray, k: int, m: int, seed: int, mode: str) -> None:

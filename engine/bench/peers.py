@@ -1,0 +1,173 @@
+"""`kubeinfer bench peers`: kubeinfer against llama.cpp's llama-server on the same GGUF, same threads, one run.
+
+Each server is started in turn on a free port with the machine's cores; then the streaming load of
+`kubeinfer bench serve` (fixed output lengths with `ignore_eos`, greedy) runs at each level against it.
+The default levels are the workload of issue 12: streaming chat, one stream of 8 x 128 tokens and 32
+streams of 64 x 80 tokens, each user message ~16 words (a short chat question; the chat template adds the
+system prompt); ``--endpoint completions --input-len 64`` gives the long-prompt variant. The table gives
+output tok/s, TTFT and inter-token latency for both, and kubeinfer's throughput as a ratio of
+llama-server's (ratios, not absolute numbers, compare across runs on a shared machine). llama-server is
+built once by hack/build-llama-server.sh from PyPI's llama-cpp-python sdist.
+
+    kubeinfer bench peers --json peers.json          # or: python bench/peers.py
+    kubeinfer bench peers --levels 32:64x80 --systems kubeinfer
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubeinfer.engine import cpu_features
+from kubeinfer.engine.bench.report import write_json
+from kubeinfer.engine.bench.serve import (
+    Summary,
+    launch_server,
+    make_prompts,
+    run_load,
+    stop_server,
+    wait_until_ready,
+)
+from kubeinfer.engine.models.bundled import bundled_model_path
+from kubeinfer.engine.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout (hack/ builds llama-server)
+
+
+def llama_server_binary(given: str | None) -> str:
+    if given:
+        return given
+    result = subprocess.run(["bash", str(REPO / "hack" / "build-llama-server.sh")], check=True,
+                            stdout=subprocess.PIPE, text=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def launch_llama_server(binary: str, model: Path, threads: int, slots: int, ctx_per_slot: int,
+                        extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+               "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot), *shlex.split(extra)]
+    if "amx_int8" in cpu_features.flags() and "--repack" not in extra:
+        # Repacking puts the weights in ggml's AMX buffers, whose matmul (ggml_backend_amx_mul_mat) segfaults
+        # on the AMX machines seen here (llama-cpp-python 0.3.36's llama.cpp); without it the AVX-512 kernels run.
+        command.append("--no-repack")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, f"{url}/health", f"llama-server ({shlex.join(command)})", timeout_s=300)
+    return process, f"{url}/v1"
+
+
+@dataclass(frozen=True)
+class Level:
+    """One load level: ``requests`` requests of ``output_len`` tokens, ``concurrency`` at a time."""
+
+    concurrency: int
+    requests: int
+    output_len: int
+
+
+def parse_levels(spec: str) -> list[Level]:
+    """``"1:8x128,32:64x80"`` -> levels (concurrency:requests x output tokens)."""
+    levels = []
+    for part in filter(None, spec.split(",")):
+        try:
+            concurrency, rest = part.split(":")
+            requests, output_len = rest.split("x")
+            levels.append(Level(int(concurrency), int(requests), int(output_len)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected CONCURRENCY:REQUESTSxTOKENS, e.g. 32:64x80") from None
+    return levels
+
+
+def load_args(args: argparse.Namespace, base_url: str) -> argparse.Namespace:
+    """The `kubeinfer bench serve` options its load generator reads (the model: the first one listed)."""
+    return argparse.Namespace(base_url=base_url, api_key=None, model=None, endpoint=args.endpoint,
+                              temperature=0.0, request_rate=None, seed=args.seed, timeout=600.0)
+
+
+def measure(system: str, base_url: str, args: argparse.Namespace, levels: list[Level]) -> list[Summary]:
+    rows = []
+    for level in levels:
+        prompts = make_prompts(level.requests, args.input_len, args.seed)
+        lens = [level.output_len] * level.requests
+        load = load_args(args, base_url)
+        asyncio.run(run_load(load, prompts[:2], lens[:2], level.concurrency))  # warm-up
+        summary = asyncio.run(run_load(load, prompts, lens, level.concurrency))
+        summary.mode = system
+        rows.append(summary)
+        print(f"  {system} c={level.concurrency}: {summary.output_throughput:.1f} tok/s "
+              f"(errors {summary.errors}{': ' + summary.first_error if summary.errors else ''})", flush=True)
+    return rows
+
+
+def print_table(rows: list[Summary]) -> None:
+    llama = {r.concurrency: r for r in rows if r.mode == "llama-server"}
+    header = (f"{'system':<14}{'conc':>5}{'out tok/s':>11}{'x llama':>9}{'TTFT p50':>10}{'p95':>8}"
+              f"{'ITL p50':>9}{'p95':>8}{'err':>5}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peer = llama.get(r.concurrency)
+        ratio = f"{r.output_throughput / peer.output_throughput:.2f}" if peer and peer.output_throughput else "-"
+        print(f"{r.mode:<14}{r.concurrency:>5}{r.output_throughput:>11.1f}{ratio:>9}{r.ttft_ms['p50']:>10.0f}"
+              f"{r.ttft_ms['p95']:>8.0f}{r.itl_ms['p50']:>9.1f}{r.itl_ms['p95']:>8.1f}{r.errors:>5}")
+    print("(latencies in ms; x llama = output tok/s / llama-server's at the same concurrency)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubeinfer bench peers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: the bundled SmolLM2 Q4_1)")
+    parser.add_argument("--llama-server", default=None, help="its binary (default: hack/build-llama-server.sh)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--levels", type=parse_levels, default=parse_levels("1:8x128,32:64x80"),
+                        help="CONCURRENCY:REQUESTSxTOKENS,... (default: issue 12's 1:8x128,32:64x80)")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--input-len", type=int, default=16, help="words per user message / prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--systems", default="kubeinfer,llama-server")
+    parser.add_argument("--kubeinfer-args", default="", help="extra `kubeinfer serve` flags")
+    parser.add_argument("--llama-server-args", default="", help="extra llama-server flags")
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args(argv)
+    model = args.model or bundled_model_path()
+    levels = args.levels
+    most = max(level.concurrency for level in levels)
+    # words are about one token; room for the chat template
+    ctx = args.input_len * 2 + max(level.output_len for level in levels) + 64
+    print(f"CPU: {cpu_features.describe()}; {args.threads} threads; model {model.name}", flush=True)
+    rows: list[Summary] = []
+    for system in args.systems.split(","):
+        if system == "kubeinfer":
+            process, url = launch_server(f"--model {shlex.quote(str(model))} --max-num-seqs {most} "
+                                         f"--max-model-len {max(ctx, 512)} {args.kubeinfer_args}")
+        elif system == "llama-server":
+            process, url = launch_llama_server(llama_server_binary(args.llama_server), model, args.threads,
+                                               most, max(ctx, 512), args.llama_server_args)
+        else:
+            parser.error(f"unknown system {system!r}")
+        try:
+            rows += measure(system, url, args, levels)
+        finally:
+            stop_server(process)
+    print()
+    shapes = ", ".join(f"c={lv.concurrency}: {lv.requests} x {lv.output_len} tokens" for lv in levels)
+    print(f"workload: {args.endpoint}, ~{args.input_len}-word prompts, {shapes} (ignore_eos), greedy")
+    print_table(rows)
+    if args.json_path:
+        payload: dict[str, Any] = {"cpu": cpu_features.describe(), "model": str(model), "threads": args.threads,
+                                   "workload": {"endpoint": args.endpoint, "input_len": args.input_len,
+                                                "levels": [lv.__dict__ for lv in levels]},
+                                   "results": [r.__dict__ for r in rows]}
+        write_json(args.json_path, payload)
+    return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
