@@ -163,6 +163,18 @@ def percentiles(values: Sequence[float], scale: float = 1000.0) -> dict[str, flo
 async def one_request(
     client: httpx.AsyncClient, args: argparse.Namespace, prompt: str, max_tokens: int
 ) -> RequestResult:
+    """One streamed request, retried once (timed afresh) when a pooled keep-alive connection turns out to be
+    closed before any response (llama-server's HTTP library closes a connection after 5 requests), as the
+    openai SDK retries connection errors."""
+    result = await _one_attempt(client, args, prompt, max_tokens)
+    if result.error.startswith("RemoteProtocolError") and result.ttft == 0.0:  # nothing streamed yet
+        result = await _one_attempt(client, args, prompt, max_tokens)
+    return result
+
+
+async def _one_attempt(
+    client: httpx.AsyncClient, args: argparse.Namespace, prompt: str, max_tokens: int
+) -> RequestResult:
     body: dict[str, Any] = {
         "model": args.model,
         "max_tokens": max_tokens,
