@@ -522,6 +522,27 @@ int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* 
   return 0;
 }
 
+// An embedding lookup in a quantized table: out[i] = row ids[i] - first_row of the `rows` rows in w, dequantised
+// to float32, for the ids inside [first_row, first_row + rows); the others are left as they are, or zeroed
+// when clear_outside (the first of several row ranges: a table no range holds a row of reads as 0).
+int kq_embedding(int type, const void* w, int64_t row_bytes, const float* row_scales, const int64_t* ids, int64_t n,
+                 int64_t first_row, int64_t rows, int64_t k, float* out, int clear_outside) {
+  int64_t block_bytes, block_elems;
+  if (!kq::format_of(type, &block_bytes, &block_elems) || k % block_elems != 0 || n < 0) return 1;
+  const auto* wb = static_cast<const uint8_t*>(w);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = ids[i] - first_row;
+    if (r >= 0 && r < rows) {
+      if (int status = kq_dequantize_rows(type, wb + r * row_bytes, row_bytes, row_scales ? row_scales + r : nullptr,
+                                          1, k, out + i * k))
+        return status;
+    } else if (clear_outside) {
+      std::fill(out + i * k, out + (i + 1) * k, 0.f);
+    }
+  }
+  return 0;
+}
+
 }  // extern "C"
 
 #else  // ---------------------------------------------------------------------------------------------------------

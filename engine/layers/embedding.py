@@ -27,6 +27,8 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:size].copy_(loaded_weight.narrow(0, self.vocab_start, size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1 and self.quantized is not None:  # one kernel call (a recorded CPU step replays it)
+            return self._lookup(input_ids)
         if self.tp_size == 1:  # a lookup, not a kernel: a recorded CPU decode step re-runs it (cpu_replay)
             return cpu_replay.eager_op(lambda: self._lookup(input_ids))
         local = input_ids - self.vocab_start

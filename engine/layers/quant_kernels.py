@@ -50,6 +50,7 @@ _SIGNATURES = {
     "kq_row_bytes": ([_INT, _I64], _I64),
     "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
+    "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT], _INT),
 }
 
 
@@ -173,4 +174,20 @@ def dequantize(qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | 
     _check(_lib().kq_dequantize_rows(qtype, weight.data_ptr(), weight.shape[1],
                                      None if scales is None else scales.data_ptr(), weight.shape[0], k,
                                      out.data_ptr()), "dequantize_rows")
+    return out
+
+
+def embedding(qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None, ids: torch.Tensor,
+              first_row: int, out: torch.Tensor, clear_outside: bool) -> torch.Tensor:
+    """``out[i]`` = the float32 row ``ids[i] - first_row`` of ``weight``'s rows, for the ids it holds; the others
+    are left as they are (zeroed when ``clear_outside``). One kernel call, so a recorded decode step replays it."""
+    if ids.dtype != torch.int64 or ids.dim() != 1 or not ids.is_contiguous():
+        raise ValueError("ids must be a contiguous int64 vector")
+    if out.dtype != torch.float32 or out.shape != (ids.shape[0], k) or not out.is_contiguous():
+        raise ValueError("out must be contiguous float32 [len(ids), k]")
+    if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
+        raise ValueError("weights and scales must be contiguous")
+    _check(_lib().kq_embedding(qtype, weight.data_ptr(), weight.shape[1], None if scales is None else scales.data_ptr(),
+                               ids.data_ptr(), ids.shape[0], first_row, weight.shape[0], k, out.data_ptr(),
+                               int(clear_outside)), "embedding")
     return out

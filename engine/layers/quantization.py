@@ -186,15 +186,12 @@ class QuantizedWeight:
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` dequantised (an embedding lookup of a quantized table; rows no segment holds are 0)."""
-        flat = ids.reshape(-1)
-        out = torch.zeros(flat.shape[0], self.k, dtype=torch.float32)
-        for offset, part in self.segments:
-            local = flat - offset
-            inside = ((local >= 0) & (local < part.shape[0])).nonzero().squeeze(1)
-            if inside.numel():
-                picked = local[inside]
-                scales = None if part.scales is None else part.scales[picked]
-                out[inside] = qk.dequantize(part.qtype, part.data[picked], self.k, scales)
+        flat = ids.reshape(-1).to(torch.int64).contiguous()  # (no-ops for the engine's int64 ids)
+        out = torch.empty(flat.shape[0], self.k, dtype=torch.float32)
+        for i, (offset, part) in enumerate(self.segments):
+            qk.embedding(part.qtype, part.data, self.k, part.scales, flat, offset, out, clear_outside=i == 0)
+        if not self.segments:
+            out.zero_()
         out = out.view(*ids.shape, self.k)
         return out if dtype == torch.float32 else out.to(dtype)
 

@@ -124,6 +124,24 @@ def test_dequantize_rows_is_gguf_dequantize(qtype: int) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("qtype", [qk.Q8_0, qk.Q4_1, qk.Q6_K], ids=["Q8_0", "Q4_1", "Q6_K"])
+def test_embedding_reads_the_rows_of_each_range_and_clears_the_rest(qtype: int) -> None:
+    """Two row ranges of one table, as QuantizedWeight keeps them: the first call clears the ids outside its
+    range, the second fills its own and leaves the first's rows alone."""
+    k = K_FOR[qtype]
+    weights = random_blocks(qtype, 12, k, seed=7)
+    table = gguf_quants.dequantize(weights, GGMLQuantizationType(qtype)).reshape(12, k)
+    low, high = torch.from_numpy(weights[:5].copy()), torch.from_numpy(weights[5:10].copy())  # rows 10, 11: none
+    ids = torch.tensor([3, 7, 11, 0, 9, 5, 4])
+    out = torch.full((len(ids), k), float("nan"))
+    qk.embedding(qtype, low, k, None, ids, 0, out, clear_outside=True)
+    qk.embedding(qtype, high, k, None, ids, 5, out, clear_outside=False)
+    expected = np.stack([table[i] if i < 10 else np.zeros(k, np.float32) for i in ids.tolist()])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="int64"):
+        qk.embedding(qtype, low, k, None, ids.int(), 0, out, clear_outside=True)
+
+
 @pytest.mark.parametrize("m", [1, 4, 9, 300])
 def test_int8_rows_match_reference(isa: str, mode: str, m: int) -> None:
     gen = torch.Generator().manual_seed(m)
