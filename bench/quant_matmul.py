@@ -35,16 +35,10 @@ def quantized(fmt: str, n: int, k: int, rng: np.random.Generator) -> tuple[torch
     return blocks, qk.dequantize(qk.GGUF_TYPES[fmt], blocks, k)
 
 
-# the kernel's three float32 paths, each forced by its thresholds: (panel from rows, wide panels from rows)
-PATHS = {"decode": (1 << 40, 1 << 40), "panel": (1, 1 << 40), "wide": (1, 1)}
-
-
 def quantized_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int, path: str) -> None:
-    panel_from, wide_from = PATHS[path]
-    qk.set_panel_min_rows(panel_from)
-    qk.set_wide_min_rows(wide_from)
-    for name, (blocks, _) in weights.items():
-        qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
+    with qk.forced_path(path):
+        for name, (blocks, _) in weights.items():
+            qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
 
 
 def dense_layer(weights: dict, xs: dict[str, torch.Tensor]) -> None:
@@ -70,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     weights = {name: quantized(args.format, n, k, rng) for name, (n, k) in SHAPES.items()}
     print(f"CPU: {cpu_features.describe()}; kernel path {qk.current_isa()}; {torch.get_num_threads()} threads; "
           f"{args.format}", flush=True)
-    defaults = (qk.set_panel_min_rows(8), qk.set_wide_min_rows(96))
-    qk.set_panel_min_rows(defaults[0])
-    qk.set_wide_min_rows(defaults[1])
     header = (f"{'M':>6}{'decode us':>11}{'panel us':>10}{'wide us':>9}{'dense us':>10}{'best':>8}{'best/dense':>12}"
               f"{'best GF/s':>11}{'max err':>10}")
     print(header)
@@ -82,27 +73,29 @@ def main(argv: list[str] | None = None) -> int:
         xs = {name: torch.randn(m, k) for name, (_, k) in SHAPES.items()}
         flops = sum(2 * m * n * k for n, k in SHAPES.values())
 
-        times = {name: float("inf") for name in [*PATHS, "dense"]}
+        times = {name: float("inf") for name in [*qk.F32_PATHS, "dense"]}
         for _ in range(args.reps):  # interleaved: a noisy neighbour slows every path alike
-            for path in PATHS:
+            for path in qk.F32_PATHS:
                 times[path] = min(times[path], timed_us(quantized_layer, weights, xs, qtype, path))
             times["dense"] = min(times["dense"], timed_us(dense_layer, weights, xs))
         errs = {}
-        for path in PATHS:
-            quantized_layer({}, xs, qtype, path)  # (sets the thresholds)
-            errs[path] = max(float((qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
-                                    - xs[name] @ w.T).abs().max() / (xs[name] @ w.T).abs().max())
-                             for name, (blocks, w) in weights.items())
-        best = min(PATHS, key=times.get)
+        for path in qk.F32_PATHS:
+            with qk.forced_path(path):
+                errs[path] = max(float((qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
+                                        - xs[name] @ w.T).abs().max() / (xs[name] @ w.T).abs().max())
+                                 for name, (blocks, w) in weights.items())
+        best = min(qk.F32_PATHS, key=times.get)
         row = {"rows": m, **{f"{k}_us": v for k, v in times.items()}, "best": best,
                "best_gflops": flops / times[best] / 1e3, "max_rel_err": max(errs.values())}
         rows.append(row)
         print(f"{m:>6}{times['decode']:>11.0f}{times['panel']:>10.0f}{times['wide']:>9.0f}{times['dense']:>10.0f}"
               f"{best:>8}{times[best] / times['dense']:>12.2f}{row['best_gflops']:>11.1f}{row['max_rel_err']:>10.1e}",
               flush=True)
-    qk.set_panel_min_rows(defaults[0])
-    qk.set_wide_min_rows(defaults[1])
-    print(f"the engine's thresholds: panel from {defaults[0]} rows, wide panels from {defaults[1]}")
+    panel_from = qk.set_panel_min_rows(1)  # (read back and restored: the kernels' own thresholds)
+    wide_from = qk.set_wide_min_rows(1)
+    qk.set_panel_min_rows(panel_from)
+    qk.set_wide_min_rows(wide_from)
+    print(f"the engine's thresholds: panel from {panel_from} rows, wide panels from {wide_from}")
     if args.json_path:
         write_json(args.json_path, {"cpu": cpu_features.describe(), "format": args.format, "rows": rows})
     return 0

@@ -265,7 +265,15 @@ template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_byt
 
 }  // namespace scalar
 
-float* panel_buffer(int64_t count);  // (defined after the SIMD passes)
+// A scratch buffer per thread and use: grows to the largest request seen, never shrinks (no allocation per
+// call once warm). Per thread, so concurrent callers (tests, TP ranks in threads) and the OpenMP workers of
+// one call never share one; the tag keeps a thread's different uses apart.
+enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS };
+template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
+  return buffer.data();
+}
 
 // From this many activation rows on, F32 mode dequantises each panel of PANEL_ROWS weight rows once and runs a
 // register-tiled float32 GEMM over all of them (compute bound); below it the weights are decoded in registers
@@ -378,27 +386,6 @@ int current_isa() {
   return g_isa;
 }
 
-// The activation buffer: grows to the largest call seen, never shrinks (no allocation per call once warm).
-// One per calling thread, so concurrent callers (tests, TP ranks in threads) do not share it.
-QBlock* activation_buffer(int64_t blocks) {
-  thread_local std::vector<QBlock> buffer;
-  if (static_cast<int64_t>(buffer.size()) < blocks) buffer.resize(static_cast<size_t>(blocks));
-  return buffer.data();
-}
-
-float* sums_buffer(int64_t count) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
-  return buffer.data();
-}
-
-// The panel GEMM's dequantised weight rows: one per worker thread, grown to the widest panel seen.
-float* panel_buffer(int64_t count) {
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
-  return buffer.data();
-}
-
 }  // namespace kq
 
 extern "C" {
@@ -452,8 +439,14 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   kq::Acts acts;
   const auto* wb = static_cast<const uint8_t*>(w);
   const int isa = kq::current_isa();
+#if KQ_X86
+  if (!q8 && M >= kq::g_panel_min_m && isa != kq::SCALAR) {  // dequantises whole rows: x is used as it is
+    if (isa == kq::AVX512_VNNI) return kq::avx512::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+    return kq::avx2::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+  }
+#endif
   if (q8) {
-    kq::QBlock* xq = kq::activation_buffer(M * nb32);
+    kq::QBlock* xq = kq::thread_buffer<kq::QBlock, kq::ACTIVATIONS>(M * nb32);
 #if KQ_X86
     if (isa == kq::AVX512_VNNI) kq::avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
     else if (isa == kq::AVX2) kq::avx2::quantize_rows(x, ldx, M, K, xq, nthreads);
@@ -464,19 +457,13 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   } else {
     acts.x = x;
     acts.ldx = ldx;
-    const bool panel = M >= kq::g_panel_min_m && isa != kq::SCALAR;  // dequantises whole rows: no sums
-    if (isa != kq::AVX512_VNNI && !panel) {  // the AVX-512 path dequantises the offsets in registers instead
-      float* sums = kq::sums_buffer(M * 2 * nb32);
+    if (isa != kq::AVX512_VNNI) {  // the AVX-512 path dequantises the offsets in registers instead
+      float* sums = kq::thread_buffer<float, kq::HALF_SUMS>(M * 2 * nb32);
       kq::scalar::half_sums(x, ldx, M, K, sums, nthreads);
       acts.sums = sums;
     }
   }
 #if KQ_X86
-  if (!q8 && M >= kq::g_panel_min_m && isa != kq::SCALAR) {
-    const int64_t K = nb32 * 32;
-    if (isa == kq::AVX512_VNNI) return kq::avx512::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
-    return kq::avx2::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
-  }
   if (isa == kq::AVX512_VNNI) return kq::avx512::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
   if (isa == kq::AVX2) return kq::avx2::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
 #endif
@@ -632,8 +619,8 @@ template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m
   static inline float scale(const uint8_t* b) { return f16(b); }
   static inline float offset(const uint8_t* b) { return HAS_MIN ? f16(b + 2) : -8.f * f16(b); }
   template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
-    const float d = f16(b), m = HAS_MIN ? f16(b + 2) : -8.f * d;
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (HAS_MIN ? 4 : 2)));
+    const float d = scale(b), m = offset(b);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS));
     const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
     fn(0, _mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, d, m, m);
   }
@@ -885,8 +872,8 @@ const std::array<std::array<TileFn, TILE_N>, TILE_M> TILES = {
 
 // ---- Wide panels (F32 mode, M >= g_wide_min_m): WIDE weight rows dequantised and stored k-major, so the
 // micro-kernel broadcasts one activation and multiplies it with WIDE weights at once: no lane sums, and
-// each weight vector serves WIDE_M rows. Storing the panel k-major is a scalar transpose: paid once per
-// panel, so it only pays off from many rows on.
+// each weight vector serves WIDE_M rows. Storing the panel k-major (8 x 8 register transposes) is paid once
+// per panel, so it only pays off from many rows on.
 #if KQ_SIMD_PASS == 2
 constexpr int WIDE_VECS = 2, WIDE_M = 12;  // 12 x 32 tile: 24 accumulators + 2 weight vectors of 32 zmm
 inline Vec vbroadcast(const float* p) { return _mm512_set1_ps(*p); }
@@ -957,7 +944,7 @@ void wide_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, cons
   // Every panel meets all M rows (transposed once): 2 * WIDE flops per activation byte read, which L3 feeds.
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
   for (int64_t p = 0; p < npanels; ++p) {
-    float* eight = kq::panel_buffer((WIDE + 8) * K);  // eight dequantised rows, then the k-major panel
+    float* eight = kq::thread_buffer<float, kq::PANELS>((WIDE + 8) * K);  // eight dequantised rows, then the k-major panel
     float* panel = eight + 8 * K;
     const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
     for (int64_t r0 = 0; r0 < WIDE; r0 += 8) {
@@ -983,7 +970,7 @@ void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, con
   const int64_t chunk = std::max<int64_t>(TILE_M, kq::PANEL_X_BYTES / (K * 4) / TILE_M * TILE_M);
 #pragma omp parallel num_threads(nthreads) if (npanels > 1)
   {
-    float* panel = kq::panel_buffer(kq::PANEL_ROWS * K);
+    float* panel = kq::thread_buffer<float, kq::PANELS>(kq::PANEL_ROWS * K);
     for (int64_t mc = 0; mc < M; mc += chunk) {  // the same panels go to the same threads in every pass
       const int64_t mc1 = std::min(M, mc + chunk);
 #pragma omp for schedule(static) nowait
@@ -1003,18 +990,25 @@ void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, con
   }
 }
 
-int panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x,
-                 int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+// fn(F{}) for the decoder F of weight format `type`; 1 for an unknown format.
+template <class Fn> int with_format(int type, Fn&& fn) {
   switch (type) {
-    case kq::Q8_0: panel_run<FmtQ8_0>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
-    case kq::INT8_ROW: panel_run<FmtInt8Row>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_0: panel_run<FmtQ4<false>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_1: panel_run<FmtQ4<true>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_K: panel_run<FmtK<false>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
-    case kq::Q5_K: panel_run<FmtK<true>>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
-    case kq::Q6_K: panel_run<FmtQ6_K>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads); return 0;
+    case kq::Q8_0: fn(FmtQ8_0{}); return 0;
+    case kq::INT8_ROW: fn(FmtInt8Row{}); return 0;
+    case kq::Q4_0: fn(FmtQ4<false>{}); return 0;
+    case kq::Q4_1: fn(FmtQ4<true>{}); return 0;
+    case kq::Q4_K: fn(FmtK<false>{}); return 0;
+    case kq::Q5_K: fn(FmtK<true>{}); return 0;
+    case kq::Q6_K: fn(FmtQ6_K{}); return 0;
     default: return 1;
   }
+}
+
+int panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x,
+                 int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  return with_format(type, [&](auto format) {
+    panel_run<decltype(format)>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+  });
 }
 
 template <class F>
@@ -1051,16 +1045,9 @@ void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, 
 
 int matmul(int type, bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts,
            int64_t nb32, int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
-  switch (type) {
-    case kq::Q8_0: run<FmtQ8_0>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::INT8_ROW: run<FmtInt8Row>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_0: run<FmtQ4<false>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_1: run<FmtQ4<true>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q4_K: run<FmtK<false>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q5_K: run<FmtK<true>>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    case kq::Q6_K: run<FmtQ6_K>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads); return 0;
-    default: return 1;
-  }
+  return with_format(type, [&](auto format) {
+    run<decltype(format)>(q8, w, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
+  });
 }
 
 #endif  // KQ_SIMD_PASS

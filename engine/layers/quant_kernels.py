@@ -17,6 +17,8 @@ import logging
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -123,6 +125,24 @@ def set_wide_min_rows(rows: int) -> int:
     return _lib().kq_set_wide_min_rows(rows)
 
 
+# The float32-activation paths, and the row thresholds (panel from, wide panels from) that force each at every
+# row count: decoded in registers, the panel GEMM's dot-product tiles, its wide k-major panels.
+F32_PATHS = {"decode": (1 << 40, 1 << 40), "panel": (1, 1 << 40), "wide": (1, 1)}
+
+
+@contextmanager
+def forced_path(path: str) -> Iterator[None]:
+    """Float32-activation calls inside take ``path`` (a key of ``F32_PATHS``) whatever their rows
+    (benchmarks, tests); the thresholds are restored after."""
+    panel_from, wide_from = F32_PATHS[path]
+    previous = set_panel_min_rows(panel_from), set_wide_min_rows(wide_from)
+    try:
+        yield
+    finally:
+        set_panel_min_rows(previous[0])
+        set_wide_min_rows(previous[1])
+
+
 @cache
 def default_activations() -> str:
     mode = os.environ.get(ACTIVATIONS_ENV, "f32").strip().lower() or "f32"
@@ -144,6 +164,13 @@ def _check(status: int, name: str) -> None:
         raise RuntimeError(f"quantized CPU kernel {name} rejected its arguments (status {status})")
 
 
+def _scales_ptr(weight: torch.Tensor, scales: torch.Tensor | None) -> int | None:
+    """The scales' pointer (None for formats without); weights and scales are read as contiguous rows."""
+    if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
+        raise ValueError("weights and scales must be contiguous")
+    return None if scales is None else scales.data_ptr()
+
+
 def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None = None,
            out: torch.Tensor | None = None, activations: str | None = None) -> torch.Tensor:
     """``x [M, k] float32 @ W.T`` for ``W`` the ``N`` quantized rows in ``weight`` (``uint8/int8 [N, row_bytes]``);
@@ -158,11 +185,8 @@ def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: to
         out = torch.empty(m, n, dtype=torch.float32)
     elif out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
         raise ValueError("out must be float32 [M, N] with unit stride along N")
-    if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
-        raise ValueError("weights and scales must be contiguous")
-    _check(_lib().kq_matmul(qtype, weight.data_ptr(), wbytes, None if scales is None else scales.data_ptr(),
-                            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), m, n, k, mode,
-                            torch.get_num_threads()), "matmul")
+    _check(_lib().kq_matmul(qtype, weight.data_ptr(), wbytes, _scales_ptr(weight, scales), x.data_ptr(), x.stride(0),
+                            out.data_ptr(), out.stride(0), m, n, k, mode, torch.get_num_threads()), "matmul")
     return out
 
 
@@ -185,9 +209,7 @@ def embedding(qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | N
         raise ValueError("ids must be a contiguous int64 vector")
     if out.dtype != torch.float32 or out.shape != (ids.shape[0], k) or not out.is_contiguous():
         raise ValueError("out must be contiguous float32 [len(ids), k]")
-    if not weight.is_contiguous() or (scales is not None and not scales.is_contiguous()):
-        raise ValueError("weights and scales must be contiguous")
-    _check(_lib().kq_embedding(qtype, weight.data_ptr(), weight.shape[1], None if scales is None else scales.data_ptr(),
-                               ids.data_ptr(), ids.shape[0], first_row, weight.shape[0], k, out.data_ptr(),
-                               int(clear_outside)), "embedding")
+    _check(_lib().kq_embedding(qtype, weight.data_ptr(), weight.shape[1], _scales_ptr(weight, scales), ids.data_ptr(),
+                               ids.shape[0], first_row, weight.shape[0], k, out.data_ptr(), int(clear_outside)),
+           "embedding")
     return out

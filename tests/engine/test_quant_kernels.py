@@ -72,20 +72,15 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
     return (q * d).reshape(x.shape).astype(np.float64)
 
 
-# float32 activations through each path, forced at every row count by the thresholds (panel from, wide from);
-# the kernels pick between them by rows
-_F32_PATHS = {"f32-decode": (1 << 40, 1 << 40), "f32-panel": (1, 1 << 40), "f32-wide": (1, 1), "q8": None}
-
-
-@pytest.fixture(params=list(_F32_PATHS))
+@pytest.fixture(params=[*(f"f32-{path}" for path in qk.F32_PATHS), "q8"])
 def mode(request: pytest.FixtureRequest):
-    """The activation mode; float32 three times: decoded in registers, the panel GEMM's dot-product tiles, and
-    its wide k-major panels (outer-product tiles)."""
-    panel_from, wide_from = _F32_PATHS[request.param] or (8, 96)
-    previous = qk.set_panel_min_rows(panel_from), qk.set_wide_min_rows(wide_from)
-    yield request.param.split("-")[0]
-    qk.set_panel_min_rows(previous[0])
-    qk.set_wide_min_rows(previous[1])
+    """The activation mode; float32 once per path (decoded in registers, the panel GEMM's dot-product tiles, its
+    wide k-major panels), each forced at every row count (the kernels pick between them by rows)."""
+    if request.param == "q8":
+        yield "q8"
+        return
+    with qk.forced_path(request.param.removeprefix("f32-")):
+        yield "f32"
 
 
 def check(qtype: int, weights: np.ndarray, k: int, m: int, seed: int, mode: str) -> None:
