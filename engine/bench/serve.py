@@ -129,6 +129,7 @@ class Summary:
     tpot_ms_mean: float
     e2e_ms_p50: float
     first_error: str = ""
+    server_rss_mib: float = 0.0  # the server's processes after the run (`kubeinfer bench peers` fills it)
 
 
 def make_prompts(num: int, input_len: int, seed: int) -> list[str]:

