@@ -39,7 +39,7 @@
 namespace kq {
 
 enum Type : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
-enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2 };
+enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2, AVX512_BF16 = 3 };  // AVX512_BF16: VNNI's and vdpbf16ps
 
 // One block of 32 quantized activations: x ~= d * q; s[h] = d * sum of q over half h (for weight offsets).
 struct QBlock {
@@ -268,7 +268,7 @@ template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_byt
 // A scratch buffer per thread and use: grows to the largest request seen, never shrinks (no allocation per
 // call once warm). Per thread, so concurrent callers (tests, TP ranks in threads) and the OpenMP workers of
 // one call never share one; the tag keeps a thread's different uses apart.
-enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS };
+enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS, BF16_PAIRS, BF16_IN, BF16_OUT };
 template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
@@ -280,6 +280,26 @@ template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
 // for every four rows (bandwidth bound: decode reads each weight byte once, from DRAM).
 inline int64_t g_panel_min_m = 8;  // kq_set_panel_min_rows moves it (benchmarks, tests)
 inline int64_t g_wide_min_m = 96;  // from here on the panels are wide and k-major (kq_set_wide_min_rows)
+// bfloat16 activations (the engine's bf16 dtype) on a CPU with AVX-512 BF16: from this many rows on, the
+// wide panels are rounded to bf16 pairs and multiplied with vdpbf16ps (twice the FMA's products per
+// instruction); fewer rows are widened to float32 and take the float32 paths (kq_set_bf16_min_rows).
+inline int64_t g_bf16_min_m = 16;
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as torch's float32 -> bfloat16 conversion (NaNs stay NaNs).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 constexpr int64_t PANEL_ROWS = 16;
 // Activation rows per pass over the panels, sized so a pass's rows stay in L2 while every panel meets them.
 constexpr int64_t PANEL_X_BYTES = 512 * 1024;
@@ -372,7 +392,7 @@ int supported_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-    return AVX512_VNNI;
+    return __builtin_cpu_supports("avx512bf16") ? AVX512_BF16 : AVX512_VNNI;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return AVX2;
 #endif
@@ -390,7 +410,7 @@ int current_isa() {
 
 extern "C" {
 
-// The best path this CPU supports (0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512BW/VL+VNNI).
+// The best path this CPU supports (0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512BW/VL+VNNI, 3 that and AVX-512 BF16).
 int kq_supported_isa() { return kq::supported_isa(); }
 
 // Use at most `isa` (capped at what the CPU supports); returns the path now in use.
@@ -441,14 +461,14 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   const int isa = kq::current_isa();
 #if KQ_X86
   if (!q8 && M >= kq::g_panel_min_m && isa != kq::SCALAR) {  // dequantises whole rows: x is used as it is
-    if (isa == kq::AVX512_VNNI) return kq::avx512::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+    if (isa >= kq::AVX512_VNNI) return kq::avx512::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
     return kq::avx2::panel_matmul(type, wb, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
   }
 #endif
   if (q8) {
     kq::QBlock* xq = kq::thread_buffer<kq::QBlock, kq::ACTIVATIONS>(M * nb32);
 #if KQ_X86
-    if (isa == kq::AVX512_VNNI) kq::avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
+    if (isa >= kq::AVX512_VNNI) kq::avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
     else if (isa == kq::AVX2) kq::avx2::quantize_rows(x, ldx, M, K, xq, nthreads);
     else
 #endif
@@ -457,14 +477,14 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   } else {
     acts.x = x;
     acts.ldx = ldx;
-    if (isa != kq::AVX512_VNNI) {  // the AVX-512 path dequantises the offsets in registers instead
+    if (isa < kq::AVX512_VNNI) {  // the AVX-512 path dequantises the offsets in registers instead
       float* sums = kq::thread_buffer<float, kq::HALF_SUMS>(M * 2 * nb32);
       kq::scalar::half_sums(x, ldx, M, K, sums, nthreads);
       acts.sums = sums;
     }
   }
 #if KQ_X86
-  if (isa == kq::AVX512_VNNI) return kq::avx512::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
+  if (isa >= kq::AVX512_VNNI) return kq::avx512::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
   if (isa == kq::AVX2) return kq::avx2::matmul(type, q8, wb, row_bytes, row_scales, acts, nb32, nblocks, M, N, y, ldy, nthreads);
 #endif
   auto dot = [&](int mt, const uint8_t* row, float scale, const kq::Tile& tile, float* res) {
@@ -490,6 +510,38 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   return 0;
 }
 
+// kq_matmul with bfloat16 x and y (the engine's bf16 dtype; y rounded to nearest even). On AVX-512 BF16 from
+// g_bf16_min_m rows on: bf16 products through vdpbf16ps (the weights rounded to bf16, as a dense bf16 model's
+// are); otherwise x is widened to float32 and kq_matmul's path runs (act_mode as there).
+int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_scales, const uint16_t* x,
+                   int64_t ldx, uint16_t* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
+  int64_t block_bytes, block_elems;
+  if (!kq::format_of(type, &block_bytes, &block_elems)) return 1;
+  if (K % block_elems != 0 || row_bytes < K / block_elems * block_bytes) return 2;
+  if (M < 0 || N < 0 || ldx < K || ldy < N || (type == kq::INT8_ROW && row_scales == nullptr)) return 3;
+  if (M == 0 || N == 0) return 0;
+#if KQ_X86
+  if (kq::current_isa() >= kq::AVX512_BF16 && M >= kq::g_bf16_min_m)
+    return kq::avx512::bf16_matmul(type, static_cast<const uint8_t*>(w), row_bytes, row_scales, x, ldx,
+                                   K / block_elems, K, M, N, y, ldy, std::max(1, nthreads));
+#endif
+  float* xf = kq::thread_buffer<float, kq::BF16_IN>(M * K);
+  float* yf = kq::thread_buffer<float, kq::BF16_OUT>(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = kq::bf16_to_float(x[m * ldx + k]);
+  if (int status = kq_matmul(type, w, row_bytes, row_scales, xf, K, yf, N, M, N, K, act_mode, nthreads)) return status;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = kq::float_to_bf16(yf[m * N + n]);
+  return 0;
+}
+
+// bf16 activations with at least `rows` rows use the AVX-512 BF16 panels; returns the previous threshold.
+int64_t kq_set_bf16_min_rows(int64_t rows) {
+  const int64_t previous = kq::g_bf16_min_m;
+  kq::g_bf16_min_m = std::max<int64_t>(1, rows);
+  return previous;
+}
+
 // Dequantise `n` rows of `k` weights to float32 (the reference, and the embedding lookup of a quantized table).
 int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* row_scales, int64_t n, int64_t k,
                        float* out) {
@@ -512,20 +564,27 @@ int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* 
 // An embedding lookup in a quantized table: out[i] = row ids[i] - first_row of the `rows` rows in w, dequantised
 // to float32, for the ids inside [first_row, first_row + rows); the others are left as they are, or zeroed
 // when clear_outside (the first of several row ranges: a table no range holds a row of reads as 0).
+// out_bf16: out is bfloat16 (rounded to nearest even), not float32.
 int kq_embedding(int type, const void* w, int64_t row_bytes, const float* row_scales, const int64_t* ids, int64_t n,
-                 int64_t first_row, int64_t rows, int64_t k, float* out, int clear_outside) {
+                 int64_t first_row, int64_t rows, int64_t k, void* out, int clear_outside, int out_bf16) {
   int64_t block_bytes, block_elems;
   if (!kq::format_of(type, &block_bytes, &block_elems) || k % block_elems != 0 || n < 0) return 1;
   const auto* wb = static_cast<const uint8_t*>(w);
+  float* row_f32 = out_bf16 ? kq::thread_buffer<float, kq::BF16_OUT>(k) : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = ids[i] - first_row;
+    float* dst = out_bf16 ? row_f32 : static_cast<float*>(out) + i * k;
     if (r >= 0 && r < rows) {
       if (int status = kq_dequantize_rows(type, wb + r * row_bytes, row_bytes, row_scales ? row_scales + r : nullptr,
-                                          1, k, out + i * k))
+                                          1, k, dst))
         return status;
     } else if (clear_outside) {
-      std::fill(out + i * k, out + (i + 1) * k, 0.f);
+      std::fill(dst, dst + k, 0.f);
+    } else {
+      continue;
     }
+    if (out_bf16)
+      for (int64_t j = 0; j < k; ++j) static_cast<uint16_t*>(out)[i * k + j] = kq::float_to_bf16(row_f32[j]);
   }
   return 0;
 }
@@ -990,6 +1049,79 @@ void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, con
   }
 }
 
+#if KQ_SIMD_PASS == 2
+// ---- bf16 activations on AVX-512 BF16 (M >= g_bf16_min_m): the wide panels again, each (k, k + 1) pair of a
+// column's dequantised weights rounded to two bf16 in one dword, so vdpbf16ps adds both products into the
+// column's float32 lane; each activation pair is one broadcast dword. Only these functions use AVX-512 BF16:
+// the rest of the pass runs on CPUs without it.
+#define KQ_BF16_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+
+template <int MR>
+KQ_BF16_TARGET void bf16_tile(const uint16_t* x, int64_t ldx, const uint32_t* pairs, int64_t K, uint16_t* y,
+                              int64_t ldy, int64_t ncols) {
+  __m512 acc[MR][WIDE_VECS];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < WIDE_VECS; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    __m512bh wv[WIDE_VECS];
+    for (int v = 0; v < WIDE_VECS; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(pairs + kp * WIDE + v * LANES);
+    for (int m = 0; m < MR; ++m) {
+      uint32_t xpair;
+      std::memcpy(&xpair, x + m * ldx + 2 * kp, 4);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(xpair));
+      for (int v = 0; v < WIDE_VECS; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xb, wv[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(64) uint16_t row[WIDE];
+    for (int v = 0; v < WIDE_VECS; ++v)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row + v * LANES), (__m256i)_mm512_cvtneps_pbh(acc[m][v]));
+    std::memcpy(y + m * ldy, row, static_cast<size_t>(ncols) * sizeof(uint16_t));
+  }
+}
+
+using Bf16Fn = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, uint16_t*, int64_t, int64_t);
+
+template <int... MRs> constexpr std::array<Bf16Fn, sizeof...(MRs)> bf16_tiles(std::integer_sequence<int, MRs...>) {
+  return {&bf16_tile<MRs + 1>...};
+}
+
+const std::array<Bf16Fn, WIDE_M> BF16_TILES = bf16_tiles(std::make_integer_sequence<int, WIDE_M>{});  // [mr - 1]
+
+template <class F>
+KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const uint16_t* x,
+                             int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, uint16_t* y, int64_t ldy,
+                             int nthreads) {
+  const int64_t npanels = (N + WIDE - 1) / WIDE;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
+  for (int64_t p = 0; p < npanels; ++p) {
+    float* eight = kq::thread_buffer<float, kq::PANELS>((WIDE + 8) * K);  // as wide_run: rows, then k-major
+    float* panel = eight + 8 * K;
+    uint32_t* pairs = kq::thread_buffer<uint32_t, kq::BF16_PAIRS>(K / 2 * WIDE);
+    const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
+    for (int64_t r0 = 0; r0 < WIDE; r0 += 8) {
+      for (int64_t r = r0; r < r0 + 8; ++r) {
+        float* dst = eight + (r - r0) * K;
+        if (r < rows) dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, dst);
+        else std::fill(dst, dst + K, 0.f);
+      }
+      for (int64_t k = 0; k < K; k += 8) transpose8(eight + k, K, panel + k * WIDE + r0, WIDE);
+    }
+    for (int64_t kp = 0; kp < K / 2; ++kp) {
+      for (int v = 0; v < WIDE_VECS; ++v) {
+        const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(panel + 2 * kp * WIDE + v * LANES)));
+        const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(panel + (2 * kp + 1) * WIDE + v * LANES)));
+        _mm512_storeu_si512(pairs + kp * WIDE + v * LANES, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += WIDE_M) {
+      const int64_t mr = std::min<int64_t>(WIDE_M, M - m0);
+      BF16_TILES[mr - 1](x + m0 * ldx, ldx, pairs, K, y + m0 * ldy + n0, ldy, rows);
+    }
+  }
+}
+#endif
+
 // fn(F{}) for the decoder F of weight format `type`; 1 for an unknown format.
 template <class Fn> int with_format(int type, Fn&& fn) {
   switch (type) {
@@ -1010,6 +1142,15 @@ int panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row
     panel_run<decltype(format)>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
   });
 }
+
+#if KQ_SIMD_PASS == 2
+int bf16_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const uint16_t* x,
+                int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, uint16_t* y, int64_t ldy, int nthreads) {
+  return with_format(type, [&](auto format) {
+    bf16_run<decltype(format)>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+  });
+}
+#endif
 
 template <class F>
 void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts, int64_t nb32,

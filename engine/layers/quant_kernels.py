@@ -32,8 +32,8 @@ FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 ISA_ENV = "KUBEINFER_QUANT_ISA"
 ACTIVATIONS_ENV = "KUBEINFER_QUANT_ACTIVATIONS"
 ACTIVATION_MODES = {"f32": 0, "q8": 1}
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni"}
-_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 2}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni", 3: "avx512_bf16"}
+_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 2, "avx512_bf16": 3}
 
 # ggml type codes of the block formats the kernels read, and our int8-rows format
 Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, INT8_ROW = 2, 3, 8, 12, 13, 14, 100
@@ -51,8 +51,10 @@ _SIGNATURES = {
     "kq_set_wide_min_rows": ([_I64], _I64),
     "kq_row_bytes": ([_INT, _I64], _I64),
     "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
+    "kq_matmul_bf16": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
+    "kq_set_bf16_min_rows": ([_I64], _I64),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
-    "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT], _INT),
+    "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT, _INT], _INT),
 }
 
 
@@ -109,7 +111,8 @@ def current_isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Use at most ``name`` (scalar, avx2, avx512; capped at what the CPU supports); returns the path in use."""
+    """Use at most ``name`` (scalar, avx2, avx512, avx512_bf16; capped at what the CPU supports); returns the
+    path in use. ``avx512`` is the VNNI path without the bf16 dot products."""
     return ISA_NAMES[_lib().kq_set_isa(_ISA_CODES[name])]
 
 
@@ -123,6 +126,17 @@ def set_wide_min_rows(rows: int) -> int:
     """Panel GEMM calls with at least ``rows`` rows dequantise wide, k-major panels (an outer-product
     micro-kernel; the transpose pays off from many rows on). Returns the previous threshold."""
     return _lib().kq_set_wide_min_rows(rows)
+
+
+def set_bf16_min_rows(rows: int) -> int:
+    """bfloat16-activation calls with at least ``rows`` rows use the AVX-512 BF16 panels (where the CPU has
+    them); fewer are widened to float32. Returns the previous threshold (benchmarks, tests)."""
+    return _lib().kq_set_bf16_min_rows(rows)
+
+
+def has_bf16_dot() -> bool:
+    """Whether bfloat16 activations get the bf16 dot-product path here (else they are widened to float32)."""
+    return _lib().kq_current_isa() >= _ISA_CODES["avx512_bf16"]
 
 
 # The float32-activation paths, and the row thresholds (panel from, wide panels from) that force each at every
@@ -173,20 +187,23 @@ def _scales_ptr(weight: torch.Tensor, scales: torch.Tensor | None) -> int | None
 
 def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None = None,
            out: torch.Tensor | None = None, activations: str | None = None) -> torch.Tensor:
-    """``x [M, k] float32 @ W.T`` for ``W`` the ``N`` quantized rows in ``weight`` (``uint8/int8 [N, row_bytes]``);
-    writes ``out`` (``float32 [M, N]``, any row stride; e.g. a column slice of a wider output) when given.
-    ``activations``: ``f32`` or ``q8`` (default: ``default_activations()``)."""
+    """``x [M, k] @ W.T`` for ``W`` the ``N`` quantized rows in ``weight`` (``uint8/int8 [N, row_bytes]``);
+    writes ``out`` (``[M, N]`` in x's dtype, any row stride; e.g. a column slice of a wider output) when given.
+    x is float32 or bfloat16 (the bf16 dtype: the result rounded to bf16; bf16 dot products from
+    ``set_bf16_min_rows`` rows on where the CPU has AVX-512 BF16). ``activations``: ``f32`` or ``q8`` (default:
+    ``default_activations()``)."""
     mode = ACTIVATION_MODES[activations or default_activations()]
     m, width = x.shape  # (a ValueError for a tensor that is not 2-D)
-    if x.dtype != torch.float32 or width != k or x.stride(1) != 1:
-        raise ValueError("matmul needs a float32 [M, k] input with unit stride along k")
+    if x.dtype not in (torch.float32, torch.bfloat16) or width != k or x.stride(1) != 1:
+        raise ValueError("matmul needs a float32 or bfloat16 [M, k] input with unit stride along k")
     n, wbytes = weight.shape
     if out is None:
-        out = torch.empty(m, n, dtype=torch.float32)
-    elif out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1:
-        raise ValueError("out must be float32 [M, N] with unit stride along N")
-    _check(_lib().kq_matmul(qtype, weight.data_ptr(), wbytes, _scales_ptr(weight, scales), x.data_ptr(), x.stride(0),
-                            out.data_ptr(), out.stride(0), m, n, k, mode, torch.get_num_threads()), "matmul")
+        out = torch.empty(m, n, dtype=x.dtype)
+    elif out.dtype != x.dtype or out.shape != (m, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be {x.dtype} [M, N] with unit stride along N")
+    kernel = _lib().kq_matmul if x.dtype == torch.float32 else _lib().kq_matmul_bf16
+    _check(kernel(qtype, weight.data_ptr(), wbytes, _scales_ptr(weight, scales), x.data_ptr(), x.stride(0),
+                  out.data_ptr(), out.stride(0), m, n, k, mode, torch.get_num_threads()), "matmul")
     return out
 
 
@@ -203,13 +220,14 @@ def dequantize(qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | 
 
 def embedding(qtype: int, weight: torch.Tensor, k: int, scales: torch.Tensor | None, ids: torch.Tensor,
               first_row: int, out: torch.Tensor, clear_outside: bool) -> torch.Tensor:
-    """``out[i]`` = the float32 row ``ids[i] - first_row`` of ``weight``'s rows, for the ids it holds; the others
-    are left as they are (zeroed when ``clear_outside``). One kernel call, so a recorded decode step replays it."""
+    """``out[i]`` = the row ``ids[i] - first_row`` of ``weight``'s rows (float32, or rounded to ``out``'s
+    bfloat16), for the ids it holds; the others are left as they are (zeroed when ``clear_outside``). One kernel
+    call, so a recorded decode step replays it."""
     if ids.dtype != torch.int64 or ids.dim() != 1 or not ids.is_contiguous():
         raise ValueError("ids must be a contiguous int64 vector")
-    if out.dtype != torch.float32 or out.shape != (ids.shape[0], k) or not out.is_contiguous():
-        raise ValueError("out must be contiguous float32 [len(ids), k]")
+    if out.dtype not in (torch.float32, torch.bfloat16) or out.shape != (ids.shape[0], k) or not out.is_contiguous():
+        raise ValueError("out must be contiguous float32 or bfloat16 [len(ids), k]")
     _check(_lib().kq_embedding(qtype, weight.data_ptr(), weight.shape[1], _scales_ptr(weight, scales), ids.data_ptr(),
-                               ids.shape[0], first_row, weight.shape[0], k, out.data_ptr(), int(clear_outside)),
-           "embedding")
+                               ids.shape[0], first_row, weight.shape[0], k, out.data_ptr(), int(clear_outside),
+                               int(out.dtype == torch.bfloat16)), "embedding")
     return out

@@ -170,30 +170,30 @@ class QuantizedWeight:
         rows = x.reshape(-1, x.shape[-1])
         if self.perm is not None:
             rows = rows.index_select(1, self.perm)
-        if rows.dtype != torch.float32 or rows.stride(-1) != 1:
+        if rows.dtype not in (torch.float32, torch.bfloat16) or rows.stride(-1) != 1:
             rows = rows.float().contiguous()
         covered = self._covers_all_rows()
         full = len(self.segments) == 1 and covered
-        out = None if full else (torch.empty if covered else torch.zeros)(rows.shape[0], self.rows)
+        out = None if full else (torch.empty if covered else torch.zeros)(rows.shape[0], self.rows, dtype=rows.dtype)
         for offset, part in self.segments:
             target = None if out is None else out.narrow(1, offset, part.shape[0])
             result = qk.matmul(rows, part.qtype, part.data, self.k, part.scales, out=target)
             out = result if out is None else out
         if bias is not None:
-            out += bias.float()
+            out += bias.to(out.dtype)
         out = out.view(*x.shape[:-1], self.rows)
-        return out if x.dtype == torch.float32 else out.to(x.dtype)
+        return out if x.dtype == out.dtype else out.to(x.dtype)
 
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` dequantised (an embedding lookup of a quantized table; rows no segment holds are 0)."""
         flat = ids.reshape(-1).to(torch.int64).contiguous()  # (no-ops for the engine's int64 ids)
-        out = torch.empty(flat.shape[0], self.k, dtype=torch.float32)
+        out = torch.empty(flat.shape[0], self.k, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         for i, (offset, part) in enumerate(self.segments):
             qk.embedding(part.qtype, part.data, self.k, part.scales, flat, offset, out, clear_outside=i == 0)
         if not self.segments:
             out.zero_()
         out = out.view(*ids.shape, self.k)
-        return out if dtype == torch.float32 else out.to(dtype)
+        return out if dtype == out.dtype else out.to(dtype)
 
 
 def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -35,9 +35,9 @@ def _warn_slow_cpu_dtype(dtype: torch.dtype) -> None:
 
 def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | str | None,
                   device: torch.device, quantized: bool = False) -> torch.dtype:
-    """``auto``: on CPU float32 for quantized weights (their kernels compute in float32, so bf16 activations
-    would only add conversions, and float32 decode steps can be recorded and replayed: ``cpu_replay``),
-    else bfloat16 when the CPU has fast bf16, else float32; on GPU the checkpoint's dtype, with float32
+    """``auto``: on CPU, for quantized weights bfloat16 where their kernels have bf16 dot products
+    (``cpu_features.quantized_bf16_dot``), else float32 (bf16 activations would be widened to float32 on every
+    call); for dense ones bfloat16 when the CPU has fast bf16, else float32; on GPU the checkpoint's dtype, with float32
     checkpoints served in bfloat16. An explicit half dtype on a CPU without fast bf16 is
     honoured, with one warning saying why it is slow."""
     if isinstance(requested, torch.dtype):
@@ -51,7 +51,8 @@ def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | 
         if name in DTYPES:
             chosen = DTYPES[name]
         elif device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bf16() and not quantized else torch.float32
+            fast = cpu_features.quantized_bf16_dot() if quantized else cpu_has_fast_bf16()
+            return torch.bfloat16 if fast else torch.float32
         else:
             if isinstance(checkpoint_dtype, str):
                 checkpoint_dtype = DTYPES.get(checkpoint_dtype.removeprefix("torch."))

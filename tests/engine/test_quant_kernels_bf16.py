@@ -1,0 +1,95 @@
+"""bfloat16 activations through the quantized CPU matmuls (the engine's bf16 dtype on quantized weights).
+
+Two paths: below ``set_bf16_min_rows`` rows, or on a CPU without AVX-512 BF16 (any CPU: the path is capped to
+prove it), x is widened to float32 and the float32 path runs, so the result is exactly that path's float32
+result rounded to bf16. From the threshold on, where the CPU has AVX-512 BF16, the dequantised weights are
+rounded to bf16 and multiplied with vdpbf16ps: checked against ``bf16(x) @ bf16(dequant(W))`` in float64,
+within the bf16 rounding of the output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from kubeinfer.engine.layers import quant_kernels as qk
+
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf.constants import GGMLQuantizationType  # noqa: E402
+
+from tests.engine.test_quant_kernels import K_FOR, random_blocks  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
+FORMATS = pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def widened_isa(request: pytest.FixtureRequest):
+    """A path without bf16 dot products (the ones this CPU has)."""
+    previous = qk.current_isa()
+    if qk.set_isa(request.param) != {"avx512": "avx512_vnni"}.get(request.param, request.param):
+        qk.set_isa(previous)
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    qk.set_isa(previous)
+
+
+def _inputs(qtype: int, m: int, n: int = 45, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    k = K_FOR[qtype]
+    weights = random_blocks(qtype, n, k, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    dense = gguf_quants.dequantize(weights, GGMLQuantizationType(qtype)).reshape(n, k)
+    return x, torch.from_numpy(weights), dense
+
+
+@FORMATS
+@pytest.mark.parametrize("m", [1, 3, 8, 40])
+def test_widened_bf16_is_the_float32_result_rounded(widened_isa: str, qtype: int, m: int) -> None:
+    x, weights, _ = _inputs(qtype, m, seed=m)
+    k = K_FOR[qtype]
+    got = qk.matmul(x, qtype, weights, k, activations="f32")
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, qk.matmul(x.float(), qtype, weights, k, activations="f32").to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not qk.available() or not qk.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
+@FORMATS
+@pytest.mark.parametrize("m", [16, 17, 40, 301])
+def test_bf16_dot_products_match_the_bf16_reference(qtype: int, m: int) -> None:
+    x, weights, dense = _inputs(qtype, m, n=70, seed=m)  # 70 rows: two full 32-row panels and a partial one
+    got = qk.matmul(x, qtype, weights, K_FOR[qtype]).double()
+    w16 = torch.from_numpy(dense).to(torch.bfloat16).double()
+    reference = x.double() @ w16.T
+    scale = reference.abs().max().item()
+    # the output's bf16 rounding (2^-9 relative) and float32 accumulation in another order
+    torch.testing.assert_close(got, reference, atol=4e-3 * scale, rtol=8e-3)
+
+
+@pytest.mark.skipif(not qk.available() or not qk.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
+def test_bf16_dot_products_write_a_column_slice() -> None:
+    x, weights, _ = _inputs(qk.Q4_1, 20, n=37)
+    wide = torch.full((20, 60), 7.0, dtype=torch.bfloat16)
+    qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1], out=wide[:, 10:47])
+    assert torch.equal(wide[:, 10:47], qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1]))
+    assert (wide[:, :10] == 7).all() and (wide[:, 47:] == 7).all()
+
+
+def test_bf16_threshold_moves_between_the_paths() -> None:
+    x, weights, _ = _inputs(qk.Q8_0, 20)
+    k = K_FOR[qk.Q8_0]
+    previous = qk.set_bf16_min_rows(1 << 40)  # never: always widened
+    try:
+        widened = qk.matmul(x, qk.Q8_0, weights, k, activations="f32")
+        assert torch.equal(widened, qk.matmul(x.float(), qk.Q8_0, weights, k, activations="f32").to(torch.bfloat16))
+    finally:
+        assert qk.set_bf16_min_rows(previous) == 1 << 40
+
+
+@pytest.mark.parametrize("qtype", [qk.Q8_0, qk.Q4_1], ids=["Q8_0", "Q4_1"])
+def test_bf16_embedding_is_the_float32_rows_rounded(qtype: int) -> None:
+    k = K_FOR[qtype]
+    weights = torch.from_numpy(random_blocks(qtype, 12, k, seed=3))
+    ids = torch.tensor([3, 7, 11, 0])
+    f32 = qk.embedding(qtype, weights, k, None, ids, 0, torch.empty(4, k), clear_outside=True)
+    bf16 = qk.embedding(qtype, weights, k, None, ids, 0, torch.empty(4, k, dtype=torch.bfloat16), clear_outside=True)
+    assert torch.equal(bf16, f32.to(torch.bfloat16))
