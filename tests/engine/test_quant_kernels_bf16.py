@@ -54,7 +54,7 @@ def test_widened_bf16_is_the_float32_result_rounded(widened_isa: str, qtype: int
 
 @pytest.mark.skipif(not qk.available() or not qk.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
 @FORMATS
-@pytest.mark.parametrize("m", [16, 17, 40, 301])
+@pytest.mark.parametrize("m", [32, 33, 40, 301])
 def test_bf16_dot_products_match_the_bf16_reference(qtype: int, m: int) -> None:
     x, weights, dense = _inputs(qtype, m, n=70, seed=m)  # 70 rows: two full 32-row panels and a partial one
     got = qk.matmul(x, qtype, weights, K_FOR[qtype]).double()
@@ -67,8 +67,8 @@ def test_bf16_dot_products_match_the_bf16_reference(qtype: int, m: int) -> None:
 
 @pytest.mark.skipif(not qk.available() or not qk.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
 def test_bf16_dot_products_write_a_column_slice() -> None:
-    x, weights, _ = _inputs(qk.Q4_1, 20, n=37)
-    wide = torch.full((20, 60), 7.0, dtype=torch.bfloat16)
+    x, weights, _ = _inputs(qk.Q4_1, 36, n=37)
+    wide = torch.full((36, 60), 7.0, dtype=torch.bfloat16)
     qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1], out=wide[:, 10:47])
     assert torch.equal(wide[:, 10:47], qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1]))
     assert (wide[:, :10] == 7).all() and (wide[:, 47:] == 7).all()

@@ -22,8 +22,8 @@ def test_weights_metric_reports_quantized_and_dense(server: ServerProcess, dense
     assert dense > 5 * quantized
 
 
-# The servers run their auto dtypes (float32 for the kept-quantized weights; bf16 for the dense copy where the
-# CPU has fast bf16) around matmuls that differ in rounding: greedy picks may part at a near-tie, nowhere else.
+# The servers run their auto dtypes (bf16 where the CPU has fast bf16, for the kept-quantized weights where their
+# kernels have bf16 dot products; else float32) around matmuls that differ in rounding: greedy picks may part at a near-tie, nowhere else.
 NEAR_TIE_NATS = 0.25
 
 
