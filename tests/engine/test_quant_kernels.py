@@ -22,7 +22,7 @@ from gguf.constants import GGMLQuantizationType  # noqa: E402
 pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
 
 ISAS = ["scalar", "avx2", "avx512"]
-_ISA_RANK = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2}
+_ISA_RANK = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "avx512_bf16": 3}
 # where each format keeps its fp16 scales: (byte offset, low, high) of sane magnitudes
 _HALF_FIELDS = {
     qk.Q8_0: [(0, 1e-3, 2e-2)], qk.Q4_0: [(0, 1e-3, 3e-2)], qk.Q4_1: [(0, 1e-3, 3e-2), (2, -0.2, 0.2)],

@@ -12,8 +12,10 @@ from tests.server.helpers import API_KEY, ServerProcess
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The shared server: API key on, default queue, small batch."""
-    proc = ServerProcess(["--api-key", API_KEY, "--max-num-seqs", "8"])
+    """The shared server: API key on, default queue, small batch, float32 (its tests compare greedy text across
+    batch compositions; in bf16 the batch's row count picks the matmul path, whose rounding can flip a near-tie:
+    not batch invariant, as vLLM's bf16 is not)."""
+    proc = ServerProcess(["--api-key", API_KEY, "--max-num-seqs", "8", "--dtype", "float32"])
     proc.start(tmp_path_factory.mktemp("server")).wait_ready()
     yield proc
     proc.stop()
