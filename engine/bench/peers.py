@@ -84,10 +84,11 @@ def launch_vllm(python: str, model: Path, threads: int, slots: int, max_len: int
                "--port", str(port), "--max-num-seqs", str(slots), "--max-model-len", str(max_len),
                *shlex.split(extra)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
-    log = open(cache_dir() / "vllm-peer.log", "w")  # noqa: SIM115 (the server outlives this call)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cache_dir())
+    log = cache_dir() / "vllm-peer.log"
+    with log.open("w") as out:  # the server writes through its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cache_dir())
     url = f"http://127.0.0.1:{port}"
-    wait_until_ready(process, f"{url}/health", f"vLLM ({shlex.join(command)}; log {log.name})", timeout_s=600)
+    wait_until_ready(process, f"{url}/health", f"vLLM ({shlex.join(command)}; log {log})", timeout_s=600)
     return process, f"{url}/v1"
 
 

@@ -399,6 +399,15 @@ int supported_isa() {
   return SCALAR;
 }
 
+// The arguments every matmul entry point checks: 0, or the code it returns (with the format's block shape).
+int check_matmul(int type, int64_t row_bytes, const float* row_scales, int64_t ldx, int64_t ldy, int64_t M,
+                 int64_t N, int64_t K, int64_t* block_bytes, int64_t* block_elems) {
+  if (!format_of(type, block_bytes, block_elems)) return 1;
+  if (K % *block_elems != 0 || row_bytes < K / *block_elems * *block_bytes) return 2;
+  if (M < 0 || N < 0 || ldx < K || ldy < N || (type == INT8_ROW && row_scales == nullptr)) return 3;
+  return 0;
+}
+
 int g_isa = -1;  // the path in use: the best supported unless capped by kq_set_isa
 
 int current_isa() {
@@ -448,9 +457,8 @@ int64_t kq_row_bytes(int type, int64_t k) {
 int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
               float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
   int64_t block_bytes, block_elems;
-  if (!kq::format_of(type, &block_bytes, &block_elems)) return 1;
-  if (K % block_elems != 0 || row_bytes < K / block_elems * block_bytes) return 2;
-  if (M < 0 || N < 0 || ldx < K || ldy < N || (type == kq::INT8_ROW && row_scales == nullptr)) return 3;
+  if (int status = kq::check_matmul(type, row_bytes, row_scales, ldx, ldy, M, N, K, &block_bytes, &block_elems))
+    return status;
   if (act_mode != 0 && act_mode != 1) return 4;
   if (M == 0 || N == 0) return 0;
   nthreads = std::max(1, nthreads);
@@ -516,9 +524,8 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
 int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_scales, const uint16_t* x,
                    int64_t ldx, uint16_t* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
   int64_t block_bytes, block_elems;
-  if (!kq::format_of(type, &block_bytes, &block_elems)) return 1;
-  if (K % block_elems != 0 || row_bytes < K / block_elems * block_bytes) return 2;
-  if (M < 0 || N < 0 || ldx < K || ldy < N || (type == kq::INT8_ROW && row_scales == nullptr)) return 3;
+  if (int status = kq::check_matmul(type, row_bytes, row_scales, ldx, ldy, M, N, K, &block_bytes, &block_elems))
+    return status;
   if (M == 0 || N == 0) return 0;
 #if KQ_X86
   if (kq::current_isa() >= kq::AVX512_BF16 && M >= kq::g_bf16_min_m)
@@ -996,6 +1003,24 @@ inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   }
 }
 
+// Weight rows n0 .. n0 + rows (rows <= WIDE; the rest of the panel zero) dequantised and stored k-major, WIDE
+// floats per k, in this thread's panel buffer (eight dequantised rows first, then the panel).
+template <class F>
+const float* wide_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, int64_t nblocks, int64_t K,
+                        int64_t n0, int64_t rows) {
+  float* eight = kq::thread_buffer<float, kq::PANELS>((WIDE + 8) * K);
+  float* panel = eight + 8 * K;
+  for (int64_t r0 = 0; r0 < WIDE; r0 += 8) {
+    for (int64_t r = r0; r < r0 + 8; ++r) {
+      float* dst = eight + (r - r0) * K;
+      if (r < rows) dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, dst);
+      else std::fill(dst, dst + K, 0.f);
+    }
+    for (int64_t k = 0; k < K; k += 8) transpose8(eight + k, K, panel + k * WIDE + r0, WIDE);
+  }
+  return panel;
+}
+
 template <class F>
 void wide_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
               int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
@@ -1003,17 +1028,8 @@ void wide_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, cons
   // Every panel meets all M rows (transposed once): 2 * WIDE flops per activation byte read, which L3 feeds.
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
   for (int64_t p = 0; p < npanels; ++p) {
-    float* eight = kq::thread_buffer<float, kq::PANELS>((WIDE + 8) * K);  // eight dequantised rows, then the k-major panel
-    float* panel = eight + 8 * K;
     const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
-    for (int64_t r0 = 0; r0 < WIDE; r0 += 8) {
-      for (int64_t r = r0; r < r0 + 8; ++r) {
-        float* dst = eight + (r - r0) * K;
-        if (r < rows) dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, dst);
-        else std::fill(dst, dst + K, 0.f);
-      }
-      for (int64_t k = 0; k < K; k += 8) transpose8(eight + k, K, panel + k * WIDE + r0, WIDE);
-    }
+    const float* panel = wide_panel<F>(w, row_bytes, row_scales, nblocks, K, n0, rows);
     for (int64_t m0 = 0; m0 < M; m0 += WIDE_M) {
       const int64_t mr = std::min<int64_t>(WIDE_M, M - m0);
       WIDE_TILES[mr - 1](x + m0 * ldx, ldx, panel, K, y + m0 * ldy + n0, ldy, rows);
@@ -1095,18 +1111,9 @@ KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* r
   const int64_t npanels = (N + WIDE - 1) / WIDE;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
   for (int64_t p = 0; p < npanels; ++p) {
-    float* eight = kq::thread_buffer<float, kq::PANELS>((WIDE + 8) * K);  // as wide_run: rows, then k-major
-    float* panel = eight + 8 * K;
-    uint32_t* pairs = kq::thread_buffer<uint32_t, kq::BF16_PAIRS>(K / 2 * WIDE);
     const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
-    for (int64_t r0 = 0; r0 < WIDE; r0 += 8) {
-      for (int64_t r = r0; r < r0 + 8; ++r) {
-        float* dst = eight + (r - r0) * K;
-        if (r < rows) dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, dst);
-        else std::fill(dst, dst + K, 0.f);
-      }
-      for (int64_t k = 0; k < K; k += 8) transpose8(eight + k, K, panel + k * WIDE + r0, WIDE);
-    }
+    const float* panel = wide_panel<F>(w, row_bytes, row_scales, nblocks, K, n0, rows);
+    uint32_t* pairs = kq::thread_buffer<uint32_t, kq::BF16_PAIRS>(K / 2 * WIDE);
     for (int64_t kp = 0; kp < K / 2; ++kp) {
       for (int v = 0; v < WIDE_VECS; ++v) {
         const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(panel + 2 * kp * WIDE + v * LANES)));

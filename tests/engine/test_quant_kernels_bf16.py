@@ -17,21 +17,11 @@ from kubeinfer.engine.layers import quant_kernels as qk
 gguf_quants = pytest.importorskip("gguf.quants")
 from gguf.constants import GGMLQuantizationType  # noqa: E402
 
-from tests.engine.test_quant_kernels import K_FOR, random_blocks  # noqa: E402
+# isa: each path without bf16 dot products that this CPU runs (avx512 is VNNI's), the kernel tests' fixture
+from tests.engine.test_quant_kernels import K_FOR, isa, random_blocks  # noqa: E402, F401
 
 pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
 FORMATS = pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
-
-
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
-def widened_isa(request: pytest.FixtureRequest):
-    """A path without bf16 dot products (the ones this CPU has)."""
-    previous = qk.current_isa()
-    if qk.set_isa(request.param) != {"avx512": "avx512_vnni"}.get(request.param, request.param):
-        qk.set_isa(previous)
-        pytest.skip(f"this CPU has no {request.param}")
-    yield request.param
-    qk.set_isa(previous)
 
 
 def _inputs(qtype: int, m: int, n: int = 45, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -42,9 +32,10 @@ def _inputs(qtype: int, m: int, n: int = 45, seed: int = 0) -> tuple[torch.Tenso
     return x, torch.from_numpy(weights), dense
 
 
+@pytest.mark.usefixtures("isa")
 @FORMATS
 @pytest.mark.parametrize("m", [1, 3, 8, 40])
-def test_widened_bf16_is_the_float32_result_rounded(widened_isa: str, qtype: int, m: int) -> None:
+def test_widened_bf16_is_the_float32_result_rounded(qtype: int, m: int) -> None:
     x, weights, _ = _inputs(qtype, m, seed=m)
     k = K_FOR[qtype]
     got = qk.matmul(x, qtype, weights, k, activations="f32")
