@@ -6,7 +6,9 @@ through each float32 path of the kernel: ``decode`` (weights decoded in register
 ``wide`` (wide k-major panels and an outer-product micro-kernel) and, as the peer, ``dense``
 (``torch.matmul`` on the dequantised float32 weights: oneDNN/MKL), and the engine's bf16-activation call
 (``bf16``: x and y in bfloat16; vdpbf16ps panels from ``set_bf16_min_rows`` rows where the CPU has AVX-512
-BF16, else x widened to float32; not part of ``best``). Paths are timed interleaved, fastest of
+BF16, else x widened to float32; not part of ``best``), and the int8-activation paths (llama.cpp's
+arithmetic, less exact: ``q8 rows``, 4-row dot products, and ``q8 panel``, the int8 panel GEMM on AVX-512
+VNNI; ``f32/q8`` is the best float32 path's time over the best int8 one's). Paths are timed interleaved, fastest of
 ``--reps``; GFLOP/s is 2*M*N*K over the best path's time. ``max err`` is the largest difference of any path
 from the dense result, relative to the largest output. The engine's row thresholds between the paths
 (printed) come from this table.
@@ -43,6 +45,12 @@ def quantized_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int, path
             qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
 
 
+def q8_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int, path: str) -> None:
+    with qk.forced_q8_path(path):
+        for name, (blocks, _) in weights.items():
+            qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="q8")
+
+
 def bf16_layer(weights: dict, xs: dict[str, torch.Tensor], qtype: int) -> None:
     for name, (blocks, _) in weights.items():
         qk.matmul(xs[name], qtype, blocks, SHAPES[name][1], activations="f32")
@@ -72,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_features.describe()}; kernel path {qk.current_isa()}; {torch.get_num_threads()} threads; "
           f"{args.format}", flush=True)
     header = (f"{'M':>6}{'decode us':>11}{'panel us':>10}{'wide us':>9}{'dense us':>10}{'best':>8}{'best/dense':>12}"
-              f"{'best GF/s':>11}{'max err':>10}{'bf16 us':>9}{'best/bf16':>11}")
+              f"{'best GF/s':>11}{'max err':>10}{'bf16 us':>9}{'best/bf16':>11}{'q8 rows':>9}{'q8 panel':>10}"
+              f"{'f32/q8':>8}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -81,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         xs16 = {name: x.to(torch.bfloat16) for name, x in xs.items()}
         flops = sum(2 * m * n * k for n, k in SHAPES.values())
 
-        times = {name: float("inf") for name in [*qk.F32_PATHS, "dense", "bf16"]}
+        times = {name: float("inf") for name in [*qk.F32_PATHS, "dense", "bf16", *(f"q8_{p}" for p in qk.Q8_PATHS)]}
         for _ in range(args.reps):  # interleaved: a noisy neighbour slows every path alike
             for path in qk.F32_PATHS:
                 times[path] = min(times[path], timed_us(quantized_layer, weights, xs, qtype, path))
             times["dense"] = min(times["dense"], timed_us(dense_layer, weights, xs))
             times["bf16"] = min(times["bf16"], timed_us(bf16_layer, weights, xs16, qtype))
+            for path in qk.Q8_PATHS:
+                times[f"q8_{path}"] = min(times[f"q8_{path}"], timed_us(q8_layer, weights, xs, qtype, path))
         errs = {}
         for path in qk.F32_PATHS:
             with qk.forced_path(path):
@@ -94,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                                         - xs[name] @ w.T).abs().max() / (xs[name] @ w.T).abs().max())
                                  for name, (blocks, w) in weights.items())
         best = min(qk.F32_PATHS, key=times.get)
+        best_q8 = min(times["q8_rows"], times["q8_panel"])
         row = {"rows": m, **{f"{k}_us": v for k, v in times.items()}, "best": best,
                "best_gflops": flops / times[best] / 1e3, "max_rel_err": max(errs.values())}
         rows.append(row)
         print(f"{m:>6}{times['decode']:>11.0f}{times['panel']:>10.0f}{times['wide']:>9.0f}{times['dense']:>10.0f}"
               f"{best:>8}{times[best] / times['dense']:>12.2f}{row['best_gflops']:>11.1f}{row['max_rel_err']:>10.1e}"
-              f"{times['bf16']:>9.0f}{times[best] / times['bf16']:>11.2f}",
+              f"{times['bf16']:>9.0f}{times[best] / times['bf16']:>11.2f}{times['q8_rows']:>9.0f}"
+              f"{times['q8_panel']:>10.0f}{times[best] / best_q8:>8.2f}",
               flush=True)
     panel_from = qk.set_panel_min_rows(1)  # (read back and restored: the kernels' own thresholds)
     wide_from = qk.set_wide_min_rows(1)
@@ -107,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     qk.set_wide_min_rows(wide_from)
     bf16_from = qk.set_bf16_min_rows(1)
     qk.set_bf16_min_rows(bf16_from)
+    q8_from = qk.set_q8_panel_min_rows(1)
+    qk.set_q8_panel_min_rows(q8_from)
     print(f"the engine's thresholds: panel from {panel_from} rows, wide panels from {wide_from}; bf16 dot products "
-          f"from {bf16_from} rows ({'on' if qk.has_bf16_dot() else 'not on'} this CPU)")
+          f"from {bf16_from} rows ({'on' if qk.has_bf16_dot() else 'not on'} this CPU); int8 panels from {q8_from}")
     if args.json_path:
         write_json(args.json_path, {"cpu": cpu_features.describe(), "format": args.format, "rows": rows})
     return 0

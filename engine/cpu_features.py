@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 FLAGS_ENV = "KUBEINFER_CPU_FLAGS"
+VENDOR_ENV = "KUBEINFER_CPU_VENDOR"  # replaces /proc/cpuinfo's vendor_id (AuthenticAMD, GenuineIntel), as the flags
 
 # Kernel variants of engine/csrc, best first: the instruction sets each needs (Linux cpuinfo names).
 KERNEL_VARIANTS: dict[str, frozenset[str]] = {
@@ -49,6 +50,17 @@ def flags() -> frozenset[str]:
     return detected_flags()
 
 
+def vendor() -> str:
+    """``vendor_id`` from ``/proc/cpuinfo`` (``$KUBEINFER_CPU_VENDOR`` when set): some choices depend on how a
+    vendor's cores execute an instruction, which the flags do not say."""
+    return os.environ.get(VENDOR_ENV) or _detected_vendor()
+
+
+@cache
+def _detected_vendor() -> str:
+    return _cpuinfo_field("vendor_id")
+
+
 @cache
 def model_name() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
@@ -64,11 +76,20 @@ def has_fast_bf16(given: frozenset[str] | set[str] | None = None) -> bool:
     return "avx512_bf16" in f or "amx_bf16" in f
 
 
-def quantized_bf16_dot(given: frozenset[str] | set[str] | None = None) -> bool:
-    """The quantized kernels' bf16 path (engine/csrc/quant_kernels.cpp: AVX-512 BW/VL, VNNI and BF16): bf16
-    activations then multiply dequantised weight panels with vdpbf16ps, ~1.3-1.9x their float32 GEMM."""
+def quantized_int8_panels(given: frozenset[str] | set[str] | None = None) -> bool:
+    """The quantized kernels' int8 panel GEMM (engine/csrc/quant_kernels.cpp: AVX-512 BW/VL and VNNI), which
+    makes int8 activations their default for GGUF weights (quant_kernels.default_activations)."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _given(given)
+
+
+def quantized_bf16_dot(given: frozenset[str] | set[str] | None = None, cpu_vendor: str | None = None) -> bool:
+    """Whether the quantized kernels' bf16 path (AVX-512 BW/VL, VNNI and BF16: dequantised weight panels
+    rounded to bf16 and multiplied with vdpbf16ps) beats widening bf16 activations to float32. Only on AMD
+    (Zen 4/5 issue vdpbf16ps at twice the FMA's products: 1.1-1.9x from 32 rows); on Intel without AMX it
+    runs at the FMA's rate and the rounding is extra work (0.5-0.8x measured on an AVX-512 BF16 Xeon)."""
     f = _given(given)
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"} <= f
+    amd = (cpu_vendor or vendor()) == "AuthenticAMD"
+    return amd and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"} <= f
 
 
 def onednn_packs_bf16(given: frozenset[str] | set[str] | None = None) -> bool:
@@ -91,7 +112,7 @@ def supported_kernel_variants(given: frozenset[str] | set[str] | None = None) ->
 def describe() -> str:
     """One line for logs and benchmarks: model name and the flags that decide the engine's paths."""
     interesting = sorted(f for f in flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    return f"{model_name()} | {' '.join(interesting)} | kernels {kernel_variant()}"
+    return f"{model_name()} ({vendor()}) | {' '.join(interesting)} | kernels {kernel_variant()}"
 
 
 if __name__ == "__main__":  # `python -m kubeinfer.engine.cpu_features`: what .ci/run prints

@@ -268,7 +268,7 @@ template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_byt
 // A scratch buffer per thread and use: grows to the largest request seen, never shrinks (no allocation per
 // call once warm). Per thread, so concurrent callers (tests, TP ranks in threads) and the OpenMP workers of
 // one call never share one; the tag keeps a thread's different uses apart.
-enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS, BF16_PAIRS, BF16_IN, BF16_OUT };
+enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS, BF16_PAIRS, BF16_IN, BF16_OUT, Q8_CODES, Q8_SCALES, Q8_STAGING };
 template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
@@ -284,6 +284,10 @@ inline int64_t g_wide_min_m = 96;  // from here on the panels are wide and k-maj
 // wide panels are rounded to bf16 pairs and multiplied with vdpbf16ps (twice the FMA's products per
 // instruction); fewer rows are widened to float32 and take the float32 paths (kq_set_bf16_min_rows).
 inline int64_t g_bf16_min_m = 32;  // bench/quant_matmul.py (Zen 5): 0.75x at 16 rows, 1.1x at 32, 1.3x at 48
+
+// Q8-mode calls with at least this many rows on AVX-512 VNNI use the int8 panels (kq_set_q8_panel_min_rows):
+// each panel's weights are unpacked once to bytes and meet every activation row in vpdpbusd tiles.
+inline int64_t g_q8_panel_min_m = 4;  // bench/quant_matmul.py (Intel AVX-512 VNNI): 0.86x at 4 rows, 0.59x at 8
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -482,6 +486,10 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
 #endif
       kq::scalar::quantize_rows(x, ldx, M, K, xq, nthreads);
     acts.q8 = xq;
+#if KQ_X86
+    if (isa >= kq::AVX512_VNNI && M >= kq::g_q8_panel_min_m)
+      return kq::avx512::q8_panel_matmul(type, wb, row_bytes, row_scales, xq, nblocks, M, N, y, ldy, nthreads);
+#endif
   } else {
     acts.x = x;
     acts.ldx = ldx;
@@ -518,8 +526,8 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
   return 0;
 }
 
-// kq_matmul with bfloat16 x and y (the engine's bf16 dtype; y rounded to nearest even). On AVX-512 BF16 from
-// g_bf16_min_m rows on: bf16 products through vdpbf16ps (the weights rounded to bf16, as a dense bf16 model's
+// kq_matmul with bfloat16 x and y (the engine's bf16 dtype; y rounded to nearest even). F32 mode on AVX-512
+// BF16 from g_bf16_min_m rows on: bf16 products through vdpbf16ps (the weights rounded to bf16, as a dense bf16 model's
 // are); otherwise x is widened to float32 and kq_matmul's path runs (act_mode as there).
 int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_scales, const uint16_t* x,
                    int64_t ldx, uint16_t* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
@@ -528,7 +536,7 @@ int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_
     return status;
   if (M == 0 || N == 0) return 0;
 #if KQ_X86
-  if (kq::current_isa() >= kq::AVX512_BF16 && M >= kq::g_bf16_min_m)
+  if (act_mode == 0 && kq::current_isa() >= kq::AVX512_BF16 && M >= kq::g_bf16_min_m)
     return kq::avx512::bf16_matmul(type, static_cast<const uint8_t*>(w), row_bytes, row_scales, x, ldx,
                                    K / block_elems, K, M, N, y, ldy, std::max(1, nthreads));
 #endif
@@ -540,6 +548,13 @@ int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = kq::float_to_bf16(yf[m * N + n]);
   return 0;
+}
+
+// Q8-mode calls with at least `rows` rows use the int8 panels (AVX-512 VNNI); returns the previous threshold.
+int64_t kq_set_q8_panel_min_rows(int64_t rows) {
+  const int64_t previous = kq::g_q8_panel_min_m;
+  kq::g_q8_panel_min_m = std::max<int64_t>(1, rows);
+  return previous;
 }
 
 // bf16 activations with at least `rows` rows use the AVX-512 BF16 panels; returns the previous threshold.
@@ -1129,6 +1144,134 @@ KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* r
 }
 #endif
 
+#if KQ_SIMD_PASS == 2
+// ---- int8 panels (Q8 mode, M >= g_q8_panel_min_m): Q8_COLS weight rows unpacked once to unsigned byte codes
+// (the signed formats shifted by 128 into an offset), stored per group of 32 as 8 k-quads x Q8_COLS dwords, so
+// vpdpbusd multiplies one broadcast quad of a row's int8 activations with 16 columns at once. Per group and
+// column: value = scale[h] * code + offset[h] for each half h of 16 (one scale per 32 unless F::SPLIT). So
+//   y[m, n] = sum_groups d_x * sum_h scale[h] * (codes . q_x)_h + offset[h] * s_x[h]
+// (s_x[h] = d_x * the half's sum of q_x, kept in QBlock): llama.cpp's arithmetic, in a GEMM.
+constexpr int Q8_VECS = 2, Q8_COLS = Q8_VECS * 16, Q8_M = 4;
+
+struct Q8Panel {
+  const uint32_t* codes;  // [groups][8 quads][Q8_COLS]: bytes 4 qd .. 4 qd + 3 of each column's group
+  const float* scale;     // [groups][2 halves][Q8_COLS]
+  const float* offset;    // [groups][2 halves][Q8_COLS]
+};
+
+// Weight rows n0 .. n0 + rows (rows <= Q8_COLS; the rest of the panel zero) as a Q8Panel in this thread's buffers.
+template <class F>
+Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, int64_t nblocks, int64_t n0,
+                 int64_t rows) {
+  const int64_t groups = nblocks * F::GROUPS;
+  uint32_t* codes = kq::thread_buffer<uint32_t, kq::Q8_CODES>(groups * 8 * Q8_COLS);
+  float* scale = kq::thread_buffer<float, kq::Q8_SCALES>(groups * 4 * Q8_COLS);
+  float* offset = scale + groups * 2 * Q8_COLS;
+  uint32_t* eight = kq::thread_buffer<uint32_t, kq::Q8_STAGING>(8 * groups * 8);  // 8 columns' codes, row-major
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t r0 = 0; r0 < Q8_COLS; r0 += 8) {
+    for (int64_t r = r0; r < r0 + 8; ++r) {
+      uint32_t* dst = eight + (r - r0) * groups * 8;
+      const int64_t c = r;  // the column within the panel
+      if (r >= rows) {
+        std::fill(dst, dst + groups * 8, 0u);
+        for (int64_t g = 0; g < groups; ++g)
+          for (int h = 0; h < 2; ++h) scale[(g * 2 + h) * Q8_COLS + c] = offset[(g * 2 + h) * Q8_COLS + c] = 0.f;
+        continue;
+      }
+      const uint8_t* row = w + (n0 + r) * row_bytes;
+      const float row_scale = row_scales ? row_scales[n0 + r] : 1.f;
+      for (int64_t b = 0; b < nblocks; ++b) {
+        F::decode(row + b * F::BYTES, row_scale, [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
+          const int64_t g = b * F::GROUPS + j;
+          if (F::SIGNED) {  // int8 q = (q ^ 0x80) - 128 as an unsigned code
+            q = _mm256_xor_si256(q, flip);
+            o0 = -128.f * s0;
+            o1 = -128.f * s1;
+          }
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 8), q);
+          scale[(g * 2) * Q8_COLS + c] = s0;
+          scale[(g * 2 + 1) * Q8_COLS + c] = s1;
+          offset[(g * 2) * Q8_COLS + c] = o0;
+          offset[(g * 2 + 1) * Q8_COLS + c] = o1;
+        });
+      }
+    }
+    for (int64_t g = 0; g < groups; ++g)  // (the transpose moves dwords: floats' bits, unchanged)
+      transpose8(reinterpret_cast<const float*>(eight + g * 8), groups * 8,
+                 reinterpret_cast<float*>(codes + g * 8 * Q8_COLS + r0), Q8_COLS);
+  }
+  return {codes, scale, offset};
+}
+
+template <int MR, bool SPLIT>
+void q8_tile(const QBlock* x, int64_t groups, const Q8Panel& p, float* y, int64_t ldy, int64_t ncols) {
+  constexpr int HALVES = SPLIT ? 2 : 1, QUADS = 8 / HALVES;
+  __m512 acc[MR][Q8_VECS];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < Q8_VECS; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint32_t* codes = p.codes + g * 8 * Q8_COLS;
+    for (int h = 0; h < HALVES; ++h) {
+      __m512i dots[MR][Q8_VECS];
+      for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < Q8_VECS; ++v) dots[m][v] = _mm512_setzero_si512();
+      for (int qd = h * QUADS; qd < (h + 1) * QUADS; ++qd) {
+        __m512i wv[Q8_VECS];
+        for (int v = 0; v < Q8_VECS; ++v) wv[v] = _mm512_loadu_si512(codes + qd * Q8_COLS + 16 * v);
+        for (int m = 0; m < MR; ++m) {
+          int32_t quad;
+          std::memcpy(&quad, x[m * groups + g].q + 4 * qd, 4);
+          const __m512i xb = _mm512_set1_epi32(quad);
+          for (int v = 0; v < Q8_VECS; ++v) dots[m][v] = _mm512_dpbusd_epi32(dots[m][v], wv[v], xb);
+        }
+      }
+      const float* scale = p.scale + (g * 2 + h) * Q8_COLS;
+      const float* offset = p.offset + (g * 2 + h) * Q8_COLS;
+      for (int m = 0; m < MR; ++m) {
+        const QBlock& a = x[m * groups + g];
+        const __m512 d = _mm512_set1_ps(a.d), s = _mm512_set1_ps(SPLIT ? a.s[h] : a.s[0] + a.s[1]);
+        for (int v = 0; v < Q8_VECS; ++v) {
+          const __m512 sd = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * v), d);
+          acc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[m][v]), sd, acc[m][v]);
+          acc[m][v] = _mm512_fmadd_ps(_mm512_loadu_ps(offset + 16 * v), s, acc[m][v]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(64) float row[Q8_COLS];
+    for (int v = 0; v < Q8_VECS; ++v) _mm512_store_ps(row + 16 * v, acc[m][v]);
+    std::memcpy(y + m * ldy, row, static_cast<size_t>(ncols) * sizeof(float));
+  }
+}
+
+using Q8Fn = void (*)(const QBlock*, int64_t, const Q8Panel&, float*, int64_t, int64_t);
+
+template <bool SPLIT, int... MRs> constexpr std::array<Q8Fn, sizeof...(MRs)> q8_tiles(std::integer_sequence<int, MRs...>) {
+  return {&q8_tile<MRs + 1, SPLIT>...};
+}
+
+const std::array<Q8Fn, Q8_M> Q8_TILES = q8_tiles<false>(std::make_integer_sequence<int, Q8_M>{});  // [mr - 1]
+const std::array<Q8Fn, Q8_M> Q8_SPLIT_TILES = q8_tiles<true>(std::make_integer_sequence<int, Q8_M>{});
+
+template <class F>
+void q8_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* x, int64_t nblocks,
+            int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  const int64_t npanels = (N + Q8_COLS - 1) / Q8_COLS, groups = nblocks * F::GROUPS;
+  const auto& tiles = F::SPLIT ? Q8_SPLIT_TILES : Q8_TILES;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
+  for (int64_t p = 0; p < npanels; ++p) {
+    const int64_t n0 = p * Q8_COLS, rows = std::min<int64_t>(Q8_COLS, N - n0);
+    const Q8Panel panel = q8_panel<F>(w, row_bytes, row_scales, nblocks, n0, rows);
+    for (int64_t m0 = 0; m0 < M; m0 += Q8_M) {
+      const int64_t mr = std::min<int64_t>(Q8_M, M - m0);
+      tiles[mr - 1](x + m0 * groups, groups, panel, y + m0 * ldy + n0, ldy, rows);
+    }
+  }
+}
+#endif
+
 // fn(F{}) for the decoder F of weight format `type`; 1 for an unknown format.
 template <class Fn> int with_format(int type, Fn&& fn) {
   switch (type) {
@@ -1155,6 +1298,15 @@ int bf16_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_
                 int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, uint16_t* y, int64_t ldy, int nthreads) {
   return with_format(type, [&](auto format) {
     bf16_run<decltype(format)>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
+  });
+}
+#endif
+
+#if KQ_SIMD_PASS == 2
+int q8_panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* x,
+                    int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  return with_format(type, [&](auto format) {
+    q8_run<decltype(format)>(w, row_bytes, row_scales, x, nblocks, M, N, y, ldy, nthreads);
   });
 }
 #endif

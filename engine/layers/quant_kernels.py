@@ -4,8 +4,9 @@ The library is compiled without ``-march``: its AVX2 and AVX-512 VNNI paths are 
 pragmas and picked at run time from the CPU's features, so one build serves every x86 CPU and the paths a
 CPU lacks still compile everywhere. ``KUBEINFER_QUANT_ISA=scalar|avx2|avx512`` (or ``set_isa``) caps the
 path, to test the fallbacks. Activations are float32 (weights dequantised in registers: the dense result
-up to rounding order; the default) or quantized to int8 per block of 32 as llama.cpp does (``q8``: int8 dot
-products; ``KUBEINFER_QUANT_ACTIVATIONS=q8`` makes it the default). Weights are ``uint8 [N, row_bytes]`` rows of GGUF blocks (ggml's type codes),
+up to rounding order) or quantized to int8 per block of 32 as llama.cpp does (``q8``: int8 dot products, the
+default for GGUF formats where the int8 panel GEMM runs; ``KUBEINFER_QUANT_ACTIVATIONS=f32|q8`` overrides
+``default_activations``). Weights are ``uint8 [N, row_bytes]`` rows of GGUF blocks (ggml's type codes),
 or ``int8 [N, K]`` rows with float32 per-row scales (``INT8_ROW``).
 """
 
@@ -23,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from kubeinfer.engine import cpu_features
 from kubeinfer.engine.csrc import build
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ ACTIVATIONS_ENV = "KUBEINFER_QUANT_ACTIVATIONS"
 ACTIVATION_MODES = {"f32": 0, "q8": 1}
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512_vnni", 3: "avx512_bf16"}
 _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 2, "avx512_bf16": 3}
+_path_in_use = {"isa": 0}  # the library's kq_current_isa, mirrored by _lib and set_isa
 
 # ggml type codes of the block formats the kernels read, and our int8-rows format
 Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, INT8_ROW = 2, 3, 8, 12, 13, 14, 100
@@ -53,6 +56,7 @@ _SIGNATURES = {
     "kq_matmul": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "kq_matmul_bf16": ([_INT, _P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT, _INT], _INT),
     "kq_set_bf16_min_rows": ([_I64], _I64),
+    "kq_set_q8_panel_min_rows": ([_I64], _I64),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
     "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT, _INT], _INT),
 }
@@ -90,11 +94,14 @@ def _lib() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    if not cpu_features.quantized_bf16_dot():  # slower than widening to float32 on this CPU: never
+        lib.kq_set_bf16_min_rows(1 << 40)
     requested = os.environ.get(ISA_ENV, "").strip().lower()
     if requested:
         if requested not in _ISA_CODES:
             raise ValueError(f"{ISA_ENV}={requested!r}: expected one of scalar, avx2, avx512")
         lib.kq_set_isa(_ISA_CODES[requested])
+    _path_in_use["isa"] = lib.kq_current_isa()
     return lib
 
 
@@ -113,7 +120,8 @@ def current_isa() -> str:
 def set_isa(name: str) -> str:
     """Use at most ``name`` (scalar, avx2, avx512, avx512_bf16; capped at what the CPU supports); returns the
     path in use. ``avx512`` is the VNNI path without the bf16 dot products."""
-    return ISA_NAMES[_lib().kq_set_isa(_ISA_CODES[name])]
+    _path_in_use["isa"] = _lib().kq_set_isa(_ISA_CODES[name])
+    return ISA_NAMES[_path_in_use["isa"]]
 
 
 def set_panel_min_rows(rows: int) -> int:
@@ -134,14 +142,26 @@ def set_bf16_min_rows(rows: int) -> int:
     return _lib().kq_set_bf16_min_rows(rows)
 
 
+def set_q8_panel_min_rows(rows: int) -> int:
+    """int8-activation calls with at least ``rows`` rows use the int8 panel GEMM (AVX-512 VNNI); fewer take
+    the 4-row dot products. Returns the previous threshold (benchmarks, tests)."""
+    return _lib().kq_set_q8_panel_min_rows(rows)
+
+
 def has_bf16_dot() -> bool:
-    """Whether bfloat16 activations get the bf16 dot-product path here (else they are widened to float32)."""
+    """Whether this CPU has the bf16 dot-product path (AVX-512 BF16); the engine uses it only where it is the
+    faster one (``cpu_features.quantized_bf16_dot``: else the threshold is set to never)."""
     return _lib().kq_current_isa() >= _ISA_CODES["avx512_bf16"]
 
 
 # The float32-activation paths, and the row thresholds (panel from, wide panels from) that force each at every
 # row count: decoded in registers, the panel GEMM's dot-product tiles, its wide k-major panels.
 F32_PATHS = {"decode": (1 << 40, 1 << 40), "panel": (1, 1 << 40), "wide": (1, 1)}
+
+
+# The int8-activation paths, and the row threshold (int8 panels from) that forces each: 4-row dot products, or
+# the int8 panel GEMM.
+Q8_PATHS = {"rows": 1 << 40, "panel": 1}
 
 
 @contextmanager
@@ -157,12 +177,41 @@ def forced_path(path: str) -> Iterator[None]:
         set_wide_min_rows(previous[1])
 
 
+@contextmanager
+def forced_q8_path(path: str) -> Iterator[None]:
+    """int8-activation calls inside take ``path`` (a key of ``Q8_PATHS``) whatever their rows."""
+    previous = set_q8_panel_min_rows(Q8_PATHS[path])
+    try:
+        yield
+    finally:
+        set_q8_panel_min_rows(previous)
+
+
 @cache
-def default_activations() -> str:
-    mode = os.environ.get(ACTIVATIONS_ENV, "f32").strip().lower() or "f32"
-    if mode not in ACTIVATION_MODES:
+def _activations_override() -> str | None:
+    mode = os.environ.get(ACTIVATIONS_ENV, "").strip().lower() or None
+    if mode not in (None, *ACTIVATION_MODES):
         raise ValueError(f"{ACTIVATIONS_ENV}={mode!r}: expected f32 or q8")
     return mode
+
+
+def default_activations(qtype: int) -> str:
+    """How a matmul with weights in ``qtype`` multiplies when the caller does not say: ``$KUBEINFER_QUANT_ACTIVATIONS``
+    when set; else ``q8`` for the GGUF block formats where the int8 panel GEMM runs (AVX-512 VNNI: 1.9-2.6x the
+    float32 GEMM from 16 rows on, the arithmetic of llama.cpp's CPU backend and of vLLM's GGUF kernels, which
+    quantize activations to int8 per block of 32 too), ``f32`` otherwise (and for ``INT8_ROW``, weight-only int8)."""
+    override = _activations_override()
+    if override is not None:
+        return override
+    fast_int8 = cpu_features.quantized_int8_panels() and has_int8_panels()  # (the flags may fake a lesser CPU)
+    return "q8" if qtype != INT8_ROW and fast_int8 else "f32"
+
+
+def has_int8_panels() -> bool:
+    """Whether int8-activation calls get the int8 panel GEMM here (the kernel path is AVX-512 VNNI or better).
+    Read from the path kept on this side, not asked of the library: a recorded decode step logs every call."""
+    _lib()
+    return _path_in_use["isa"] >= _ISA_CODES["avx512_vnni"]
 
 
 def row_bytes(qtype: int, k: int) -> int:
@@ -191,8 +240,8 @@ def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: to
     writes ``out`` (``[M, N]`` in x's dtype, any row stride; e.g. a column slice of a wider output) when given.
     x is float32 or bfloat16 (the bf16 dtype: the result rounded to bf16; bf16 dot products from
     ``set_bf16_min_rows`` rows on where the CPU has AVX-512 BF16). ``activations``: ``f32`` or ``q8`` (default:
-    ``default_activations()``)."""
-    mode = ACTIVATION_MODES[activations or default_activations()]
+    ``default_activations(qtype)``)."""
+    mode = ACTIVATION_MODES[activations or default_activations(qtype)]
     m, width = x.shape  # (a ValueError for a tensor that is not 2-D)
     if x.dtype not in (torch.float32, torch.bfloat16) or width != k or x.stride(1) != 1:
         raise ValueError("matmul needs a float32 or bfloat16 [M, k] input with unit stride along k")

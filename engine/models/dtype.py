@@ -35,8 +35,8 @@ def _warn_slow_cpu_dtype(dtype: torch.dtype) -> None:
 
 def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | str | None,
                   device: torch.device, quantized: bool = False) -> torch.dtype:
-    """``auto``: on CPU, for quantized weights bfloat16 where their kernels have bf16 dot products
-    (``cpu_features.quantized_bf16_dot``), else float32 (bf16 activations would be widened to float32 on every
+    """``auto``: on CPU, for quantized weights float32 (their kernels take float32 activations as they are and
+    quantize them to int8 themselves where AVX-512 VNNI runs; bf16 would add a conversion on each side of every
     call); for dense ones bfloat16 when the CPU has fast bf16, else float32; on GPU the checkpoint's dtype, with float32
     checkpoints served in bfloat16. An explicit half dtype on a CPU without fast bf16 is
     honoured, with one warning saying why it is slow."""
@@ -51,8 +51,7 @@ def resolve_dtype(requested: str | torch.dtype, checkpoint_dtype: torch.dtype | 
         if name in DTYPES:
             chosen = DTYPES[name]
         elif device.type == "cpu":
-            fast = cpu_features.quantized_bf16_dot() if quantized else cpu_has_fast_bf16()
-            return torch.bfloat16 if fast else torch.float32
+            return torch.bfloat16 if not quantized and cpu_has_fast_bf16() else torch.float32
         else:
             if isinstance(checkpoint_dtype, str):
                 checkpoint_dtype = DTYPES.get(checkpoint_dtype.removeprefix("torch."))

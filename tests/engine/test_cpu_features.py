@@ -18,21 +18,28 @@ from kubeinfer.engine.models import dtype as dtype_mod
 
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 popcnt avx f16c fma bmi1 bmi2 avx2"
 AVX512 = "avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni"
+AMD, INTEL = "AuthenticAMD", "GenuineIntel"
 CPU_CLASSES = {
-    # name: (flags, kernel variant, fast bf16 -> auto dtype, oneDNN packs bf16)
-    "zen3": (BASE + " sha_ni vaes vpclmulqdq", "avx2", False, False),
-    "zen5": (f"{BASE} {AVX512} avx512_bf16 avx512_vbmi avx512_vp2intersect", "avx512", True, True),
-    "sapphire_rapids": (f"{BASE} {AVX512} avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8", "avx512", True, True),
-    "skylake_sp": (f"{BASE} {AVX512}", "avx512", False, True),
-    "no_simd": ("fpu sse sse2", "scalar", False, False),
+    # name: (vendor, flags, kernel variant, fast bf16 -> auto dtype, oneDNN packs bf16)
+    "zen3": (AMD, BASE + " sha_ni vaes vpclmulqdq", "avx2", False, False),
+    "zen5": (AMD, f"{BASE} {AVX512} avx512_bf16 avx512_vbmi avx512_vp2intersect", "avx512", True, True),
+    "sapphire_rapids": (INTEL, f"{BASE} {AVX512} avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8", "avx512", True,
+                        True),
+    "emerald_rapids_vm": (INTEL, f"{BASE} {AVX512} avx512_bf16 avx512_fp16 avx_vnni", "avx512", True, True),  # no AMX
+    "skylake_sp": (INTEL, f"{BASE} {AVX512}", "avx512", False, True),
+    "no_simd": (INTEL, "fpu sse sse2", "scalar", False, False),
 }
+# The quantized kernels' choices: (int8 panel GEMM -> int8 activations for GGUF, bf16 dot products for bf16 ones)
+QUANTIZED = {"zen3": (False, False), "zen5": (True, True), "sapphire_rapids": (True, False),
+             "emerald_rapids_vm": (True, False), "skylake_sp": (True, False), "no_simd": (False, False)}
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(params=sorted(CPU_CLASSES))
 def cpu_class(request, monkeypatch) -> tuple[str, str, bool, bool]:
-    flags, variant, fast, packs = CPU_CLASSES[request.param]
+    vendor, flags, variant, fast, packs = CPU_CLASSES[request.param]
     monkeypatch.setenv(cpu_features.FLAGS_ENV, flags)
+    monkeypatch.setenv(cpu_features.VENDOR_ENV, vendor)
     monkeypatch.setattr(dtype_mod, "_warned", set())
     return request.param, variant, fast, packs
 
@@ -40,6 +47,8 @@ def cpu_class(request, monkeypatch) -> tuple[str, str, bool, bool]:
 def test_decisions_per_cpu_class(cpu_class) -> None:
     name, variant, fast, packs = cpu_class
     assert cpu_features.kernel_variant() == variant, name
+    assert (cpu_features.quantized_int8_panels(), cpu_features.quantized_bf16_dot()) == QUANTIZED[name]
+    assert dtype_mod.resolve_dtype("auto", torch.bfloat16, CPU, quantized=True) == torch.float32
     assert cpu_features.has_fast_bf16() is fast
     assert cpu_features.onednn_packs_bf16() is packs and onednn.packs(torch.bfloat16) is packs
     assert onednn.packs(torch.float32) and not onednn.packs(torch.float16)
@@ -71,7 +80,7 @@ def test_flags_come_from_cpuinfo_unless_overridden(monkeypatch) -> None:
 def test_kernel_build_follows_the_real_cpu_not_the_faked_flags(monkeypatch) -> None:
     """Faked flags steer decisions, never the code built: it must run on this CPU."""
     real = cpu_features.kernel_variant(cpu_features.detected_flags())
-    monkeypatch.setenv(cpu_features.FLAGS_ENV, CPU_CLASSES["sapphire_rapids"][0])
+    monkeypatch.setenv(cpu_features.FLAGS_ENV, CPU_CLASSES["sapphire_rapids"][1])
     assert build.choose_variant() == real
     assert "-march=native" in build.compile_flags(real)
     monkeypatch.setenv(build.VARIANT_ENV, "scalar")
@@ -93,3 +102,15 @@ def test_lower_variants_build_for_their_baseline_isa() -> None:
             assert f"-march={march}" in build.compile_flags(variant)
     assert "-ffp-contract=off" in build.compile_flags("avx2", build.SOURCE)
     assert "-ffp-contract=off" not in build.compile_flags("avx2", build.SOURCE.with_name("other.cpp"))
+
+
+def test_quantized_activations_follow_the_cpu_class(cpu_class) -> None:
+    """int8 activations for GGUF weights where the int8 panels run; float32 elsewhere and for weight-only int8."""
+    from kubeinfer.engine.layers import quant_kernels as qk
+
+    if not qk.available():
+        pytest.skip("the quantized CPU kernels did not build")
+    name = cpu_class[0]
+    expected = "q8" if QUANTIZED[name][0] and qk.has_int8_panels() else "f32"
+    assert qk.default_activations(qk.Q4_K) == expected, name
+    assert qk.default_activations(qk.INT8_ROW) == "f32"

@@ -77,10 +77,10 @@ def test_resolve_dtype(monkeypatch) -> None:
     for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(dtype_mod, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert resolve_dtype("auto", torch.float16, CPU) == expected
-    for flags, expected in (("avx2 fma f16c", torch.float32), ("avx512f avx512bw avx512vl avx512_vnni", torch.float32),
-                            ("avx512f avx512bw avx512vl avx512_vnni avx512_bf16", torch.bfloat16)):
-        monkeypatch.setenv("KUBEINFER_CPU_FLAGS", flags)  # the quantized kernels' bf16 dot products, or not
-        assert resolve_dtype("auto", torch.float16, CPU, quantized=True) == expected, flags
+    for flags in ("avx2 fma f16c", "avx512f avx512bw avx512vl avx512_vnni",
+                  "avx512f avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16"):
+        monkeypatch.setenv("KUBEINFER_CPU_FLAGS", flags)  # quantized kernels take float32 on every CPU class
+        assert resolve_dtype("auto", torch.float16, CPU, quantized=True) == torch.float32, flags
     assert resolve_dtype("auto", torch.float16, CUDA) == torch.float16
     assert resolve_dtype("auto", "bfloat16", CUDA) == torch.bfloat16
     assert resolve_dtype("auto", torch.float32, CUDA) == torch.bfloat16

@@ -72,15 +72,15 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
     return (q * d).reshape(x.shape).astype(np.float64)
 
 
-@pytest.fixture(params=[*(f"f32-{path}" for path in qk.F32_PATHS), "q8"])
+@pytest.fixture(params=[*(f"f32-{path}" for path in qk.F32_PATHS), *(f"q8-{path}" for path in qk.Q8_PATHS)])
 def mode(request: pytest.FixtureRequest):
-    """The activation mode; float32 once per path (decoded in registers, the panel GEMM's dot-product tiles, its
-    wide k-major panels), each forced at every row count (the kernels pick between them by rows)."""
-    if request.param == "q8":
-        yield "q8"
-        return
-    with qk.forced_path(request.param.removeprefix("f32-")):
-        yield "f32"
+    """The activation mode, once per path, each forced at every row count (the kernels pick between them by
+    rows): float32 decoded in registers, the panel GEMM's dot-product tiles, its wide k-major panels; int8
+    in 4-row dot products or the int8 panel GEMM (which needs AVX-512 VNNI: elsewhere the rows path runs)."""
+    activations, path = request.param.split("-")
+    forced = qk.forced_path(path) if activations == "f32" else qk.forced_q8_path(path)
+    with forced:
+        yield activations
 
 
 def check(qtype: int, weights: np.ndarray, k: int, m: int, seed: int, mode: str) -> None:

@@ -43,12 +43,21 @@ def test_widened_bf16_is_the_float32_result_rounded(qtype: int, m: int) -> None:
     assert torch.equal(got, qk.matmul(x.float(), qtype, weights, k, activations="f32").to(torch.bfloat16))
 
 
-@pytest.mark.skipif(not qk.available() or not qk.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
+@pytest.fixture
+def bf16_dot():
+    """The bf16 dot products from 32 rows on, even where the engine leaves them off as the slower path."""
+    if not qk.available() or not qk.has_bf16_dot():
+        pytest.skip("this CPU has no AVX-512 BF16")
+    previous = qk.set_bf16_min_rows(32)
+    yield
+    qk.set_bf16_min_rows(previous)
+
+
 @FORMATS
 @pytest.mark.parametrize("m", [32, 33, 40, 301])
-def test_bf16_dot_products_match_the_bf16_reference(qtype: int, m: int) -> None:
+def test_bf16_dot_products_match_the_bf16_reference(bf16_dot, qtype: int, m: int) -> None:
     x, weights, dense = _inputs(qtype, m, n=70, seed=m)  # 70 rows: two full 32-row panels and a partial one
-    got = qk.matmul(x, qtype, weights, K_FOR[qtype]).double()
+    got = qk.matmul(x, qtype, weights, K_FOR[qtype], activations="f32").double()
     w16 = torch.from_numpy(dense).to(torch.bfloat16).double()
     reference = x.double() @ w16.T
     scale = reference.abs().max().item()
@@ -56,12 +65,11 @@ def test_bf16_dot_products_match_the_bf16_reference(qtype: int, m: int) -> None:
     torch.testing.assert_close(got, reference, atol=4e-3 * scale, rtol=8e-3)
 
 
-@pytest.mark.skipif(not qk.available() or not qk.has_bf16_dot(), reason="this CPU has no AVX-512 BF16")
-def test_bf16_dot_products_write_a_column_slice() -> None:
+def test_bf16_dot_products_write_a_column_slice(bf16_dot) -> None:
     x, weights, _ = _inputs(qk.Q4_1, 36, n=37)
     wide = torch.full((36, 60), 7.0, dtype=torch.bfloat16)
-    qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1], out=wide[:, 10:47])
-    assert torch.equal(wide[:, 10:47], qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1]))
+    qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1], out=wide[:, 10:47], activations="f32")
+    assert torch.equal(wide[:, 10:47], qk.matmul(x, qk.Q4_1, weights, K_FOR[qk.Q4_1], activations="f32"))
     assert (wide[:, :10] == 7).all() and (wide[:, 47:] == 7).all()
 
 
@@ -84,3 +92,17 @@ def test_bf16_embedding_is_the_float32_rows_rounded(qtype: int) -> None:
     f32 = qk.embedding(qtype, weights, k, None, ids, 0, torch.empty(4, k), clear_outside=True)
     bf16 = qk.embedding(qtype, weights, k, None, ids, 0, torch.empty(4, k, dtype=torch.bfloat16), clear_outside=True)
     assert torch.equal(bf16, f32.to(torch.bfloat16))
+
+
+@FORMATS
+@pytest.mark.parametrize("m", [3, 40])
+def test_bf16_with_int8_activations_is_the_int8_result_rounded(qtype: int, m: int) -> None:
+    """int8 activations never take the bf16 dot products (whatever the threshold): x is widened, quantized."""
+    x, weights, _ = _inputs(qtype, m, seed=m)
+    k = K_FOR[qtype]
+    previous = qk.set_bf16_min_rows(1)
+    try:
+        got = qk.matmul(x, qtype, weights, k, activations="q8")
+    finally:
+        qk.set_bf16_min_rows(previous)
+    assert torch.equal(got, qk.matmul(x.float(), qtype, weights, k, activations="q8").to(torch.bfloat16))

@@ -1,10 +1,10 @@
 """Weights kept quantized, end to end: the bundled Q4_1 GGUF kept quantized against the same weights
 dequantised to float32, ``--quantization int8`` against float32, sharding, memory, and the errors.
 
-By default the kernels dequantise the weights in registers and multiply float32 activations, so the kept-
-quantized model differs from the dequantised one only by rounding order: greedy tokens are identical. With
-``q8`` activations (int8 per block of 32, as llama.cpp does) logits move further: the tests bound the logit
-difference and the rate of greedy picks that differ.
+With ``f32`` activations the kernels dequantise the weights in registers and multiply float32 activations, so
+the kept-quantized model differs from the dequantised one only by rounding order: greedy tokens are identical.
+With ``q8`` activations (int8 per block of 32, as llama.cpp does; the default where the int8 panel GEMM runs)
+logits move further: the tests bound the logit difference and the rate of greedy picks that differ.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU ke
 
 # (max |logit difference|, least top-1 agreement) per activation mode on the bundled SmolLM2 Q4_1, whose
 # logits span about +-30
-BOUNDS = {"f32": (1e-3, 1.0), "q8": (4.0, 0.9)}  # measured: 1.4e-4, 130/130; 2.43, 125/130
+BOUNDS = {"f32": (1e-3, 1.0), "q8": (4.0, 0.9)}  # measured: 1.4e-4, 130/130; 2.0-2.4, 125-126/130
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_bundled_gguf_is_kept_quantized_at_its_file_size(bundled_pair) -> None:
 @pytest.mark.parametrize("mode", ["f32", "q8"])
 def test_bundled_logits_close_to_dequantised_float32(bundled_pair, mode: str, monkeypatch) -> None:
     """Teacher-forced on the dense model's own greedy continuation, through chunked prefill in mixed batches."""
-    monkeypatch.setattr(qk, "default_activations", lambda: mode)
+    monkeypatch.setattr(qk, "default_activations", lambda qtype: mode)
     max_diff, min_agreement = BOUNDS[mode]
     quantized, dense = bundled_pair
     tok = dense.tokenizer
@@ -84,9 +84,13 @@ def test_bundled_logits_close_to_dequantised_float32(bundled_pair, mode: str, mo
     assert agree / total >= min_agreement, f"top-1 agreement {agree}/{total}"
 
 
-def test_bundled_greedy_tokens_match_dequantised_in_pressured_batch() -> None:
+@pytest.mark.parametrize("mode", ["f32", "q8"])
+def test_bundled_greedy_tokens_match_dequantised_in_pressured_batch(mode: str, monkeypatch) -> None:
     """The engine with chunked prefill and preemption: the kept-quantized model's greedy tokens equal the
-    dequantised float32 model's."""
+    dequantised float32 model's with float32 activations; with int8 ones (the default where the int8 panels
+    run) they may part where two logits are close, and a sequence that parts continues differently, so the
+    bound is on the tokens before each sequence's first difference."""
+    monkeypatch.setattr(qk, "default_activations", lambda qtype: mode)
     options = dict(dtype="float32", num_gpu_blocks_override=40, block_size=8, max_num_batched_tokens=64)
     outputs = {}
     for method in ("gguf", "none"):
@@ -100,7 +104,15 @@ def test_bundled_greedy_tokens_match_dequantised_in_pressured_batch() -> None:
         stats = engine.get_stats()
         assert stats.num_preemptions_total > before.num_preemptions_total
         assert stats.num_prefill_chunks_total > before.num_prefill_chunks_total
-    assert outputs["gguf"] == outputs["none"]
+    if mode == "f32":
+        assert outputs["gguf"] == outputs["none"]
+        return
+    agreeing = total = 0
+    for got, want in zip(outputs["gguf"], outputs["none"], strict=True):
+        parted = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), len(want))
+        agreeing, total = agreeing + parted, total + len(want)
+    print(f"q8: {agreeing}/{total} greedy tokens before the first difference")
+    assert agreeing >= 0.6 * total, (agreeing, total)  # measured 98/128 (teacher-forced top-1: 126/130)
 
 
 def test_int8_tiny_checkpoint_close_to_float32(tmp_path) -> None:
