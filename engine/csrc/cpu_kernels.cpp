@@ -410,7 +410,8 @@ inline void block_values(const float* weights, int64_t len, const T* v, int64_t 
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention: one query token per sequence, read straight from the block tables.
 // Work item = one sequence, all its heads, so each block (every KV head of 16 positions, contiguous
-// in the cache) is streamed once per pass. Two passes over the context: the scores, then the
+// in the cache) is streamed once per pass (a sequence and one KV head when there are fewer sequences
+// than threads). Two passes over the context: the scores, then the
 // softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
 // HEAD_DIM > 0 fixes the head size at compile time; 0 reads it at run time.
 template <typename T, int HEAD_DIM>
@@ -422,26 +423,31 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
   const int64_t block_elems = block_size * kv_width, block_bytes = block_elems * static_cast<int64_t>(sizeof(T));
+  // Fewer sequences than threads (batch 1): one work item per (sequence, KV head), so every thread streams
+  // part of the cache; otherwise one per sequence, all its heads.
+  const int64_t heads_per_item = num_seqs < num_threads ? 1 : num_kv_heads;
+  const int64_t items_per_seq = num_kv_heads / heads_per_item;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), scores;
+    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), scores, denom(num_heads);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < num_seqs; ++s) {
+    for (int64_t item = 0; item < num_seqs * items_per_seq; ++item) {
+      const int64_t s = item / items_per_seq, kv0 = item % items_per_seq * heads_per_item;
+      const int64_t kv1 = kv0 + heads_per_item, h0 = kv0 * group, h1 = kv1 * group;
       const int64_t len = seq_lens[s], r = rows[s];
       const int32_t* table = block_tables + s * table_stride;
       const T* qs = q + r * q_stride;
-      for (int64_t i = 0; i < num_heads * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
+      for (int64_t i = h0 * head_dim; i < h1 * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
       scores.resize(num_heads * len);
       for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
         if (start + block_size < len) prefetch_block(k_cache + table[b + 1] * block_elems, block_bytes);
         const T* block = k_cache + table[b] * block_elems;
-        for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+        for (int64_t kvh = kv0; kvh < kv1; ++kvh)
           block_scores<T, HEAD_DIM>(query.data() + kvh * group * head_dim, block + kvh * head_dim, kv_width,
                                     std::min(block_size, len - start), group, head_dim,
                                     scores.data() + kvh * group * len + start, len);
       }
-      std::vector<float> denom(num_heads);
-      for (int64_t h = 0; h < num_heads; ++h) {
+      for (int64_t h = h0; h < h1; ++h) {
         float* sh = scores.data() + h * len;
         float m = -INFINITY, total = 0.f;
 #pragma omp simd reduction(max : m)
@@ -453,17 +459,17 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
         }
         denom[h] = total;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc.begin() + h0 * head_dim, acc.begin() + h1 * head_dim, 0.f);
       for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
         if (start + block_size < len) prefetch_block(v_cache + table[b + 1] * block_elems, block_bytes);
         const T* block = v_cache + table[b] * block_elems;
-        for (int64_t kvh = 0; kvh < num_kv_heads; ++kvh)
+        for (int64_t kvh = kv0; kvh < kv1; ++kvh)
           block_values<T, HEAD_DIM>(scores.data() + kvh * group * len + start, len, block + kvh * head_dim,
                                     kv_width, std::min(block_size, len - start), group, head_dim,
                                     acc.data() + kvh * group * head_dim);
       }
       T* os = out + r * out_stride;
-      for (int64_t h = 0; h < num_heads; ++h) {
+      for (int64_t h = h0; h < h1; ++h) {
         const float inv = 1.f / denom[h];
         for (int64_t d = 0; d < head_dim; ++d) os[h * head_dim + d] = from_float<T>(acc[h * head_dim + d] * inv);
       }

@@ -108,10 +108,12 @@ def _decode_metadata(seq_lens: list[int], block: int, num_blocks: int, rng: rand
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
-def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int, variant: str) -> None:
+@pytest.mark.parametrize("seq_lens", [[1, 5, 16, 17, 40, 130, 3, 64], [130]], ids=["batch8", "batch1"])
+def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
+                                                seq_lens: list[int], variant: str) -> None:
+    """batch1: fewer sequences than threads, so the work items are (sequence, KV head) pairs."""
     rng, block, num_blocks = random.Random(3), 16, 64
     torch.manual_seed(3)
-    seq_lens = [1, 5, 16, 17, 40, 130, 3, 64]
     md = _decode_metadata(seq_lens, block, num_blocks, rng)
     # Unwritten slots hold NaN: nothing past a sequence's end may leak into its output.
     k_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=dtype)
