@@ -206,13 +206,21 @@ inline V exp(V x) {
 }  // namespace vec
 #endif
 
+// The row-wise kernels below split their rows across the OpenMP threads from this many rows on (prefill
+// chunks); fewer rows (decode steps) cost less than a parallel region's fork and join. Each row's arithmetic
+// is the same either way, so the result does not depend on the threads.
+constexpr int64_t PARALLEL_ROWS = 64;
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, optionally after a residual add: sum = T(x + residual); out = T(w * T(sum * rsqrt(mean(sum^2) + eps)))
 template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride, T* sum_out,
               int64_t sum_stride, const T* weight, T* out, int64_t out_stride, int64_t rows, int64_t hidden,
               float eps) {
+#pragma omp parallel if (rows >= PARALLEL_ROWS)
+  {
   std::vector<float> row(hidden);
+#pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * x_stride;
     int64_t i = 0;
@@ -261,12 +269,14 @@ void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_
 #endif
     for (; i < hidden; ++i) o[i] = from_float<T>(to_float(weight[i]) * round_to<T>(row[i] * inv_rms));
   }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 // SiLU-and-mul over [gate | up] rows: out = T(T(silu(gate)) * up)
 template <typename T>
 void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int64_t rows, int64_t d) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* gate = x + r * x_stride;
     const T* up = gate + d;
@@ -319,6 +329,7 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
                       const int64_t* slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim) {
   const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
+#pragma omp parallel for schedule(static) if (tokens >= PARALLEL_ROWS)
   for (int64_t t = 0; t < tokens; ++t) {
     const float* cos = cos_sin + positions[t] * head_dim;
     const float* sin = cos + half;
