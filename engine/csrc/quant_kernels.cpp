@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -1159,45 +1160,66 @@ struct Q8Panel {
   const float* offset;    // [groups][2 halves][Q8_COLS]
 };
 
-// Q4_0 / Q4_1 without decoding column by column: dword d of a block's 16 nibble bytes holds k = 4d..4d+3 in its
-// low nibbles and k = 16+4d.. in its high ones, so the 4 x 16 dwords of 16 columns are transposed in registers
-// (a 4 x 4 dword transpose inside each group of 4 columns, then a 4 x 4 transpose of the 128-bit lanes) and
-// masked into quads d and 4 + d: the panel of the formats that bound a Q4 model, at a fraction of the cost.
-template <bool HAS_MIN>
-void q8_panel_q4(const uint8_t* w, int64_t row_bytes, int64_t nblocks, int64_t n0, int64_t rows, uint32_t* codes,
-                 float* scale, float* offset) {
-  using F = FmtQ4<HAS_MIN>;
+// The formats whose bytes are already quads, without decoding column by column: 16 bytes at `offset` in each
+// of 16 columns' blocks (column c at w + c * row_bytes; columns >= rows read as zero) are 4 dwords each;
+// z[d] gets dword d of all 16 columns (a 4 x 4 dword transpose inside each group of 4 columns, then a 4 x 4
+// transpose of the 128-bit lanes).
+inline void quads_of_16_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows, __m512i z[4]) {
   const __m512i within = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512i a[4];
+  for (int j = 0; j < 4; ++j) {
+    __m512i four = _mm512_setzero_si512();
+    for (int t = 0; t < 4; ++t) {
+      const int64_t c = 4 * j + t;
+      if (c >= rows) continue;
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
+      four = _mm512_mask_broadcast_i32x4(four, static_cast<__mmask16>(0xF << (4 * t)), bytes);
+    }
+    a[j] = _mm512_permutexvar_epi32(within, four);  // 128-bit lane d: dword d of the 4 columns
+  }
+  const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+  z[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  z[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  z[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  z[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+
+// Q4_0 / Q4_1 and Q8_0 panels straight from their blocks, the formats that bound a Q4 model and its Q8_0 head.
+// Q4: dword d of a block's 16 nibble bytes holds k = 4d..4d+3 in its low nibbles and k = 16+4d.. in its high
+// ones (quads d and 4 + d); Q8_0: its 32 int8 are quads 0..7 as they are, shifted by 128 into unsigned codes.
+template <class F>
+void q8_panel_direct(const uint8_t* w, int64_t row_bytes, int64_t nblocks, int64_t n0, int64_t rows,
+                     uint32_t* codes, float* scale, float* offset) {
+  constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t g = 0; g < nblocks; ++g) {
     for (int v = 0; v < Q8_VECS; ++v) {
-      __m512i a[4];
-      for (int j = 0; j < 4; ++j) {
-        __m512i four = _mm512_setzero_si512();
-        for (int t = 0; t < 4; ++t) {
-          const int64_t c = 16 * v + 4 * j + t;
-          if (c >= rows) continue;
-          const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n0 + c) * row_bytes + g * F::BYTES + F::QS));
-          four = _mm512_mask_broadcast_i32x4(four, static_cast<__mmask16>(0xF << (4 * t)), qs);
-        }
-        a[j] = _mm512_permutexvar_epi32(within, four);  // 128-bit lane d: dword d of the 4 columns
-      }
-      const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE);
-      const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
-      const __m512i z[4] = {_mm512_shuffle_i32x4(t0, t2, 0x88), _mm512_shuffle_i32x4(t0, t2, 0xDD),
-                            _mm512_shuffle_i32x4(t1, t3, 0x88), _mm512_shuffle_i32x4(t1, t3, 0xDD)};
+      const uint8_t* first = w + (n0 + 16 * v) * row_bytes + g * F::BYTES;
+      const int64_t columns = std::max<int64_t>(0, std::min<int64_t>(16, rows - 16 * v));
       uint32_t* group = codes + g * 8 * Q8_COLS + 16 * v;
-      for (int d = 0; d < 4; ++d) {
-        _mm512_storeu_si512(group + d * Q8_COLS, _mm512_and_si512(z[d], low4));
-        _mm512_storeu_si512(group + (4 + d) * Q8_COLS, _mm512_and_si512(_mm512_srli_epi32(z[d], 4), low4));
+      __m512i z[4];
+      if constexpr (Q8) {
+        for (int half = 0; half < 2; ++half) {
+          quads_of_16_columns(first, row_bytes, 2 + 16 * half, columns, z);
+          for (int d = 0; d < 4; ++d) _mm512_storeu_si512(group + (4 * half + d) * Q8_COLS, _mm512_xor_si512(z[d], flip));
+        }
+      } else {
+        quads_of_16_columns(first, row_bytes, F::QS, columns, z);
+        for (int d = 0; d < 4; ++d) {
+          _mm512_storeu_si512(group + d * Q8_COLS, _mm512_and_si512(z[d], low4));
+          _mm512_storeu_si512(group + (4 + d) * Q8_COLS, _mm512_and_si512(_mm512_srli_epi32(z[d], 4), low4));
+        }
       }
     }
     float* sc = scale + g * 2 * Q8_COLS;
     float* of = offset + g * 2 * Q8_COLS;
     for (int64_t c = 0; c < Q8_COLS; ++c) {  // (the tiles read half 0 only: one scale per 32)
       const uint8_t* block = w + (n0 + c) * row_bytes + g * F::BYTES;
-      sc[c] = c < rows ? F::scale(block) : 0.f;
-      of[c] = c < rows ? F::offset(block) : 0.f;
+      const float d = c < rows ? f16(block) : 0.f;
+      sc[c] = d;
+      if constexpr (Q8) of[c] = -128.f * d;  // (zero-filled codes of absent columns: 0 * d + 0)
+      else of[c] = c < rows ? F::offset(block) : 0.f;
     }
   }
 }
@@ -1210,8 +1232,8 @@ Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, i
   uint32_t* codes = kq::thread_buffer<uint32_t, kq::Q8_CODES>(groups * 8 * Q8_COLS);
   float* scale = kq::thread_buffer<float, kq::Q8_SCALES>(groups * 4 * Q8_COLS);
   float* offset = scale + groups * 2 * Q8_COLS;
-  if constexpr (F::NIBBLES) {
-    q8_panel_q4<F::QS == 4>(w, row_bytes, nblocks, n0, rows, codes, scale, offset);
+  if constexpr (F::NIBBLES || std::is_same_v<F, FmtQ8_0>) {
+    q8_panel_direct<F>(w, row_bytes, nblocks, n0, rows, codes, scale, offset);
     return {codes, scale, offset};
   }
   uint32_t* eight = kq::thread_buffer<uint32_t, kq::Q8_STAGING>(8 * groups * 8);  // 8 columns' codes, row-major
