@@ -116,7 +116,8 @@ def describe() -> str:
 
 
 if __name__ == "__main__":  # `python -m kubeinfer.engine.cpu_features`: what .ci/run prints
-    print(f"CPU: {model_name()}")
+    print(f"CPU: {model_name()} ({vendor()})")
     print(f"flags: {' '.join(sorted(flags()))}")
     print(f"kernel variant: {kernel_variant()}; fast bf16: {has_fast_bf16()}; oneDNN bf16 packing: "
-          f"{onednn_packs_bf16()}")
+          f"{onednn_packs_bf16()}; quantized int8 panels: {quantized_int8_panels()}; quantized bf16 dot: "
+          f"{quantized_bf16_dot()}")

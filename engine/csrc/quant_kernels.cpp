@@ -5,10 +5,11 @@
 //   INT8_ROW (100): int8 rows with one float scale per output row (weight-only int8, --quantization int8).
 // Two ways to multiply (act_mode):
 //   F32 (0): the weights are dequantised in registers and multiplied with the float32 activations: the result
-//     differs from the dense float32 matmul only by rounding order (the engine's default).
+//     differs from the dense float32 matmul only by rounding order.
 //   Q8 (1): as llama.cpp does, the activations are quantized to int8 per block of 32 (one float scale per block
 //     and the two half-block sums, for the formats with an offset), so each 32-weight group is one int8 dot
-//     product: maddubs + madd on AVX2, dpbusd on AVX-512 VNNI. Faster where compute bound, less exact.
+//     product: maddubs + madd on AVX2, dpbusd on AVX-512 VNNI (from g_q8_panel_min_m rows on, an int8 panel
+//     GEMM). Faster where compute bound, less exact; the engine's default for GGUF formats on AVX-512 VNNI.
 // Both accumulate in fp32; the scalar fallback has both too.
 //
 // Every format is decoded group by group into (32 unsigned or signed ints, weight scale and offset for each
