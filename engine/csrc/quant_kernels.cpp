@@ -544,11 +544,20 @@ int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_
 #endif
   float* xf = kq::thread_buffer<float, kq::BF16_IN>(M * K);
   float* yf = kq::thread_buffer<float, kq::BF16_OUT>(M * N);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = kq::bf16_to_float(x[m * ldx + k]);
+#if KQ_X86
+  const bool simd = kq::current_isa() >= kq::AVX2;
+  if (simd) kq::avx2::widen_bf16_rows(x, ldx, M, K, xf);
+  else
+#endif
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xf[m * K + k] = kq::bf16_to_float(x[m * ldx + k]);
   if (int status = kq_matmul(type, w, row_bytes, row_scales, xf, K, yf, N, M, N, K, act_mode, nthreads)) return status;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = kq::float_to_bf16(yf[m * N + n]);
+#if KQ_X86
+  if (simd) kq::avx2::round_bf16_rows(yf, M, N, y, ldy);
+  else
+#endif
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = kq::float_to_bf16(yf[m * N + n]);
   return 0;
 }
 
@@ -1353,6 +1362,42 @@ template <class Fn> int with_format(int type, Fn&& fn) {
     case kq::Q5_K: fn(FmtK<true>{}); return 0;
     case kq::Q6_K: fn(FmtQ6_K{}); return 0;
     default: return 1;
+  }
+}
+
+// bf16 <-> float32 for the bf16 calls that run a float32 path: rows of x widened (exact), rows of y rounded to
+// nearest even as torch rounds (NaNs stay NaNs), 8 lanes at a time.
+void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* src = x + m * ldx;
+    float* dst = out + m * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_slli_epi32(h, 16));
+    }
+    for (; k < K; ++k) dst[k] = kq::bf16_to_float(src[k]);
+  }
+}
+
+void round_bf16_rows(const float* y, int64_t M, int64_t N, uint16_t* out, int64_t ldo) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = y + m * N;
+    uint16_t* dst = out + m * ldo;
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + n));
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
+      const __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one))), 16);
+      const __m256i kept = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+      const __m256i h = _mm256_blendv_epi8(rounded, kept, nan);  // 32-bit lanes holding the 16-bit results
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n), packed);
+    }
+    for (; n < N; ++n) dst[n] = kq::float_to_bf16(src[n]);
   }
 }
 

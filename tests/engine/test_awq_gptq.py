@@ -35,7 +35,8 @@ from tests.engine.awq_gptq_packing import (
 from tests.engine.model_harness import generate_paged
 from tests.engine.tiny_models import make_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
+pytestmark = [pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build"),
+              pytest.mark.usefixtures("float32_activations")]  # the repack's exactness, not the int8 arithmetic
 
 # (N, K, group_size): odd N (multiples of 8, not of 32), K of 3 and 5 blocks, a whole-K group, and N over
 # the repack's 2048-row chunk

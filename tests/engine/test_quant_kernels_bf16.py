@@ -106,3 +106,15 @@ def test_bf16_with_int8_activations_is_the_int8_result_rounded(qtype: int, m: in
     finally:
         qk.set_bf16_min_rows(previous)
     assert torch.equal(got, qk.matmul(x.float(), qtype, weights, k, activations="q8").to(torch.bfloat16))
+
+
+def test_widened_bf16_keeps_infinities_and_nans() -> None:
+    """The vectorised conversions round like torch, infinities and NaNs included (8 lanes and the tail)."""
+    x, weights, _ = _inputs(qk.Q8_0, 3, n=45)
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    k = K_FOR[qk.Q8_0]
+    got = qk.matmul(x, qk.Q8_0, weights, k, activations="f32")
+    want = qk.matmul(x.float(), qk.Q8_0, weights, k, activations="f32").to(torch.bfloat16)
+    assert got[1].isinf().any() and got[2].isnan().all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
