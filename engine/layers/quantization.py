@@ -355,9 +355,13 @@ def log_weight_report(model: nn.Module, method: str) -> WeightReport:
     report = weight_report(model)
     mib = 1 << 20
     if report.quantized_tensors:
+        codes = {n: v for n, v in qk.GGUF_TYPES.items()} | {"INT8": qk.INT8_ROW}
+        activations = sorted({f"{t} x {qk.default_activations(codes[t])}" for t in report.qtypes}) \
+            if qk.available() else []
         logger.info("weights resident: %.1f MiB (quantization %s: %d quantized weights, %.1f MiB in %s; "
-                    "dense %.1f MiB)", report.total_bytes / mib, method, report.quantized_tensors,
-                    report.quantized_bytes / mib, "/".join(report.qtypes), report.dense_bytes / mib)
+                    "dense %.1f MiB); CPU matmul activations: %s", report.total_bytes / mib, method,
+                    report.quantized_tensors, report.quantized_bytes / mib, "/".join(report.qtypes),
+                    report.dense_bytes / mib, ", ".join(activations) or "-")
     else:
         logger.info("weights resident: %.1f MiB (no quantization)", report.total_bytes / mib)
     return report

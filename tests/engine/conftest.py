@@ -7,14 +7,17 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture
-def float32_activations(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+@pytest.fixture(scope="module")
+def float32_activations() -> Iterator[None]:
     """The quantized CPU kernels multiply float32 activations (the dense result up to rounding order) whatever
     this CPU's default (int8 activations where the int8 panels run): for tests of what the weights hold, not of
-    the kernels' arithmetic. Set in the environment, so tensor-parallel workers spawned inside see it too."""
+    the kernels' arithmetic. Module-scoped, so it is in place before the module's engines are built (a recorded
+    decode step keeps the mode it was recorded with), and set in the environment, so tensor-parallel workers
+    spawned inside see it too."""
     from kubeinfer.engine.layers import quant_kernels as qk
 
-    monkeypatch.setenv(qk.ACTIVATIONS_ENV, "f32")
-    qk._activations_override.cache_clear()
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(qk.ACTIVATIONS_ENV, "f32")
+        qk._activations_override.cache_clear()
+        yield
     qk._activations_override.cache_clear()

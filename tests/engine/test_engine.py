@@ -13,6 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from tests.engine.tiny_models import TINY_KINDS, make_tiny_checkpoint
 
+# The bundled GGUF is compared with transformers on its dequantised weights: the quantized kernels multiply
+# float32 activations here (int8 ones are bounded in test_quantized_model.py).
+pytestmark = pytest.mark.usefixtures("float32_activations")
+
 BATCH = 18
 MAX_NEW = 12
 

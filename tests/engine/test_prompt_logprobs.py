@@ -9,7 +9,8 @@ from kubeinfer.engine import LLM, SamplingParams
 from kubeinfer.engine.models.bundled import bundled_model_path
 from transformers import AutoModelForCausalLM
 
-pytestmark = pytest.mark.timeout(1200)  # loading the GGUF into transformers takes minutes on a busy CPU
+pytestmark = [pytest.mark.timeout(1200),  # loading the GGUF into transformers takes minutes on a busy CPU
+              pytest.mark.usefixtures("float32_activations")]  # compared with transformers on the dequantised weights
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Kubernetes schedules pods onto nodes, and the "
         "kubelet starts their containers. A large language model predicts the next token.")
