@@ -151,7 +151,8 @@ def set_q8_panel_min_rows(rows: int) -> int:
 def has_bf16_dot() -> bool:
     """Whether this CPU has the bf16 dot-product path (AVX-512 BF16); the engine uses it only where it is the
     faster one (``cpu_features.quantized_bf16_dot``: else the threshold is set to never)."""
-    return _lib().kq_current_isa() >= _ISA_CODES["avx512_bf16"]
+    _lib()
+    return _path_in_use["isa"] >= _ISA_CODES["avx512_bf16"]
 
 
 # The float32-activation paths, and the row thresholds (panel from, wide panels from) that force each at every
