@@ -1,8 +1,9 @@
 """Compile a C++ kernel source once per (source, compiler flags, kernel variant, CPU) and load it with ctypes.
 
-A library is built for the machine it runs on into a cache directory (``$KUBEINFER_CACHE_DIR`` or
-``~/.cache/kubeinfer/cpu-kernels``) and reused by every later process. The sources have no torch
-headers, so a build takes a second or two. When no C++ compiler is found, or the build fails,
+A library is built for the machine it runs on into a cache directory (``cpu-kernels`` under
+``$KUBEINFER_CACHE``, the project's one cache root, default ``~/.cache/kubeinfer``, as for the hack/
+scripts' builds) and reused by every later process. The sources have no torch headers, so a build takes
+a second or two. When no C++ compiler is found, or the build fails,
 ``load()`` returns None and the engine uses the plain-torch ops instead (logged once).
 
 Kernel variants (``cpu_features.KERNEL_VARIANTS``): one source, with ``#if`` on ``__AVX512F__`` /
@@ -42,7 +43,7 @@ VARIANT_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KUBEINFER_CACHE_DIR") or Path.home() / ".cache" / "kubeinfer"
+    root = os.environ.get("KUBEINFER_CACHE") or Path.home() / ".cache" / "kubeinfer"
     return Path(root) / "cpu-kernels"
 
 

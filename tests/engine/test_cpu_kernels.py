@@ -185,7 +185,7 @@ def test_torch_override_disables_fused_ops(monkeypatch) -> None:
 
 
 def test_build_is_cached_and_a_broken_compiler_falls_back(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("KUBEINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KUBEINFER_CACHE", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
     compiler = build._compiler()
     first = build.build(compiler)
@@ -223,7 +223,7 @@ def test_every_variant_gives_the_same_bits_for_silu_rope_and_the_residual_sum(mo
 
 
 def test_each_variant_has_its_own_cached_library(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("KUBEINFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KUBEINFER_CACHE", str(tmp_path))
     compiler = build._compiler()
     paths = {v: build.build(compiler, variant=v) for v in cpu_features.supported_kernel_variants(
         cpu_features.detected_flags())}
