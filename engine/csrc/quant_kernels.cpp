@@ -289,7 +289,7 @@ inline int64_t g_bf16_min_m = 32;  // bench/quant_matmul.py (Zen 5): 0.75x at 16
 
 // Q8-mode calls with at least this many rows on AVX-512 VNNI use the int8 panels (kq_set_q8_panel_min_rows):
 // each panel's weights are unpacked once to bytes and meet every activation row in vpdpbusd tiles.
-inline int64_t g_q8_panel_min_m = 4;  // bench/quant_matmul.py (Intel AVX-512 VNNI): 0.86x at 4 rows, 0.59x at 8
+inline int64_t g_q8_panel_min_m = 2;  // bench/quant_matmul.py (Intel AVX-512 VNNI): 0.82x at 2 rows, 0.65x at 3
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;

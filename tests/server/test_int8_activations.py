@@ -44,7 +44,7 @@ def test_chat_stream_and_logprobs(int8_client) -> None:  # type: ignore[no-untyp
 
 
 def test_concurrent_requests_all_finish(int8_client) -> None:  # type: ignore[no-untyped-def]
-    """Eight at once: decode batches of 4+ rows take the int8 panel GEMM, the tail of the run the GEMV."""
+    """Eight at once: decode batches of 2+ rows take the int8 panel GEMM, a lone last request the 1-row path."""
     def ask(i: int) -> tuple[str, int]:
         reply = int8_client.completions.create(model="SmolLM2-135M-Instruct", prompt=f"Count to {i + 3}:",
                                                max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
