@@ -291,6 +291,13 @@ inline int64_t g_bf16_min_m = 32;  // bench/quant_matmul.py (Zen 5): 0.75x at 16
 // each panel's weights are unpacked once to bytes and meet every activation row in vpdpbusd tiles.
 inline int64_t g_q8_panel_min_m = 2;  // bench/quant_matmul.py (Intel AVX-512 VNNI): 0.82x at 2 rows, 0.65x at 3
 
+// Sets one of the row thresholds above (at least 1); returns its previous value.
+inline int64_t set_min_rows(int64_t& threshold, int64_t rows) {
+  const int64_t previous = threshold;
+  threshold = std::max<int64_t>(1, rows);
+  return previous;
+}
+
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
@@ -421,6 +428,24 @@ int current_isa() {
   return g_isa;
 }
 
+// bf16 rows to float32 (exact) and float32 rows to bf16 (nearest even, as torch rounds), 8 lanes at a time where
+// the CPU has AVX2.
+void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out) {
+#if KQ_X86
+  if (current_isa() >= AVX2) return avx2::widen_bf16_rows(x, ldx, M, K, out);
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = bf16_to_float(x[m * ldx + k]);
+}
+
+void round_bf16_rows(const float* y, int64_t M, int64_t N, uint16_t* out, int64_t ldo) {
+#if KQ_X86
+  if (current_isa() >= AVX2) return avx2::round_bf16_rows(y, M, N, out, ldo);
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) out[m * ldo + n] = float_to_bf16(y[m * N + n]);
+}
+
 }  // namespace kq
 
 extern "C" {
@@ -437,18 +462,10 @@ int kq_set_isa(int isa) {
 int kq_current_isa() { return kq::current_isa(); }
 
 // Panel GEMM calls with at least `rows` activation rows use wide k-major panels; returns the previous threshold.
-int64_t kq_set_wide_min_rows(int64_t rows) {
-  const int64_t previous = kq::g_wide_min_m;
-  kq::g_wide_min_m = std::max<int64_t>(1, rows);
-  return previous;
-}
+int64_t kq_set_wide_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_wide_min_m, rows); }
 
 // F32-mode calls with at least `rows` activation rows use the panel GEMM; returns the previous threshold.
-int64_t kq_set_panel_min_rows(int64_t rows) {
-  const int64_t previous = kq::g_panel_min_m;
-  kq::g_panel_min_m = std::max<int64_t>(1, rows);
-  return previous;
-}
+int64_t kq_set_panel_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_panel_min_m, rows); }
 
 // Bytes of one row of `k` weights in `type`; 0 when the type is unknown or k is not a whole number of blocks.
 int64_t kq_row_bytes(int type, int64_t k) {
@@ -544,36 +561,17 @@ int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_
 #endif
   float* xf = kq::thread_buffer<float, kq::BF16_IN>(M * K);
   float* yf = kq::thread_buffer<float, kq::BF16_OUT>(M * N);
-#if KQ_X86
-  const bool simd = kq::current_isa() >= kq::AVX2;
-  if (simd) kq::avx2::widen_bf16_rows(x, ldx, M, K, xf);
-  else
-#endif
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xf[m * K + k] = kq::bf16_to_float(x[m * ldx + k]);
+  kq::widen_bf16_rows(x, ldx, M, K, xf);
   if (int status = kq_matmul(type, w, row_bytes, row_scales, xf, K, yf, N, M, N, K, act_mode, nthreads)) return status;
-#if KQ_X86
-  if (simd) kq::avx2::round_bf16_rows(yf, M, N, y, ldy);
-  else
-#endif
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] = kq::float_to_bf16(yf[m * N + n]);
+  kq::round_bf16_rows(yf, M, N, y, ldy);
   return 0;
 }
 
 // Q8-mode calls with at least `rows` rows use the int8 panels (AVX-512 VNNI); returns the previous threshold.
-int64_t kq_set_q8_panel_min_rows(int64_t rows) {
-  const int64_t previous = kq::g_q8_panel_min_m;
-  kq::g_q8_panel_min_m = std::max<int64_t>(1, rows);
-  return previous;
-}
+int64_t kq_set_q8_panel_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_q8_panel_min_m, rows); }
 
 // bf16 activations with at least `rows` rows use the AVX-512 BF16 panels; returns the previous threshold.
-int64_t kq_set_bf16_min_rows(int64_t rows) {
-  const int64_t previous = kq::g_bf16_min_m;
-  kq::g_bf16_min_m = std::max<int64_t>(1, rows);
-  return previous;
-}
+int64_t kq_set_bf16_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_bf16_min_m, rows); }
 
 // Dequantise `n` rows of `k` weights to float32 (the reference, and the embedding lookup of a quantized table).
 int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* row_scales, int64_t n, int64_t k,
@@ -616,8 +614,7 @@ int kq_embedding(int type, const void* w, int64_t row_bytes, const float* row_sc
     } else {
       continue;
     }
-    if (out_bf16)
-      for (int64_t j = 0; j < k; ++j) static_cast<uint16_t*>(out)[i * k + j] = kq::float_to_bf16(row_f32[j]);
+    if (out_bf16) kq::round_bf16_rows(row_f32, 1, k, static_cast<uint16_t*>(out) + i * k, k);
   }
   return 0;
 }
@@ -1250,12 +1247,11 @@ Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, i
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t r0 = 0; r0 < Q8_COLS; r0 += 8) {
     for (int64_t r = r0; r < r0 + 8; ++r) {
-      uint32_t* dst = eight + (r - r0) * groups * 8;
-      const int64_t c = r;  // the column within the panel
+      uint32_t* dst = eight + (r - r0) * groups * 8;  // r: the column within the panel
       if (r >= rows) {
         std::fill(dst, dst + groups * 8, 0u);
         for (int64_t g = 0; g < groups; ++g)
-          for (int h = 0; h < 2; ++h) scale[(g * 2 + h) * Q8_COLS + c] = offset[(g * 2 + h) * Q8_COLS + c] = 0.f;
+          for (int h = 0; h < 2; ++h) scale[(g * 2 + h) * Q8_COLS + r] = offset[(g * 2 + h) * Q8_COLS + r] = 0.f;
         continue;
       }
       const uint8_t* row = w + (n0 + r) * row_bytes;
@@ -1269,10 +1265,10 @@ Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, i
             o1 = -128.f * s1;
           }
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * 8), q);
-          scale[(g * 2) * Q8_COLS + c] = s0;
-          scale[(g * 2 + 1) * Q8_COLS + c] = s1;
-          offset[(g * 2) * Q8_COLS + c] = o0;
-          offset[(g * 2 + 1) * Q8_COLS + c] = o1;
+          scale[(g * 2) * Q8_COLS + r] = s0;
+          scale[(g * 2 + 1) * Q8_COLS + r] = s1;
+          offset[(g * 2) * Q8_COLS + r] = o0;
+          offset[(g * 2 + 1) * Q8_COLS + r] = o1;
         });
       }
     }
@@ -1415,9 +1411,7 @@ int bf16_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_
     bf16_run<decltype(format)>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
   });
 }
-#endif
 
-#if KQ_SIMD_PASS == 2
 int q8_panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* x,
                     int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   return with_format(type, [&](auto format) {

@@ -355,7 +355,7 @@ def log_weight_report(model: nn.Module, method: str) -> WeightReport:
     report = weight_report(model)
     mib = 1 << 20
     if report.quantized_tensors:
-        codes = {n: v for n, v in qk.GGUF_TYPES.items()} | {"INT8": qk.INT8_ROW}
+        codes = qk.GGUF_TYPES | {"INT8": qk.INT8_ROW}
         activations = sorted({f"{t} x {qk.default_activations(codes[t])}" for t in report.qtypes}) \
             if qk.available() else []
         logger.info("weights resident: %.1f MiB (quantization %s: %d quantized weights, %.1f MiB in %s; "
