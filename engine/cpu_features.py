@@ -77,9 +77,10 @@ def has_fast_bf16(given: frozenset[str] | set[str] | None = None) -> bool:
 
 
 def quantized_int8_panels(given: frozenset[str] | set[str] | None = None) -> bool:
-    """The quantized kernels' int8 panel GEMM (engine/csrc/quant_kernels.cpp: AVX-512 BW/VL and VNNI), which
-    makes int8 activations their default for GGUF weights (quant_kernels.default_activations)."""
-    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _given(given)
+    """The quantized kernels' int8 panel GEMM (engine/csrc/quant_kernels.cpp: vpdpbusd on AVX-512 BW/VL and
+    VNNI, vpmaddubsw on AVX2), which makes int8 activations their default for GGUF weights
+    (quant_kernels.default_activations)."""
+    return {"avx2", "fma", "f16c"} <= _given(given)
 
 
 def quantized_bf16_dot(given: frozenset[str] | set[str] | None = None, cpu_vendor: str | None = None) -> bool:

@@ -8,8 +8,8 @@
 //     differs from the dense float32 matmul only by rounding order.
 //   Q8 (1): as llama.cpp does, the activations are quantized to int8 per block of 32 (one float scale per block
 //     and the two half-block sums, for the formats with an offset), so each 32-weight group is one int8 dot
-//     product: maddubs + madd on AVX2, dpbusd on AVX-512 VNNI (from g_q8_panel_min_m rows on, an int8 panel
-//     GEMM). Faster where compute bound, less exact; the engine's default for GGUF formats on AVX-512 VNNI.
+//     product: maddubs + madd on AVX2, dpbusd on AVX-512 VNNI; from g_q8_panel_min_m rows on, an int8 panel
+//     GEMM on either. Faster where compute bound, less exact; the engine's default for GGUF formats on x86.
 // Both accumulate in fp32; the scalar fallback has both too.
 //
 // Every format is decoded group by group into (32 unsigned or signed ints, weight scale and offset for each
@@ -287,8 +287,8 @@ inline int64_t g_wide_min_m = 96;  // from here on the panels are wide and k-maj
 // instruction); fewer rows are widened to float32 and take the float32 paths (kq_set_bf16_min_rows).
 inline int64_t g_bf16_min_m = 32;  // bench/quant_matmul.py (Zen 5): 0.75x at 16 rows, 1.1x at 32, 1.3x at 48
 
-// Q8-mode calls with at least this many rows on AVX-512 VNNI use the int8 panels (kq_set_q8_panel_min_rows):
-// each panel's weights are unpacked once to bytes and meet every activation row in vpdpbusd tiles.
+// Q8-mode calls with at least this many rows use the int8 panels (kq_set_q8_panel_min_rows): each panel's
+// weights are unpacked once to bytes and meet every activation row in vpdpbusd (AVX2: vpmaddubsw) tiles.
 inline int64_t g_q8_panel_min_m = 2;  // bench/quant_matmul.py (Intel AVX-512 VNNI): 0.82x at 2 rows, 0.65x at 3
 
 // Sets one of the row thresholds above (at least 1); returns its previous value.
@@ -508,6 +508,8 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
 #if KQ_X86
     if (isa >= kq::AVX512_VNNI && M >= kq::g_q8_panel_min_m)
       return kq::avx512::q8_panel_matmul(type, wb, row_bytes, row_scales, xq, nblocks, M, N, y, ldy, nthreads);
+    if (isa == kq::AVX2 && M >= kq::g_q8_panel_min_m)
+      return kq::avx2::q8_panel_matmul(type, wb, row_bytes, row_scales, xq, nblocks, M, N, y, ldy, nthreads);
 #endif
   } else {
     acts.x = x;
@@ -686,7 +688,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* ou
 
 // Decoders: fn(group within block, 32 weight bytes, scale lo/hi, offset lo/hi). SIGNED formats give int8 bytes.
 struct FmtQ8_0 {
-  static constexpr int64_t BYTES = 34, GROUPS = 1;
+  static constexpr int64_t BYTES = 34, GROUPS = 1, CODE_BITS = 8;  // (as unsigned int8 panel codes)
   static constexpr bool SIGNED = true, SPLIT = false, OFFSET = false, NIBBLES = false;
   template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
     const float d = f16(b);
@@ -695,7 +697,7 @@ struct FmtQ8_0 {
 };
 
 struct FmtInt8Row {
-  static constexpr int64_t BYTES = 32, GROUPS = 1;
+  static constexpr int64_t BYTES = 32, GROUPS = 1, CODE_BITS = 8;
   static constexpr bool SIGNED = true, SPLIT = false, OFFSET = false, NIBBLES = false;
   template <class Fn> static inline void decode(const uint8_t* b, float row_scale, Fn&& fn) {
     fn(0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), row_scale, row_scale, 0.f, 0.f);
@@ -703,7 +705,7 @@ struct FmtInt8Row {
 };
 
 template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m)
-  static constexpr int64_t BYTES = HAS_MIN ? 20 : 18, GROUPS = 1, QS = HAS_MIN ? 4 : 2;
+  static constexpr int64_t BYTES = HAS_MIN ? 20 : 18, GROUPS = 1, QS = HAS_MIN ? 4 : 2, CODE_BITS = 4;
   static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true, NIBBLES = true;
   static inline float scale(const uint8_t* b) { return f16(b); }
   static inline float offset(const uint8_t* b) { return HAS_MIN ? f16(b + 2) : -8.f * f16(b); }
@@ -716,7 +718,7 @@ template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m
 };
 
 template <bool FIVE_BIT> struct FmtK {  // Q4_K and Q5_K: 8 groups of 32, 6-bit scales and mins
-  static constexpr int64_t BYTES = FIVE_BIT ? 176 : 144, GROUPS = 8;
+  static constexpr int64_t BYTES = FIVE_BIT ? 176 : 144, GROUPS = 8, CODE_BITS = FIVE_BIT ? 5 : 4;
   static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true, NIBBLES = false;
   template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
     const float d = f16(b), dmin = f16(b + 2);
@@ -742,7 +744,7 @@ template <bool FIVE_BIT> struct FmtK {  // Q4_K and Q5_K: 8 groups of 32, 6-bit 
 };
 
 struct FmtQ6_K {  // 8 groups of 32 six-bit values (q - 32), an int8 scale per 16
-  static constexpr int64_t BYTES = 210, GROUPS = 8;
+  static constexpr int64_t BYTES = 210, GROUPS = 8, CODE_BITS = 6;
   static constexpr bool SIGNED = false, SPLIT = true, OFFSET = true, NIBBLES = false;
   template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
@@ -791,6 +793,61 @@ inline void row_dot(const uint8_t* w, int64_t nblocks, float row_scale, const QB
     });
   }
   for (int t = 0; t < MT; ++t) res[t] = hsum(acc[t]) + offsets[t];
+}
+
+// One int8 activation row (decode at batch 1) against R weight rows at once: one row's chain of groups (18
+// for SmolLM2's 576 inputs) is a chain of dependent FMAs and offset sums that leaves the core waiting; R rows
+// interleaved keep R independent chains in flight. Threads split the rows in blocks of ROW_BLOCK.
+template <class F, int R>
+inline void rows_dot_q8(const uint8_t* w, int64_t row_bytes, int64_t nblocks, const float* row_scales,
+                        const QBlock* x, float* res) {
+  __m256 acc[R];
+  float offsets[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    offsets[r] = 0.f;
+  }
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int r = 0; r < R; ++r) {
+      F::decode(w + r * row_bytes + b * F::BYTES, row_scales ? row_scales[r] : 1.f,
+                [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
+        const QBlock& a = x[b * F::GROUPS + j];
+        const __m256i uq = F::SIGNED ? _mm256_sign_epi8(q, q) : q;
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q));
+        if (F::SIGNED) xq = _mm256_sign_epi8(xq, q);
+        const __m256 scale = F::SPLIT ? _mm256_set_m128(_mm_set1_ps(s1 * a.d), _mm_set1_ps(s0 * a.d))
+                                      : _mm256_set1_ps(s0 * a.d);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(uq, xq)), scale, acc[r]);
+        if (F::OFFSET) offsets[r] += o0 * a.s[0] + o1 * a.s[1];
+      });
+    }
+  }
+  for (int r = 0; r < R; ++r) res[r] = hsum(acc[r]) + offsets[r];
+}
+
+template <class F>
+void gemv_q8(const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* x, int64_t nblocks,
+             int64_t N, float* y, int nthreads) {
+  constexpr int R = 4;
+  const int64_t nrb = (N + kq::ROW_BLOCK - 1) / kq::ROW_BLOCK;
+  const uint8_t* end = w + N * row_bytes;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nrb > 1)
+  for (int64_t rb = 0; rb < nrb; ++rb) {
+    const int64_t n1 = std::min(N, (rb + 1) * kq::ROW_BLOCK);
+    for (int64_t n = rb * kq::ROW_BLOCK; n < n1; n += R) {
+      const int64_t rows = std::min<int64_t>(R, n1 - n);
+      for (int64_t r = 0; r < rows; ++r) kq::prefetch_ahead(w + (n + r) * row_bytes, row_bytes, end);
+      const float* scales = row_scales ? row_scales + n : nullptr;
+      float res[R];
+      if (rows == R) {
+        rows_dot_q8<F, R>(w + n * row_bytes, row_bytes, nblocks, scales, x, res);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          rows_dot_q8<F, 1>(w + (n + r) * row_bytes, row_bytes, nblocks, scales ? scales + r : nullptr, x, res + r);
+      }
+      std::memcpy(y + n, res, static_cast<size_t>(rows) * sizeof(float));
+    }
+  }
 }
 
 // F32 mode: the 32 decoded weights widened to 4 x 8 floats (lanes 0-15: the first half) and multiplied with
@@ -1152,14 +1209,14 @@ KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* r
 }
 #endif
 
-#if KQ_SIMD_PASS == 2
-// ---- int8 panels (Q8 mode, M >= g_q8_panel_min_m): Q8_COLS weight rows unpacked once to unsigned byte codes
+// ---- int8 panels (Q8 mode, M >= g_q8_panel_min_m; both passes): Q8_COLS weight rows unpacked once to unsigned byte codes
 // (the signed formats shifted by 128 into an offset), stored per group of 32 as 8 k-quads x Q8_COLS dwords, so
-// vpdpbusd multiplies one broadcast quad of a row's int8 activations with 16 columns at once. Per group and
+// one instruction multiplies a broadcast quad of a row's int8 activations with 16 columns (vpdpbusd) or 8
+// (AVX2: vpmaddubsw, int16 sums widened by vpmaddwd). Per group and
 // column: value = scale[h] * code + offset[h] for each half h of 16 (one scale per 32 unless F::SPLIT). So
 //   y[m, n] = sum_groups d_x * sum_h scale[h] * (codes . q_x)_h + offset[h] * s_x[h]
 // (s_x[h] = d_x * the half's sum of q_x, kept in QBlock): llama.cpp's arithmetic, in a GEMM.
-constexpr int Q8_VECS = 2, Q8_COLS = Q8_VECS * 16, Q8_M = 4;
+constexpr int Q8_COLS = 32, Q8_M = 4;
 
 struct Q8Panel {
   const uint32_t* codes;  // [groups][8 quads][Q8_COLS]: bytes 4 qd .. 4 qd + 3 of each column's group
@@ -1167,6 +1224,7 @@ struct Q8Panel {
   const float* offset;    // [groups][2 halves][Q8_COLS]
 };
 
+#if KQ_SIMD_PASS == 2
 // The formats whose bytes are already quads, without decoding column by column: 16 bytes at `offset` in each
 // of 16 columns' blocks (column c at w + c * row_bytes; columns >= rows read as zero) are 4 dwords each;
 // z[d] gets dword d of all 16 columns (a 4 x 4 dword transpose inside each group of 4 columns, then a 4 x 4
@@ -1199,6 +1257,7 @@ template <class F>
 void q8_panel_direct(const uint8_t* w, int64_t row_bytes, int64_t nblocks, int64_t n0, int64_t rows,
                      uint32_t* codes, float* scale, float* offset) {
   constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>;
+  constexpr int Q8_VECS = Q8_COLS / 16;
   const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t g = 0; g < nblocks; ++g) {
     for (int v = 0; v < Q8_VECS; ++v) {
@@ -1231,6 +1290,8 @@ void q8_panel_direct(const uint8_t* w, int64_t row_bytes, int64_t nblocks, int64
   }
 }
 
+#endif
+
 // Weight rows n0 .. n0 + rows (rows <= Q8_COLS; the rest of the panel zero) as a Q8Panel in this thread's buffers.
 template <class F>
 Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, int64_t nblocks, int64_t n0,
@@ -1239,10 +1300,12 @@ Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, i
   uint32_t* codes = kq::thread_buffer<uint32_t, kq::Q8_CODES>(groups * 8 * Q8_COLS);
   float* scale = kq::thread_buffer<float, kq::Q8_SCALES>(groups * 4 * Q8_COLS);
   float* offset = scale + groups * 2 * Q8_COLS;
+#if KQ_SIMD_PASS == 2
   if constexpr (F::NIBBLES || std::is_same_v<F, FmtQ8_0>) {
     q8_panel_direct<F>(w, row_bytes, nblocks, n0, rows, codes, scale, offset);
     return {codes, scale, offset};
   }
+#endif
   uint32_t* eight = kq::thread_buffer<uint32_t, kq::Q8_STAGING>(8 * groups * 8);  // 8 columns' codes, row-major
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t r0 = 0; r0 < Q8_COLS; r0 += 8) {
@@ -1279,9 +1342,11 @@ Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, i
   return {codes, scale, offset};
 }
 
-template <int MR, bool SPLIT>
+#if KQ_SIMD_PASS == 2
+template <int MR, class F>
 void q8_tile(const QBlock* x, int64_t groups, const Q8Panel& p, float* y, int64_t ldy, int64_t ncols) {
-  constexpr int HALVES = SPLIT ? 2 : 1, QUADS = 8 / HALVES;
+  constexpr bool SPLIT = F::SPLIT;
+  constexpr int Q8_VECS = Q8_COLS / 16, HALVES = SPLIT ? 2 : 1, QUADS = 8 / HALVES;
   __m512 acc[MR][Q8_VECS];
   for (int m = 0; m < MR; ++m)
     for (int v = 0; v < Q8_VECS; ++v) acc[m][v] = _mm512_setzero_ps();
@@ -1321,20 +1386,92 @@ void q8_tile(const QBlock* x, int64_t groups, const Q8Panel& p, float* y, int64_
   }
 }
 
-using Q8Fn = void (*)(const QBlock*, int64_t, const Q8Panel&, float*, int64_t, int64_t);
-
-template <bool SPLIT, int... MRs> constexpr std::array<Q8Fn, sizeof...(MRs)> q8_tiles(std::integer_sequence<int, MRs...>) {
-  return {&q8_tile<MRs + 1, SPLIT>...};
+#else
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies the unsigned codes with the int8 activations into int16 pair
+// sums, FLUSH quads of them are added as int16 (FLUSH * 2 * 127 * (2^CODE_BITS - 1) <= 32767: 8 quads of 4-bit
+// codes, 4 of 5-bit, 2 of 6-bit) and widened by vpmaddwd. 8-bit codes would saturate the pair sums: they are
+// split into nibbles (code = 16 hi + lo), each summed as 4-bit codes. 16 columns (8 for the split) per pass.
+template <int MR, class F>
+void q8_tile(const QBlock* x, int64_t groups, const Q8Panel& p, float* y, int64_t ldy, int64_t ncols) {
+  constexpr bool SPLIT = F::SPLIT, NIBBLE_SPLIT = F::CODE_BITS == 8;
+  constexpr int HALVES = SPLIT ? 2 : 1, QUADS = 8 / HALVES, NV = NIBBLE_SPLIT ? 1 : 2;
+  constexpr int FLUSH = std::min(QUADS, F::CODE_BITS == 5 ? 4 : F::CODE_BITS == 6 ? 2 : 8);
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t c0 = 0; c0 < ncols; c0 += 8 * NV) {
+    __m256 acc[MR][NV];
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint32_t* codes = p.codes + g * 8 * Q8_COLS + c0;
+      for (int h = 0; h < HALVES; ++h) {
+        __m256i dots[MR][NV];
+        for (int m = 0; m < MR; ++m)
+          for (int v = 0; v < NV; ++v) dots[m][v] = _mm256_setzero_si256();
+        for (int q0 = h * QUADS; q0 < (h + 1) * QUADS; q0 += FLUSH) {
+          __m256i lo[MR][NV], hi[MR][NV];
+          for (int m = 0; m < MR; ++m)
+            for (int v = 0; v < NV; ++v) lo[m][v] = hi[m][v] = _mm256_setzero_si256();
+          for (int qd = q0; qd < q0 + FLUSH; ++qd) {
+            __m256i wv[NV], wh[NV];
+            for (int v = 0; v < NV; ++v) {
+              wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + qd * Q8_COLS + 8 * v));
+              if (NIBBLE_SPLIT) {
+                wh[v] = _mm256_and_si256(_mm256_srli_epi16(wv[v], 4), low4);
+                wv[v] = _mm256_and_si256(wv[v], low4);
+              }
+            }
+            for (int m = 0; m < MR; ++m) {
+              int32_t quad;
+              std::memcpy(&quad, x[m * groups + g].q + 4 * qd, 4);
+              const __m256i xb = _mm256_set1_epi32(quad);
+              for (int v = 0; v < NV; ++v) {
+                lo[m][v] = _mm256_add_epi16(lo[m][v], _mm256_maddubs_epi16(wv[v], xb));
+                if (NIBBLE_SPLIT) hi[m][v] = _mm256_add_epi16(hi[m][v], _mm256_maddubs_epi16(wh[v], xb));
+              }
+            }
+          }
+          for (int m = 0; m < MR; ++m)
+            for (int v = 0; v < NV; ++v) {
+              dots[m][v] = _mm256_add_epi32(dots[m][v], _mm256_madd_epi16(lo[m][v], ones));
+              if (NIBBLE_SPLIT)
+                dots[m][v] = _mm256_add_epi32(dots[m][v], _mm256_slli_epi32(_mm256_madd_epi16(hi[m][v], ones), 4));
+            }
+        }
+        const float* scale = p.scale + (g * 2 + h) * Q8_COLS + c0;
+        const float* offset = p.offset + (g * 2 + h) * Q8_COLS + c0;
+        for (int m = 0; m < MR; ++m) {
+          const QBlock& a = x[m * groups + g];
+          const __m256 d = _mm256_set1_ps(a.d), s = _mm256_set1_ps(SPLIT ? a.s[h] : a.s[0] + a.s[1]);
+          for (int v = 0; v < NV; ++v) {
+            const __m256 sd = _mm256_mul_ps(_mm256_loadu_ps(scale + 8 * v), d);
+            acc[m][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[m][v]), sd, acc[m][v]);
+            acc[m][v] = _mm256_fmadd_ps(_mm256_loadu_ps(offset + 8 * v), s, acc[m][v]);
+          }
+        }
+      }
+    }
+    const int64_t width = std::min<int64_t>(8 * NV, ncols - c0);
+    for (int m = 0; m < MR; ++m) {
+      alignas(32) float row[8 * NV];
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(row + 8 * v, acc[m][v]);
+      std::memcpy(y + m * ldy + c0, row, static_cast<size_t>(width) * sizeof(float));
+    }
+  }
 }
 
-const std::array<Q8Fn, Q8_M> Q8_TILES = q8_tiles<false>(std::make_integer_sequence<int, Q8_M>{});  // [mr - 1]
-const std::array<Q8Fn, Q8_M> Q8_SPLIT_TILES = q8_tiles<true>(std::make_integer_sequence<int, Q8_M>{});
+#endif
+
+using Q8Fn = void (*)(const QBlock*, int64_t, const Q8Panel&, float*, int64_t, int64_t);
+
+template <class F, int... MRs> constexpr std::array<Q8Fn, sizeof...(MRs)> q8_tiles(std::integer_sequence<int, MRs...>) {
+  return {&q8_tile<MRs + 1, F>...};  // [mr - 1]
+}
 
 template <class F>
 void q8_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* x, int64_t nblocks,
             int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   const int64_t npanels = (N + Q8_COLS - 1) / Q8_COLS, groups = nblocks * F::GROUPS;
-  const auto& tiles = F::SPLIT ? Q8_SPLIT_TILES : Q8_TILES;
+  static constexpr auto tiles = q8_tiles<F>(std::make_integer_sequence<int, Q8_M>{});
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
   for (int64_t p = 0; p < npanels; ++p) {
     const int64_t n0 = p * Q8_COLS, rows = std::min<int64_t>(Q8_COLS, N - n0);
@@ -1345,7 +1482,6 @@ void q8_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const 
     }
   }
 }
-#endif
 
 // fn(F{}) for the decoder F of weight format `type`; 1 for an unknown format.
 template <class Fn> int with_format(int type, Fn&& fn) {
@@ -1412,17 +1548,19 @@ int bf16_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_
   });
 }
 
+#endif
+
 int q8_panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* row_scales, const QBlock* x,
                     int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   return with_format(type, [&](auto format) {
     q8_run<decltype(format)>(w, row_bytes, row_scales, x, nblocks, M, N, y, ldy, nthreads);
   });
 }
-#endif
 
 template <class F>
 void run(bool q8, const uint8_t* w, int64_t row_bytes, const float* row_scales, const kq::Acts& acts, int64_t nb32,
          int64_t nblocks, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
+  if (q8 && M == 1) return gemv_q8<F>(w, row_bytes, row_scales, acts.q8, nblocks, N, y, nthreads);
   auto dot = [&](int mt, const uint8_t* row, float scale, const kq::Tile& tile, float* res) {
     if (q8) {
       switch (mt) {

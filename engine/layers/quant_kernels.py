@@ -5,7 +5,7 @@ pragmas and picked at run time from the CPU's features, so one build serves ever
 CPU lacks still compile everywhere. ``KUBEINFER_QUANT_ISA=scalar|avx2|avx512`` (or ``set_isa``) caps the
 path, to test the fallbacks. Activations are float32 (weights dequantised in registers: the dense result
 up to rounding order) or quantized to int8 per block of 32 as llama.cpp does (``q8``: int8 dot products, the
-default for GGUF formats where the int8 panel GEMM runs; ``KUBEINFER_QUANT_ACTIVATIONS=f32|q8`` overrides
+default for GGUF formats where the int8 panel GEMM runs (x86 with AVX2); ``KUBEINFER_QUANT_ACTIVATIONS=f32|q8`` overrides
 ``default_activations``). Weights are ``uint8 [N, row_bytes]`` rows of GGUF blocks (ggml's type codes),
 or ``int8 [N, K]`` rows with float32 per-row scales (``INT8_ROW``).
 """
@@ -143,8 +143,8 @@ def set_bf16_min_rows(rows: int) -> int:
 
 
 def set_q8_panel_min_rows(rows: int) -> int:
-    """int8-activation calls with at least ``rows`` rows use the int8 panel GEMM (AVX-512 VNNI); fewer take
-    the 4-row dot products. Returns the previous threshold (benchmarks, tests)."""
+    """int8-activation calls with at least ``rows`` rows use the int8 panel GEMM (AVX2 or AVX-512 VNNI); fewer
+    take the dot products of the rows path. Returns the previous threshold (benchmarks, tests)."""
     return _lib().kq_set_q8_panel_min_rows(rows)
 
 
@@ -160,8 +160,8 @@ def has_bf16_dot() -> bool:
 F32_PATHS = {"decode": (1 << 40, 1 << 40), "panel": (1, 1 << 40), "wide": (1, 1)}
 
 
-# The int8-activation paths, and the row threshold (int8 panels from) that forces each: 4-row dot products, or
-# the int8 panel GEMM.
+# The int8-activation paths, and the row threshold (int8 panels from) that forces each: dot products of the rows
+# (one activation row against four weight rows at a time, or four against one), or the int8 panel GEMM.
 Q8_PATHS = {"rows": 1 << 40, "panel": 1}
 
 
@@ -199,8 +199,9 @@ def _activations_override() -> str | None:
 def default_activations(qtype: int) -> str:
     """How a matmul with weights in ``qtype`` multiplies when the caller does not say: ``$KUBEINFER_QUANT_ACTIVATIONS``
     when set; else ``q8`` for the GGUF block formats where the int8 panel GEMM runs (AVX-512 VNNI: 1.9-2.6x the
-    float32 GEMM from 16 rows on, the arithmetic of llama.cpp's CPU backend and of vLLM's GGUF kernels, which
-    quantize activations to int8 per block of 32 too), ``f32`` otherwise (and for ``INT8_ROW``, weight-only int8)."""
+    float32 GEMM from 16 rows on; AVX2: 1.2-1.7x, and 1.4-1.7x at one row), the arithmetic of llama.cpp's CPU
+    backend and of vLLM's GGUF kernels, which quantize activations to int8 per block of 32 too; ``f32``
+    otherwise (and for ``INT8_ROW``, weight-only int8)."""
     override = _activations_override()
     if override is not None:
         return override
@@ -209,10 +210,10 @@ def default_activations(qtype: int) -> str:
 
 
 def has_int8_panels() -> bool:
-    """Whether int8-activation calls get the int8 panel GEMM here (the kernel path is AVX-512 VNNI or better).
+    """Whether int8-activation calls get the int8 panel GEMM here (the kernel path is AVX2 or better).
     Read from the path kept on this side, not asked of the library: a recorded decode step logs every call."""
     _lib()
-    return _path_in_use["isa"] >= _ISA_CODES["avx512_vnni"]
+    return _path_in_use["isa"] >= _ISA_CODES["avx2"]
 
 
 def row_bytes(qtype: int, k: int) -> int:

@@ -30,7 +30,7 @@ CPU_CLASSES = {
     "no_simd": (INTEL, "fpu sse sse2", "scalar", False, False),
 }
 # The quantized kernels' choices: (int8 panel GEMM -> int8 activations for GGUF, bf16 dot products for bf16 ones)
-QUANTIZED = {"zen3": (False, False), "zen5": (True, True), "sapphire_rapids": (True, False),
+QUANTIZED = {"zen3": (True, False), "zen5": (True, True), "sapphire_rapids": (True, False),
              "emerald_rapids_vm": (True, False), "skylake_sp": (True, False), "no_simd": (False, False)}
 CPU = torch.device("cpu")
 

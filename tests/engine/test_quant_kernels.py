@@ -76,7 +76,7 @@ def q8_activations(x: np.ndarray) -> np.ndarray:
 def mode(request: pytest.FixtureRequest):
     """The activation mode, once per path, each forced at every row count (the kernels pick between them by
     rows): float32 decoded in registers, the panel GEMM's dot-product tiles, its wide k-major panels; int8
-    in 4-row dot products or the int8 panel GEMM (which needs AVX-512 VNNI: elsewhere the rows path runs)."""
+    in 4-row dot products or the int8 panel GEMM (AVX2 or AVX-512 VNNI: on the scalar path the rows run)."""
     activations, path = request.param.split("-")
     forced = qk.forced_path(path) if activations == "f32" else qk.forced_q8_path(path)
     with forced:
@@ -135,6 +135,46 @@ def test_embedding_reads_the_rows_of_each_range_and_clears_the_rest(qtype: int) 
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="int64"):
         qk.embedding(qtype, low, k, None, ids.int(), 0, out, clear_outside=True)
+
+
+def filled_blocks(qtype: int, n: int, k: int, byte: int, seed: int) -> np.ndarray:
+    """``n`` rows of blocks whose every byte is ``byte`` except the fp16 scale fields (sane values, as above)."""
+    block_bytes, block_elems = qk.BLOCKS[qtype]
+    blocks = np.full((n, k // block_elems, block_bytes), byte, dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    for offset, low, high in _HALF_FIELDS[qtype]:
+        halves = rng.uniform(low, high, size=blocks.shape[:2]).astype(np.float16)
+        blocks[..., offset:offset + 2] = halves.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return blocks.reshape(n, -1)
+
+
+@pytest.mark.parametrize("q8_path", list(qk.Q8_PATHS))
+@pytest.mark.parametrize("byte", [0xFF, 0x7F, 0x80])
+@pytest.mark.parametrize("qtype", list(K_FOR), ids=lambda t: {v: n for n, v in qk.GGUF_TYPES.items()}[t])
+def test_int8_sums_at_their_largest_do_not_overflow(isa: str, q8_path: str, qtype: int, byte: int) -> None:
+    """Every code at an extreme (all bytes 0xFF: the largest unsigned codes; 0x7F / 0x80: Q8_0's largest and
+    most negative) meets activations whose blocks quantize to +-127 everywhere: the largest integer sums the
+    int8 paths form (AVX2 adds several vpmaddubsw results as int16 before widening). Exact up to float32."""
+    k = K_FOR[qtype]
+    weights = filled_blocks(qtype, 37, k, byte, seed=byte)
+    reference_w = gguf_quants.dequantize(weights, GGMLQuantizationType(qtype)).reshape(37, k).astype(np.float64)
+    x = torch.ones(5, k) * torch.tensor([1.0, -1.0, 2.5, -0.5, 3.0])[:, None]  # every q = +-127
+    with qk.forced_q8_path(q8_path):
+        got = qk.matmul(x, qtype, torch.from_numpy(weights), k, activations="q8").double().numpy()
+    expected = x.double().numpy() @ reference_w.T
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("q8_path", list(qk.Q8_PATHS))
+@pytest.mark.parametrize("value", [127, -128])
+def test_int8_row_sums_at_their_largest_do_not_overflow(isa: str, q8_path: str, value: int) -> None:
+    q = torch.full((37, 192), value, dtype=torch.int8)
+    scales = torch.full((37,), 1e-3)
+    x = torch.ones(5, 192) * torch.tensor([1.0, -1.0, 2.5, -0.5, 3.0])[:, None]
+    with qk.forced_q8_path(q8_path):
+        got = qk.matmul(x, qk.INT8_ROW, q, 192, scales, activations="q8").double()
+    expected = x.double() @ (q.double() * 1e-3).T
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("m", [1, 4, 9, 300])
