@@ -112,6 +112,10 @@ class SamplingParams:
                   "allowed_token_ids must be non-negative integers")
         check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
               "structured_outputs", "structured_outputs must be a StructuredOutputsParams")
+        # (the grammar may allow none of the listed tokens at some step: nothing could be sampled)
+        check(self.allowed_token_ids is None or self.structured_outputs is None, "allowed_token_ids",
+              "allowed_token_ids cannot be combined with structured outputs (response_format, structured_outputs "
+              "or a forced tool call)")
 
     @property
     def is_greedy(self) -> bool:

@@ -323,3 +323,13 @@ def test_a_tiny_top_p_keeps_the_argmax_among_tied_logits() -> None:
     assert torch.isfinite(kept[1]).nonzero().flatten().tolist() == [1, 3]  # 1/3 + 1/3 of the mass reaches 0.5
     top_k = apply_top_k_top_p(logits, torch.tensor([1, 2]), None)
     assert torch.isfinite(top_k).nonzero()[:, 1].tolist() == [1, 3, 4, 1, 3, 4]  # ties at the k-th value stay
+
+
+def test_allowed_token_ids_with_a_grammar_is_rejected_naming_the_field() -> None:
+    """The grammar may allow none of the listed tokens at some step (found by the OpenAPI fuzz: a 500 when
+    the sampler then drew a token the grammar refused): rejected up front instead."""
+    from kubeinfer.engine.structured_outputs import StructuredOutputsParams
+
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(allowed_token_ids=[1, 2], structured_outputs=StructuredOutputsParams(json_object=True))
+    assert info.value.param == "allowed_token_ids"
