@@ -768,6 +768,19 @@ struct FmtQ6_K {  // 8 groups of 32 six-bit values (q - 32), an int8 scale per 1
   }
 };
 
+// acc += scale * (q . x) and offset += the group's offsets for one decoded group q (scales s, offsets o per half)
+// and the activations' block a: the step both int8 row dot products repeat for every group.
+template <class F>
+inline void q8_group(__m256i q, float s0, float s1, float o0, float o1, const QBlock& a, __m256& acc, float& offset) {
+  const __m256i uq = F::SIGNED ? _mm256_sign_epi8(q, q) : q;  // |q| for the signed formats
+  __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q));
+  if (F::SIGNED) xq = _mm256_sign_epi8(xq, q);  // sign of q moved onto x
+  const __m256 scale = F::SPLIT ? _mm256_set_m128(_mm_set1_ps(s1 * a.d), _mm_set1_ps(s0 * a.d))
+                                : _mm256_set1_ps(s0 * a.d);
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(uq, xq)), scale, acc);
+  if (F::OFFSET) offset += o0 * a.s[0] + o1 * a.s[1];
+}
+
 template <class F, int MT>
 inline void row_dot(const uint8_t* w, int64_t nblocks, float row_scale, const QBlock* const* xs, float* res) {
   __m256 acc[MT];
@@ -778,18 +791,7 @@ inline void row_dot(const uint8_t* w, int64_t nblocks, float row_scale, const QB
   }
   for (int64_t b = 0; b < nblocks; ++b) {
     F::decode(w + b * F::BYTES, row_scale, [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
-      const int64_t gi = b * F::GROUPS + j;
-      const __m256i uq = F::SIGNED ? _mm256_sign_epi8(q, q) : q;  // |q| for the signed formats
-      for (int t = 0; t < MT; ++t) {
-        const QBlock& a = xs[t][gi];
-        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q));
-        if (F::SIGNED) xq = _mm256_sign_epi8(xq, q);  // sign of q moved onto x
-        const __m256 p = _mm256_cvtepi32_ps(dot_u8s8(uq, xq));
-        const __m256 scale = F::SPLIT ? _mm256_set_m128(_mm_set1_ps(s1 * a.d), _mm_set1_ps(s0 * a.d))
-                                      : _mm256_set1_ps(s0 * a.d);
-        acc[t] = _mm256_fmadd_ps(p, scale, acc[t]);
-        if (F::OFFSET) offsets[t] += o0 * a.s[0] + o1 * a.s[1];
-      }
+      for (int t = 0; t < MT; ++t) q8_group<F>(q, s0, s1, o0, o1, xs[t][b * F::GROUPS + j], acc[t], offsets[t]);
     });
   }
   for (int t = 0; t < MT; ++t) res[t] = hsum(acc[t]) + offsets[t];
@@ -811,14 +813,7 @@ inline void rows_dot_q8(const uint8_t* w, int64_t row_bytes, int64_t nblocks, co
     for (int r = 0; r < R; ++r) {
       F::decode(w + r * row_bytes + b * F::BYTES, row_scales ? row_scales[r] : 1.f,
                 [&](int j, __m256i q, float s0, float s1, float o0, float o1) {
-        const QBlock& a = x[b * F::GROUPS + j];
-        const __m256i uq = F::SIGNED ? _mm256_sign_epi8(q, q) : q;
-        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q));
-        if (F::SIGNED) xq = _mm256_sign_epi8(xq, q);
-        const __m256 scale = F::SPLIT ? _mm256_set_m128(_mm_set1_ps(s1 * a.d), _mm_set1_ps(s0 * a.d))
-                                      : _mm256_set1_ps(s0 * a.d);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(uq, xq)), scale, acc[r]);
-        if (F::OFFSET) offsets[r] += o0 * a.s[0] + o1 * a.s[1];
+        q8_group<F>(q, s0, s1, o0, o1, x[b * F::GROUPS + j], acc[r], offsets[r]);
       });
     }
   }
