@@ -167,7 +167,7 @@ class DecodeGraphs:
         if self.emulate:
             return self._run_forward(size)[:num]
         if self.device.type == "cpu":
-            cpu_replay.replay(self._graphs[size].steps)
+            cpu_replay.replay(self._graphs[size])
             return self._outputs[size][:num]
         self._graphs[size].replay()
         return self._outputs[size][:num]

@@ -47,6 +47,12 @@ def cache_dir() -> Path:
     return Path(root) / "cpu-kernels"
 
 
+def source_text(source: Path) -> str:
+    """The source and the headers beside it (what a build of it depends on, for the cache key)."""
+    headers = sorted(source.parent.glob("*.h"))
+    return "\n".join(path.read_text() for path in (source, *headers))
+
+
 def _cpu_signature() -> str:
     """What ``-march=native`` depends on: the CPU's model name and feature flags."""
     try:
@@ -89,7 +95,7 @@ def build(compiler: str, source: Path = SOURCE, variant: str | None = None) -> P
     """The path of the compiled library, building it when this source/flags/variant/CPU has no cached copy."""
     variant = choose_variant(variant)
     flags = compile_flags(variant, source)
-    key = hashlib.sha256("\n".join([source.read_text(), compiler, variant, *flags, _cpu_signature()]).encode())
+    key = hashlib.sha256("\n".join([source_text(source), compiler, variant, *flags, _cpu_signature()]).encode())
     target = cache_dir() / f"kubeinfer_{source.stem}_{variant}_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

@@ -32,6 +32,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "packed_calls.h"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
 #endif
@@ -744,3 +746,14 @@ int ki_paged_decode_attention(int dtype, const void* q, int64_t q_stride, void* 
 }
 
 }  // extern "C"
+
+KI_PACKED(ki_rms_norm)
+KI_PACKED(ki_silu_and_mul)
+KI_PACKED(ki_rotary_and_store)
+KI_PACKED(ki_linear)
+KI_PACKED(ki_paged_decode_attention)
+
+// A recorded decode step's kernel calls, from either library (packed_calls.h).
+extern "C" int ki_run_program(const uint64_t* program, int64_t length) {
+  return packed::run_program(program, length);
+}

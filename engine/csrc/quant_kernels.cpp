@@ -33,6 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "packed_calls.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #define KQ_X86 1
 #include <immintrin.h>
@@ -622,6 +624,10 @@ int kq_embedding(int type, const void* w, int64_t row_bytes, const float* row_sc
 }
 
 }  // extern "C"
+
+KI_PACKED(kq_matmul)
+KI_PACKED(kq_matmul_bf16)
+KI_PACKED(kq_embedding)
 
 #else  // ---------------------------------------------------------------------------------------------------------
 // The SIMD pass, compiled once per instruction set (KQ_SIMD_PASS 1: AVX2, 2: AVX-512 VNNI), inside kq::<isa>.

@@ -24,6 +24,7 @@ _SIGNATURES = {
     "ki_linear": [_INT, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ki_paged_decode_attention": [_INT, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
                                   _F32, _INT],
+    "ki_run_program": [_P, _I64],
 }
 
 

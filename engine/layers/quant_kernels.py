@@ -63,7 +63,7 @@ _SIGNATURES = {
 
 
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([build.source_text(SOURCE), compiler, *FLAGS]).encode()).hexdigest()
     target = build.cache_dir() / f"kubeinfer_quant_{key[:16]}.so"
     if target.exists():
         return target

@@ -38,8 +38,11 @@ def test_replay_equals_the_eager_forward_bit_for_bit(bundled) -> None:
     with torch.inference_mode():
         graphs.capture()
     assert set(graphs._graphs) == {1, 2, 4}
-    # the quantized table's lookup is a kernel call too: nothing is re-run in Python (no eager_op step)
-    assert not any(step.__name__ == "again" for step in graphs._graphs[1].steps)
+    # the quantized table's lookup is a kernel call too: nothing is re-run in Python (no eager_op step), and
+    # the whole step is one native run of packed calls
+    for recorded in graphs._graphs.values():
+        assert all(isinstance(step, cpu_replay.KernelCall) for step in recorded.steps)
+        assert len(recorded.segments) == 1 and len(recorded.segments[0].names) == len(recorded.steps)
     rng = random.Random(1)
     for batch in (1, 3, 4, 2):  # 3 replays the size-4 recording with a padding row
         graphs.input_ids[:4] = 0
@@ -61,7 +64,7 @@ def test_replay_equals_the_eager_forward_bit_for_bit(bundled) -> None:
             for (k, v), (k0, v0) in zip(kv, saved, strict=True):  # the same KV writes again
                 k.copy_(k0)
                 v.copy_(v0)
-            cpu_replay.replay(graphs._graphs[size].steps)
+            cpu_replay.replay(graphs._graphs[size])
             replayed = graphs._outputs[size][:batch]
         assert torch.equal(replayed, eager), (batch, (replayed - eager).abs().max())
         assert all(torch.equal(k, k1) and torch.equal(v, v1) for (k, v), (k1, v1) in zip(kv, eager_kv, strict=True))
@@ -111,5 +114,41 @@ def test_an_op_outside_the_kernels_is_refused_by_name() -> None:
         torch.empty(3)
     assert len(rec.steps) == 1
     x.fill_(3)
-    cpu_replay.replay(rec.steps)
+    cpu_replay.replay(rec)
     assert torch.equal(z, torch.full((2, 2), 6.0))
+
+
+def _record_rms_norm(x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor) -> cpu_replay._Recording:
+    with cpu_replay.recording() as rec:
+        cpu_kernels.rms_norm(x, weight, 1e-5)  # allocates its own output: record the raw call below as well
+        status = cpu_kernels._lib().ki_rms_norm(cpu_kernels.DTYPE_CODES[torch.float32], x.data_ptr(), 8, None, 0,
+                                                None, 0, weight.data_ptr(), out.data_ptr(), 8, 2, 8, 1e-5)
+        assert status == 0
+    return rec
+
+
+def test_a_native_run_computes_the_calls_and_names_a_kernel_that_rejects_its_arguments() -> None:
+    x, weight, out = torch.randn(2, 8), torch.rand(8) + 0.5, torch.zeros(2, 8)
+    rec = _record_rms_norm(x, out, weight)
+    assert len(rec.segments) == 1 and rec.segments[0].names == ["ki_rms_norm", "ki_rms_norm"]
+    x.copy_(torch.randn(2, 8))  # the replay reads the new input: the recorded pointers, not copies
+    cpu_replay.replay(rec)
+    assert torch.allclose(out, cpu_kernels.rms_norm(x, weight, 1e-5), atol=1e-6)
+    # the same program with the second call's dtype code corrupted: the kernel refuses, and the error names it
+    rec.steps[1] = cpu_replay.KernelCall(rec.steps[1].name, rec.steps[1].fn, (7, *rec.steps[1].args[1:]),
+                                         rec.steps[1].packed)
+    rec.compile(cpu_replay._runner())
+    with pytest.raises(RuntimeError, match=r"\(ki_rms_norm\) rejected"):
+        cpu_replay.replay(rec)
+
+
+def test_a_call_without_a_packed_entry_runs_in_python_between_native_runs() -> None:
+    x, weight, out = torch.randn(2, 8), torch.rand(8) + 0.5, torch.zeros(2, 8)
+    rec = _record_rms_norm(x, out, weight)
+    first = rec.steps[0]
+    rec.steps[0] = cpu_replay.KernelCall(first.name, first.fn, first.args, packed=None)
+    rec.compile(cpu_replay._runner())
+    assert rec.segments[0] is rec.steps[0] and rec.segments[1].names == ["ki_rms_norm"]
+    out.zero_()
+    cpu_replay.replay(rec)
+    assert torch.allclose(out, cpu_kernels.rms_norm(x, weight, 1e-5), atol=1e-6)
