@@ -5,6 +5,7 @@ with the reason (the engine then runs eagerly)."""
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
@@ -152,3 +153,23 @@ def test_a_call_without_a_packed_entry_runs_in_python_between_native_runs() -> N
     out.zero_()
     cpu_replay.replay(rec)
     assert torch.allclose(out, cpu_kernels.rms_norm(x, weight, 1e-5), atol=1e-6)
+
+
+def test_the_step_benchmark_times_the_replayed_decode_step(tmp_path, monkeypatch) -> None:
+    """bench/model_step.py times decode as the engine runs it (the replay) unless told --eager."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "bench" / "model_step.py"
+    spec = importlib.util.spec_from_file_location("model_step", path)
+    model_step = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "model_step", model_step)  # (its dataclass looks its module up)
+    spec.loader.exec_module(model_step)
+    common = ["--dtype", "float32", "--batch", "2", "--context", "40", "--prefill", "0", "--steps", "2"]
+    for extra, step in (([], "replay"), (["--eager"], "eager")):
+        out = tmp_path / f"{step}.json"
+        model_step.main([*common, *extra, "--json", str(out)])
+        (row,) = json.loads(out.read_text())
+        assert row["step"] == step and row["tokens_per_s"] > 0
+        assert (row["attention_ms"] is None) == (step == "replay")
