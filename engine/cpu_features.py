@@ -83,6 +83,14 @@ def quantized_int8_panels(given: frozenset[str] | set[str] | None = None) -> boo
     return {"avx2", "fma", "f16c"} <= _given(given)
 
 
+def quantized_vnni_int8(given: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the int8 products run on vpdpbusd (AVX-512 BW/VL and VNNI). Without it (AVX2's vpmaddubsw) an
+    8-bit weight code times an int8 activation can saturate the int16 pair sums, so 8-bit formats split their
+    codes into nibbles: twice the work, and float32 activations win from two rows on
+    (quant_kernels.default_activations)."""
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _given(given)
+
+
 def quantized_bf16_dot(given: frozenset[str] | set[str] | None = None, cpu_vendor: str | None = None) -> bool:
     """Whether the quantized kernels' bf16 path (AVX-512 BW/VL, VNNI and BF16: dequantised weight panels
     rounded to bf16 and multiplied with vdpbf16ps) beats widening bf16 activations to float32. Only on AMD

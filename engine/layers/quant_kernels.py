@@ -196,17 +196,28 @@ def _activations_override() -> str | None:
     return mode
 
 
-def default_activations(qtype: int) -> str:
-    """How a matmul with weights in ``qtype`` multiplies when the caller does not say: ``$KUBEINFER_QUANT_ACTIVATIONS``
-    when set; else ``q8`` for the GGUF block formats where the int8 panel GEMM runs (AVX-512 VNNI: 1.9-2.6x the
-    float32 GEMM from 16 rows on; AVX2: 1.2-1.7x, and 1.4-1.7x at one row), the arithmetic of llama.cpp's CPU
-    backend and of vLLM's GGUF kernels, which quantize activations to int8 per block of 32 too; ``f32``
-    otherwise (and for ``INT8_ROW``, weight-only int8)."""
+# The 8-bit-code formats: on AVX2 (no vpdpbusd) their int8 products are split into nibbles so that vpmaddubsw's
+# int16 pair sums cannot saturate, twice the work of a 4-bit format's.
+EIGHT_BIT_CODES = frozenset({Q8_0, INT8_ROW})
+
+
+def default_activations(qtype: int, rows: int = 1) -> str:
+    """How a matmul of ``rows`` activation rows with weights in ``qtype`` multiplies when the caller does not say:
+    ``$KUBEINFER_QUANT_ACTIVATIONS`` when set; else ``q8`` for the GGUF block formats where the int8 panel GEMM
+    runs (AVX-512 VNNI: 1.9-2.6x the float32 GEMM from 16 rows on; AVX2: 1.2-1.7x, and 1.4-1.7x at one row), the
+    arithmetic of llama.cpp's CPU backend and of vLLM's GGUF kernels, which quantize activations to int8 per block
+    of 32 too; ``f32`` otherwise: for ``INT8_ROW`` (weight-only int8), and for Q8_0 on AVX2 from two rows on,
+    where the split int8 products lose to the float32 panels (``bench/quant_matmul.py --format Q8_0``, Zen 3:
+    0.75-0.84x from 8 rows, and the int8 GEMV's 1.5x holds at one row only; e.g. the Q8_0 LM head of a batch)."""
     override = _activations_override()
     if override is not None:
         return override
     fast_int8 = cpu_features.quantized_int8_panels() and has_int8_panels()  # (the flags may fake a lesser CPU)
-    return "q8" if qtype != INT8_ROW and fast_int8 else "f32"
+    if qtype == INT8_ROW or not fast_int8:
+        return "f32"
+    vnni = cpu_features.quantized_vnni_int8() and _path_in_use["isa"] >= _ISA_CODES["avx512_vnni"]
+    split_products = qtype in EIGHT_BIT_CODES and not vnni
+    return "f32" if split_products and rows >= 2 else "q8"
 
 
 def has_int8_panels() -> bool:
@@ -242,9 +253,9 @@ def matmul(x: torch.Tensor, qtype: int, weight: torch.Tensor, k: int, scales: to
     writes ``out`` (``[M, N]`` in x's dtype, any row stride; e.g. a column slice of a wider output) when given.
     x is float32 or bfloat16 (the bf16 dtype: the result rounded to bf16; bf16 dot products from
     ``set_bf16_min_rows`` rows on where the CPU has AVX-512 BF16). ``activations``: ``f32`` or ``q8`` (default:
-    ``default_activations(qtype)``)."""
-    mode = ACTIVATION_MODES[activations or default_activations(qtype)]
+    ``default_activations(qtype, M)``)."""
     m, width = x.shape  # (a ValueError for a tensor that is not 2-D)
+    mode = ACTIVATION_MODES[activations or default_activations(qtype, m)]
     if x.dtype not in (torch.float32, torch.bfloat16) or width != k or x.stride(1) != 1:
         raise ValueError("matmul needs a float32 or bfloat16 [M, k] input with unit stride along k")
     n, wbytes = weight.shape

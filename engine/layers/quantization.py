@@ -351,13 +351,17 @@ def weight_report(model: nn.Module) -> WeightReport:
     return WeightReport(dense, quantized, count, sorted(qtypes))
 
 
+def _activations_of(qtype: int, name: str) -> str:
+    one, batch = qk.default_activations(qtype, 1), qk.default_activations(qtype, 2)
+    return f"{name} x {one}" if one == batch else f"{name} x {one} (one row), {batch} (batches)"
+
+
 def log_weight_report(model: nn.Module, method: str) -> WeightReport:
     report = weight_report(model)
     mib = 1 << 20
     if report.quantized_tensors:
         codes = qk.GGUF_TYPES | {"INT8": qk.INT8_ROW}
-        activations = sorted({f"{t} x {qk.default_activations(codes[t])}" for t in report.qtypes}) \
-            if qk.available() else []
+        activations = sorted({_activations_of(codes[t], t) for t in report.qtypes}) if qk.available() else []
         logger.info("weights resident: %.1f MiB (quantization %s: %d quantized weights, %.1f MiB in %s; "
                     "dense %.1f MiB); CPU matmul activations: %s", report.total_bytes / mib, method,
                     report.quantized_tensors, report.quantized_bytes / mib, "/".join(report.qtypes),

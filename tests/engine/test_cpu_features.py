@@ -32,6 +32,7 @@ CPU_CLASSES = {
 # The quantized kernels' choices: (int8 panel GEMM -> int8 activations for GGUF, bf16 dot products for bf16 ones)
 QUANTIZED = {"zen3": (True, False), "zen5": (True, True), "sapphire_rapids": (True, False),
              "emerald_rapids_vm": (True, False), "skylake_sp": (True, False), "no_simd": (False, False)}
+VNNI = {"zen5", "sapphire_rapids", "emerald_rapids_vm", "skylake_sp"}  # vpdpbusd for the int8 products
 CPU = torch.device("cpu")
 
 
@@ -113,4 +114,10 @@ def test_quantized_activations_follow_the_cpu_class(cpu_class) -> None:
     name = cpu_class[0]
     expected = "q8" if QUANTIZED[name][0] and qk.has_int8_panels() else "f32"
     assert qk.default_activations(qk.Q4_K) == expected, name
+    assert qk.default_activations(qk.Q4_K, rows=32) == expected, name
     assert qk.default_activations(qk.INT8_ROW) == "f32"
+    # Q8_0 (e.g. the LM head) batches: int8 only where vpdpbusd runs (in the faked flags and the kernel's path)
+    vnni = cpu_features.quantized_vnni_int8() and qk.current_isa() in ("avx512_vnni", "avx512_bf16")
+    assert cpu_features.quantized_vnni_int8() == (name in VNNI), name
+    assert qk.default_activations(qk.Q8_0, rows=1) == expected, name
+    assert qk.default_activations(qk.Q8_0, rows=2) == (expected if vnni else "f32"), name

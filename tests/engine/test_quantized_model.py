@@ -63,7 +63,7 @@ def test_bundled_gguf_is_kept_quantized_at_its_file_size(bundled_pair) -> None:
 @pytest.mark.parametrize("mode", ["f32", "q8"])
 def test_bundled_logits_close_to_dequantised_float32(bundled_pair, mode: str, monkeypatch) -> None:
     """Teacher-forced on the dense model's own greedy continuation, through chunked prefill in mixed batches."""
-    monkeypatch.setattr(qk, "default_activations", lambda qtype: mode)
+    monkeypatch.setattr(qk, "default_activations", lambda qtype, rows=1: mode)
     max_diff, min_agreement = BOUNDS[mode]
     quantized, dense = bundled_pair
     tok = dense.tokenizer
@@ -90,7 +90,7 @@ def test_bundled_greedy_tokens_match_dequantised_in_pressured_batch(mode: str, m
     dequantised float32 model's with float32 activations; with int8 ones (the default where the int8 panels
     run) they may part where two logits are close, and a sequence that parts continues differently, so the
     bound is on the tokens before each sequence's first difference."""
-    monkeypatch.setattr(qk, "default_activations", lambda qtype: mode)
+    monkeypatch.setattr(qk, "default_activations", lambda qtype, rows=1: mode)
     options = dict(dtype="float32", num_gpu_blocks_override=40, block_size=8, max_num_batched_tokens=64)
     outputs = {}
     for method in ("gguf", "none"):
