@@ -196,11 +196,6 @@ def _activations_override() -> str | None:
     return mode
 
 
-# The 8-bit-code formats: on AVX2 (no vpdpbusd) their int8 products are split into nibbles so that vpmaddubsw's
-# int16 pair sums cannot saturate, twice the work of a 4-bit format's.
-EIGHT_BIT_CODES = frozenset({Q8_0, INT8_ROW})
-
-
 def default_activations(qtype: int, rows: int = 1) -> str:
     """How a matmul of ``rows`` activation rows with weights in ``qtype`` multiplies when the caller does not say:
     ``$KUBEINFER_QUANT_ACTIVATIONS`` when set; else ``q8`` for the GGUF block formats where the int8 panel GEMM
@@ -215,9 +210,12 @@ def default_activations(qtype: int, rows: int = 1) -> str:
     fast_int8 = cpu_features.quantized_int8_panels() and has_int8_panels()  # (the flags may fake a lesser CPU)
     if qtype == INT8_ROW or not fast_int8:
         return "f32"
-    vnni = cpu_features.quantized_vnni_int8() and _path_in_use["isa"] >= _ISA_CODES["avx512_vnni"]
-    split_products = qtype in EIGHT_BIT_CODES and not vnni
-    return "f32" if split_products and rows >= 2 else "q8"
+    # Q8_0's 8-bit codes: without vpdpbusd its int8 products are split into nibbles (so that vpmaddubsw's int16
+    # pair sums cannot saturate), twice the work of a 4-bit format's
+    if qtype == Q8_0 and rows >= 2 and not (cpu_features.quantized_vnni_int8()
+                                             and _path_in_use["isa"] >= _ISA_CODES["avx512_vnni"]):
+        return "f32"
+    return "q8"
 
 
 def has_int8_panels() -> bool:
