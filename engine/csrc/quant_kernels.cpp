@@ -1218,6 +1218,7 @@ KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* r
 //   y[m, n] = sum_groups d_x * sum_h scale[h] * (codes . q_x)_h + offset[h] * s_x[h]
 // (s_x[h] = d_x * the half's sum of q_x, kept in QBlock): llama.cpp's arithmetic, in a GEMM.
 constexpr int Q8_COLS = 32, Q8_M = 4;
+constexpr int64_t Q8_PREFETCH_GROUPS = 6;  // (direct panels: 6 blocks of 18-34 bytes, 2-3 cache lines ahead)
 
 struct Q8Panel {
   const uint32_t* codes;  // [groups][8 quads][Q8_COLS]: bytes 4 qd .. 4 qd + 3 of each column's group
@@ -1225,23 +1226,30 @@ struct Q8Panel {
   const float* offset;    // [groups][2 halves][Q8_COLS]
 };
 
+// The formats whose bytes are already quads, without decoding column by column. Per ISA, for LANES columns
+// (column c at w + c * row_bytes; columns >= rows read as zero): 16 bytes at `offset` in each column's block
+// are 4 dwords; quads_of_columns gives z[d], dword d of every column. block_heads gives each block's first
+// dword: the f16 scale in its low half, Q4_1's f16 min in its high half, as float vectors.
 #if KQ_SIMD_PASS == 2
-// The formats whose bytes are already quads, without decoding column by column: 16 bytes at `offset` in each
-// of 16 columns' blocks (column c at w + c * row_bytes; columns >= rows read as zero) are 4 dwords each;
-// z[d] gets dword d of all 16 columns (a 4 x 4 dword transpose inside each group of 4 columns, then a 4 x 4
-// transpose of the 128-bit lanes).
-inline void quads_of_16_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows, __m512i z[4]) {
+constexpr int Q8_LANES = 16;
+using CodeVec = __m512i;
+using ScaleVec = __m512;
+
+// (a 4 x 4 dword transpose inside each group of 4 columns, then a 4 x 4 transpose of the 128-bit lanes)
+inline void quads_of_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows, __m512i z[4]) {
   const __m512i within = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  __m128i col[16];  // (independent loads joined in a tree: a chain of masked inserts serialises them)
+  if (rows >= 16) {
+    for (int c = 0; c < 16; ++c) col[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
+  } else {
+    for (int c = 0; c < 16; ++c)
+      col[c] = c < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset))
+                        : _mm_setzero_si128();
+  }
   __m512i a[4];
   for (int j = 0; j < 4; ++j) {
-    __m512i four = _mm512_setzero_si512();
-    for (int t = 0; t < 4; ++t) {
-      const int64_t c = 4 * j + t;
-      if (c >= rows) continue;
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
-      four = _mm512_mask_broadcast_i32x4(four, static_cast<__mmask16>(0xF << (4 * t)), bytes);
-    }
-    a[j] = _mm512_permutexvar_epi32(within, four);  // 128-bit lane d: dword d of the 4 columns
+    const __m256i lo = _mm256_set_m128i(col[4 * j + 1], col[4 * j]), hi = _mm256_set_m128i(col[4 * j + 3], col[4 * j + 2]);
+    a[j] = _mm512_permutexvar_epi32(within, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
   }
   const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE);
   const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
@@ -1251,6 +1259,66 @@ inline void quads_of_16_columns(const uint8_t* w, int64_t row_bytes, int64_t off
   z[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
 }
 
+inline void block_heads(const uint8_t* w, int64_t row_bytes, int64_t rows, __m512* scale, __m512* min) {
+  const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(static_cast<int>(row_bytes)));
+  const __mmask16 present = rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(rows, 0)) - 1);
+  const __m512i heads = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, at, w, 1);
+  *scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(heads));
+  *min = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(heads, 16)));
+}
+
+inline __m512i low_nibbles(__m512i v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+inline __m512i high_nibbles(__m512i v) { return _mm512_and_si512(_mm512_srli_epi32(v, 4), _mm512_set1_epi8(0x0F)); }
+inline __m512i flip_sign(__m512i v) { return _mm512_xor_si512(v, _mm512_set1_epi8(static_cast<char>(0x80))); }
+inline void store_codes(uint32_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
+inline __m512 times(__m512 v, float f) { return _mm512_mul_ps(v, _mm512_set1_ps(f)); }
+inline void store_scales(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+#else
+constexpr int Q8_LANES = 8;
+using CodeVec = __m256i;
+using ScaleVec = __m256;
+
+// (columns c and c + 4 share a register, one per 128-bit lane: a 4 x 4 dword transpose inside each lane)
+inline void quads_of_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows, __m256i z[4]) {
+  __m128i col[8];
+  if (rows >= 8) {
+    for (int c = 0; c < 8; ++c) col[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
+  } else {
+    for (int c = 0; c < 8; ++c)
+      col[c] = c < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset))
+                        : _mm_setzero_si128();
+  }
+  __m256i a[4];
+  for (int j = 0; j < 4; ++j) a[j] = _mm256_set_m128i(col[j + 4], col[j]);
+  const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpacklo_epi32(a[2], a[3]);
+  const __m256i t2 = _mm256_unpackhi_epi32(a[0], a[1]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+  z[0] = _mm256_unpacklo_epi64(t0, t1);
+  z[1] = _mm256_unpackhi_epi64(t0, t1);
+  z[2] = _mm256_unpacklo_epi64(t2, t3);
+  z[3] = _mm256_unpackhi_epi64(t2, t3);
+}
+
+inline void block_heads(const uint8_t* w, int64_t row_bytes, int64_t rows, __m256* scale, __m256* min) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i at = _mm256_mullo_epi32(lane, _mm256_set1_epi32(static_cast<int>(row_bytes)));
+  const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::max<int64_t>(rows, 0))), lane);
+  const __m256i heads = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(w), at,
+                                                    present, 1);
+  const __m256i lo = _mm256_and_si256(heads, _mm256_set1_epi32(0xFFFF)), hi = _mm256_srli_epi32(heads, 16);
+  // (the halves are <= 0xFFFF: unsigned saturation packs them exactly)
+  *scale = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1)));
+  *min = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
+}
+
+inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi32(v, 4), _mm256_set1_epi8(0x0F)); }
+inline __m256i flip_sign(__m256i v) { return _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))); }
+inline void store_codes(uint32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline __m256 times(__m256 v, float f) { return _mm256_mul_ps(v, _mm256_set1_ps(f)); }
+inline void store_scales(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+#endif
+
 // Q4_0 / Q4_1 and Q8_0 panels straight from their blocks, the formats that bound a Q4 model and its Q8_0 head.
 // Q4: dword d of a block's 16 nibble bytes holds k = 4d..4d+3 in its low nibbles and k = 16+4d.. in its high
 // ones (quads d and 4 + d); Q8_0: its 32 int8 are quads 0..7 as they are, shifted by 128 into unsigned codes.
@@ -1258,40 +1326,42 @@ template <class F>
 void q8_panel_direct(const uint8_t* w, int64_t row_bytes, int64_t nblocks, int64_t n0, int64_t rows,
                      uint32_t* codes, float* scale, float* offset) {
   constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>;
-  constexpr int Q8_VECS = Q8_COLS / 16;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  constexpr int VECS = Q8_COLS / Q8_LANES;
   for (int64_t g = 0; g < nblocks; ++g) {
-    for (int v = 0; v < Q8_VECS; ++v) {
-      const uint8_t* first = w + (n0 + 16 * v) * row_bytes + g * F::BYTES;
-      const int64_t columns = std::max<int64_t>(0, std::min<int64_t>(16, rows - 16 * v));
-      uint32_t* group = codes + g * 8 * Q8_COLS + 16 * v;
-      __m512i z[4];
+    // The panel's columns are Q8_COLS strided streams, more than the hardware prefetchers follow: ask for
+    // each column's block a few groups ahead (from DRAM, or L3 when a layer is re-run)
+    if (g + Q8_PREFETCH_GROUPS < nblocks)
+      for (int64_t c = 0; c < std::min<int64_t>(rows, Q8_COLS); ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + c) * row_bytes + (g + Q8_PREFETCH_GROUPS) * F::BYTES),
+                     _MM_HINT_T0);
+    for (int v = 0; v < VECS; ++v) {
+      const uint8_t* first = w + (n0 + Q8_LANES * v) * row_bytes + g * F::BYTES;
+      const int64_t columns = std::min<int64_t>(Q8_LANES, rows - Q8_LANES * v);  // (absent: codes, scale, offset 0)
+      uint32_t* group = codes + g * 8 * Q8_COLS + Q8_LANES * v;
+      CodeVec z[4];
       if constexpr (Q8) {
         for (int half = 0; half < 2; ++half) {
-          quads_of_16_columns(first, row_bytes, 2 + 16 * half, columns, z);
-          for (int d = 0; d < 4; ++d) _mm512_storeu_si512(group + (4 * half + d) * Q8_COLS, _mm512_xor_si512(z[d], flip));
+          quads_of_columns(first, row_bytes, 2 + 16 * half, columns, z);
+          for (int d = 0; d < 4; ++d) store_codes(group + (4 * half + d) * Q8_COLS, flip_sign(z[d]));
         }
       } else {
-        quads_of_16_columns(first, row_bytes, F::QS, columns, z);
+        quads_of_columns(first, row_bytes, F::QS, columns, z);
         for (int d = 0; d < 4; ++d) {
-          _mm512_storeu_si512(group + d * Q8_COLS, _mm512_and_si512(z[d], low4));
-          _mm512_storeu_si512(group + (4 + d) * Q8_COLS, _mm512_and_si512(_mm512_srli_epi32(z[d], 4), low4));
+          store_codes(group + d * Q8_COLS, low_nibbles(z[d]));
+          store_codes(group + (4 + d) * Q8_COLS, high_nibbles(z[d]));
         }
       }
-    }
-    float* sc = scale + g * 2 * Q8_COLS;
-    float* of = offset + g * 2 * Q8_COLS;
-    for (int64_t c = 0; c < Q8_COLS; ++c) {  // (the tiles read half 0 only: one scale per 32)
-      const uint8_t* block = w + (n0 + c) * row_bytes + g * F::BYTES;
-      const float d = c < rows ? f16(block) : 0.f;
-      sc[c] = d;
-      if constexpr (Q8) of[c] = -128.f * d;  // (zero-filled codes of absent columns: 0 * d + 0)
-      else of[c] = c < rows ? F::offset(block) : 0.f;
+      ScaleVec d, m;  // (the tiles read half 0 only: one scale per 32)
+      block_heads(first, row_bytes, columns, &d, &m);
+      store_scales(scale + g * 2 * Q8_COLS + Q8_LANES * v, d);
+      ScaleVec o;
+      if constexpr (Q8) o = times(d, -128.f);  // (zero-filled codes of absent columns: 0 * d + 0)
+      else if constexpr (F::QS == 4) o = m;    // Q4_1's min
+      else o = times(d, -8.f);                 // Q4_0
+      store_scales(offset + g * 2 * Q8_COLS + Q8_LANES * v, o);
     }
   }
 }
-
-#endif
 
 // Weight rows n0 .. n0 + rows (rows <= Q8_COLS; the rest of the panel zero) as a Q8Panel in this thread's buffers.
 template <class F>
@@ -1301,12 +1371,10 @@ Q8Panel q8_panel(const uint8_t* w, int64_t row_bytes, const float* row_scales, i
   uint32_t* codes = kq::thread_buffer<uint32_t, kq::Q8_CODES>(groups * 8 * Q8_COLS);
   float* scale = kq::thread_buffer<float, kq::Q8_SCALES>(groups * 4 * Q8_COLS);
   float* offset = scale + groups * 2 * Q8_COLS;
-#if KQ_SIMD_PASS == 2
   if constexpr (F::NIBBLES || std::is_same_v<F, FmtQ8_0>) {
     q8_panel_direct<F>(w, row_bytes, nblocks, n0, rows, codes, scale, offset);
     return {codes, scale, offset};
   }
-#endif
   uint32_t* eight = kq::thread_buffer<uint32_t, kq::Q8_STAGING>(8 * groups * 8);  // 8 columns' codes, row-major
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t r0 = 0; r0 < Q8_COLS; r0 += 8) {
