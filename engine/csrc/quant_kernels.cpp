@@ -272,12 +272,15 @@ template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_byt
 // A scratch buffer per thread and use: grows to the largest request seen, never shrinks (no allocation per
 // call once warm). Per thread, so concurrent callers (tests, TP ranks in threads) and the OpenMP workers of
 // one call never share one; the tag keeps a thread's different uses apart.
-enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS, BF16_PAIRS, BF16_IN, BF16_OUT, Q8_CODES, Q8_SCALES, Q8_STAGING };
+enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS, BF16_PAIRS, BF16_IN, BF16_OUT, Q8_CODES, Q8_SCALES, Q8_STAGING,
+                 UNPACKED_ROW };
 template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
   thread_local std::vector<T> buffer;
   if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(static_cast<size_t>(count));
   return buffer.data();
 }
+
+#include "packed_panels.h"  // (the layout of packed weights and its scalar pack/unpack)
 
 // From this many activation rows on, F32 mode dequantises each panel of PANEL_ROWS weight rows once and runs a
 // register-tiled float32 GEMM over all of them (compute bound); below it the weights are decoded in registers
@@ -430,6 +433,31 @@ int current_isa() {
   return g_isa;
 }
 
+// kq_matmul on packed weights (type: the format's code, PACKED removed): int8 activations (act_mode 1) only,
+// on AVX2 or better; N a multiple of PANEL_COLS and rows of exactly K / 32 blocks, as kq_pack_panels wrote them.
+int packed_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* x, int64_t ldx, float* y, int64_t ldy,
+                  int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
+  int64_t block_bytes, block_elems, dwords, qs;
+  if (int status = check_matmul(type, row_bytes, nullptr, ldx, ldy, M, N, K, &block_bytes, &block_elems)) return status;
+  if (!packed_layout(type, &dwords, &qs, &block_bytes) || row_bytes != K / 32 * block_bytes || N % PANEL_COLS) return 2;
+  if (act_mode != 1) return 4;  // packed panels feed the int8 tiles only
+  const int isa = current_isa();
+  if (isa < AVX2) return 5;
+  if (M == 0 || N == 0) return 0;
+  nthreads = std::max(1, nthreads);
+#if KQ_X86
+  QBlock* xq = thread_buffer<QBlock, ACTIVATIONS>(M * (K / 32));
+  if (isa >= AVX512_VNNI) {
+    avx512::quantize_rows(x, ldx, M, K, xq, nthreads);
+    return avx512::q8_packed_matmul(type, w, row_bytes, xq, K / 32, M, N, y, ldy, nthreads);
+  }
+  avx2::quantize_rows(x, ldx, M, K, xq, nthreads);
+  return avx2::q8_packed_matmul(type, w, row_bytes, xq, K / 32, M, N, y, ldy, nthreads);
+#else
+  return 5;
+#endif
+}
+
 // bf16 rows to float32 (exact) and float32 rows to bf16 (nearest even, as torch rounds), 8 lanes at a time where
 // the CPU has AVX2.
 void widen_bf16_rows(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, float* out) {
@@ -481,6 +509,9 @@ int64_t kq_row_bytes(int type, int64_t k) {
 // Returns 0, or a nonzero code for bad arguments.
 int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scales, const float* x, int64_t ldx,
               float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
+  if (type & kq::PACKED)
+    return kq::packed_matmul(type & ~kq::PACKED, static_cast<const uint8_t*>(w), row_bytes, x, ldx, y, ldy, M, N, K,
+                             act_mode, nthreads);
   int64_t block_bytes, block_elems;
   if (int status = kq::check_matmul(type, row_bytes, row_scales, ldx, ldy, M, N, K, &block_bytes, &block_elems))
     return status;
@@ -555,8 +586,10 @@ int kq_matmul(int type, const void* w, int64_t row_bytes, const float* row_scale
 int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_scales, const uint16_t* x,
                    int64_t ldx, uint16_t* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
   int64_t block_bytes, block_elems;
-  if (int status = kq::check_matmul(type, row_bytes, row_scales, ldx, ldy, M, N, K, &block_bytes, &block_elems))
+  if (int status = kq::check_matmul(type & ~kq::PACKED, row_bytes, row_scales, ldx, ldy, M, N, K, &block_bytes,
+                                    &block_elems))
     return status;
+  if ((type & kq::PACKED) && act_mode != 1) return 4;  // (packed: int8 activations only, widened below)
   if (M == 0 || N == 0) return 0;
 #if KQ_X86
   if (act_mode == 0 && kq::current_isa() >= kq::AVX512_BF16 && M >= kq::g_bf16_min_m)
@@ -577,9 +610,40 @@ int64_t kq_set_q8_panel_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_q
 // bf16 activations with at least `rows` rows use the AVX-512 BF16 panels; returns the previous threshold.
 int64_t kq_set_bf16_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_bf16_min_m, rows); }
 
+// Repacks n rows of `type` blocks (row_bytes each: exactly k / 32 blocks) into dst (as many bytes) as packed
+// int8 panels (packed_panels.h); n a multiple of 32. The packed weight's type is then type | PACKED (kq_packed_bit).
+int kq_pack_panels(int type, const void* src, int64_t row_bytes, int64_t n, int64_t k, void* dst) {
+  int64_t dwords, qs, block_bytes;
+  if (!kq::packed_layout(type, &dwords, &qs, &block_bytes)) return 1;
+  if (k % 32 || row_bytes != k / 32 * block_bytes || n % kq::PANEL_COLS || n < 0) return 2;
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint8_t*>(dst);
+  for (int64_t r = 0; r < n; ++r) {
+    uint8_t* panel = out + r / kq::PANEL_COLS * kq::PANEL_COLS * row_bytes;
+    for (int64_t g = 0; g < k / 32; ++g)
+      kq::move_block(type, panel + g * kq::PANEL_COLS * block_bytes, r % kq::PANEL_COLS,
+                     const_cast<uint8_t*>(in + r * row_bytes + g * block_bytes), true);
+  }
+  return 0;
+}
+
+int kq_packed_bit() { return kq::PACKED; }
+
 // Dequantise `n` rows of `k` weights to float32 (the reference, and the embedding lookup of a quantized table).
+// A packed type's rows are unpacked to their blocks first (w: the packed weight's first row, as for any type).
 int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* row_scales, int64_t n, int64_t k,
                        float* out) {
+  if (type & kq::PACKED) {
+    const int base = type & ~kq::PACKED;
+    int64_t dwords, qs, block_bytes;
+    if (!kq::packed_layout(base, &dwords, &qs, &block_bytes) || k % 32 || row_bytes != k / 32 * block_bytes) return 1;
+    uint8_t* blocks = kq::thread_buffer<uint8_t, kq::UNPACKED_ROW>(row_bytes);
+    for (int64_t r = 0; r < n; ++r) {
+      kq::unpack_row(base, static_cast<const uint8_t*>(w), row_bytes, r, blocks);
+      if (int status = kq_dequantize_rows(base, blocks, row_bytes, nullptr, 1, k, out + r * k)) return status;
+    }
+    return 0;
+  }
   int64_t block_bytes, block_elems;
   if (!kq::format_of(type, &block_bytes, &block_elems) || k % block_elems != 0) return 1;
   const auto* wb = static_cast<const uint8_t*>(w);
@@ -603,14 +667,18 @@ int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* 
 int kq_embedding(int type, const void* w, int64_t row_bytes, const float* row_scales, const int64_t* ids, int64_t n,
                  int64_t first_row, int64_t rows, int64_t k, void* out, int clear_outside, int out_bf16) {
   int64_t block_bytes, block_elems;
-  if (!kq::format_of(type, &block_bytes, &block_elems) || k % block_elems != 0 || n < 0) return 1;
+  const bool packed = type & kq::PACKED;
+  if (!kq::format_of(type & ~kq::PACKED, &block_bytes, &block_elems) || k % block_elems != 0 || n < 0) return 1;
   const auto* wb = static_cast<const uint8_t*>(w);
   float* row_f32 = out_bf16 ? kq::thread_buffer<float, kq::BF16_OUT>(k) : nullptr;
+  uint8_t* unpacked = packed ? kq::thread_buffer<uint8_t, kq::UNPACKED_ROW>(row_bytes) : nullptr;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = ids[i] - first_row;
     float* dst = out_bf16 ? row_f32 : static_cast<float*>(out) + i * k;
     if (r >= 0 && r < rows) {
-      if (int status = kq_dequantize_rows(type, wb + r * row_bytes, row_bytes, row_scales ? row_scales + r : nullptr,
+      if (packed) kq::unpack_row(type & ~kq::PACKED, wb, row_bytes, r, unpacked);
+      const uint8_t* row = packed ? unpacked : wb + r * row_bytes;
+      if (int status = kq_dequantize_rows(type & ~kq::PACKED, row, row_bytes, row_scales ? row_scales + r : nullptr,
                                           1, k, dst))
         return status;
     } else if (clear_outside) {
@@ -1552,6 +1620,8 @@ void q8_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const 
   }
 }
 
+#include "packed_panels.h"  // (the tiles of packed weights)
+
 // fn(F{}) for the decoder F of weight format `type`; 1 for an unknown format.
 template <class Fn> int with_format(int type, Fn&& fn) {
   switch (type) {
@@ -1624,6 +1694,16 @@ int q8_panel_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* 
   return with_format(type, [&](auto format) {
     q8_run<decltype(format)>(w, row_bytes, row_scales, x, nblocks, M, N, y, ldy, nthreads);
   });
+}
+
+int q8_packed_matmul(int type, const uint8_t* w, int64_t row_bytes, const QBlock* x, int64_t nblocks, int64_t M,
+                     int64_t N, float* y, int64_t ldy, int nthreads) {
+  switch (type) {  // (the packable formats: kq::packed_layout)
+    case kq::Q4_0: q8_packed_run<FmtQ4<false>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q4_1: q8_packed_run<FmtQ4<true>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q8_0: q8_packed_run<FmtQ8_0>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
+    default: return 1;
+  }
 }
 
 template <class F>

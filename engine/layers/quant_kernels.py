@@ -44,6 +44,12 @@ GGUF_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5
 # (bytes, elements) of one block
 BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q5_K: (176, 256), Q6_K: (210, 256),
           INT8_ROW: (32, 32)}
+# Packed int8 panels (engine/csrc/packed_panels.h): these formats' rows repacked once, at load, in the order the
+# int8 tiles read them (same bytes, same [N, row_bytes] shape); their type code is the format's | PACKED.
+PACKED = 256  # (kq_packed_bit)
+PACKABLE = (Q4_0, Q4_1, Q8_0)
+PANEL_ROWS = 32
+BLOCKS |= {qtype | PACKED: BLOCKS[qtype] for qtype in PACKABLE}
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -58,6 +64,8 @@ _SIGNATURES = {
     "kq_set_bf16_min_rows": ([_I64], _I64),
     "kq_set_q8_panel_min_rows": ([_I64], _I64),
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
+    "kq_pack_panels": ([_INT, _P, _I64, _I64, _I64, _P], _INT),
+    "kq_packed_bit": ([], _INT),
     "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT, _INT], _INT),
 }
 
@@ -94,6 +102,8 @@ def _lib() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    if lib.kq_packed_bit() != PACKED:
+        raise RuntimeError(f"quantized CPU kernels mark packed types with {lib.kq_packed_bit()}, not {PACKED}")
     if not cpu_features.quantized_bf16_dot():  # slower than widening to float32 on this CPU: never
         lib.kq_set_bf16_min_rows(1 << 40)
     requested = os.environ.get(ISA_ENV, "").strip().lower()
@@ -204,6 +214,8 @@ def default_activations(qtype: int, rows: int = 1) -> str:
     of 32 too; ``f32`` otherwise: for ``INT8_ROW`` (weight-only int8), and for Q8_0 on AVX2 from two rows on,
     where the split int8 products lose to the float32 panels (``bench/quant_matmul.py --format Q8_0``, Zen 3:
     0.75-0.84x from 8 rows, and the int8 GEMV's 1.5x holds at one row only; e.g. the Q8_0 LM head of a batch)."""
+    if qtype & PACKED:
+        return "q8"  # (packed panels feed the int8 tiles only)
     override = _activations_override()
     if override is not None:
         return override
@@ -216,6 +228,23 @@ def default_activations(qtype: int, rows: int = 1) -> str:
                                              and _path_in_use["isa"] >= _ISA_CODES["avx512_vnni"]):
         return "f32"
     return "q8"
+
+
+def packs_panels(qtype: int) -> bool:
+    """Whether the engine keeps weights of ``qtype`` as packed int8 panels here: a packable format whose matmuls
+    take int8 activations at every row count on this CPU (default_activations), on a path with int8 tiles."""
+    return (qtype in PACKABLE and has_int8_panels()
+            and default_activations(qtype, 1) == default_activations(qtype, 2) == "q8")
+
+
+def pack_panels(qtype: int, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """``weight``'s rows (``uint8 [N, row_bytes]``, ``N`` a multiple of ``PANEL_ROWS``) repacked as int8 panels,
+    in a new tensor of the same shape: multiply it as ``qtype | PACKED`` (int8 activations only)."""
+    weight = weight.contiguous()
+    packed = torch.empty_like(weight)
+    _check(_lib().kq_pack_panels(qtype, weight.data_ptr(), weight.shape[1], weight.shape[0], k, packed.data_ptr()),
+           "pack_panels")
+    return packed
 
 
 def has_int8_panels() -> bool:

@@ -83,6 +83,12 @@ class QuantizedRows:
     k: int
     scales: torch.Tensor | None = None
     perm: torch.Tensor | None = None
+    packed: bool = False  # data holds packed int8 panels (quant_kernels.pack_panels), not the format's blocks
+
+    @property
+    def kernel_type(self) -> int:
+        """The type code the kernels take: the format's, marked when the rows are packed."""
+        return self.qtype | qk.PACKED if self.packed else self.qtype
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,9 +99,12 @@ class QuantizedRows:
         return self.data.numel() * self.data.element_size() + (0 if self.scales is None else self.scales.numel() * 4)
 
     def narrow(self, dim: int, start: int, length: int) -> QuantizedRows:
+        if self.packed and (dim != 0 or start % qk.PANEL_ROWS or length % qk.PANEL_ROWS):
+            raise ValueError("packed panels split only into whole panels of rows")
         if dim == 0:
             scales = None if self.scales is None else self.scales.narrow(0, start, length)
-            return QuantizedRows(self.qtype, self.data.narrow(0, start, length), self.k, scales, self.perm)
+            return QuantizedRows(self.qtype, self.data.narrow(0, start, length), self.k, scales, self.perm,
+                                 self.packed)
         if self.perm is not None:
             if start == 0 and length == self.k:
                 return self
@@ -112,7 +121,15 @@ class QuantizedRows:
 
     def contiguous(self) -> QuantizedRows:
         scales = None if self.scales is None else self.scales.contiguous()
-        return QuantizedRows(self.qtype, self.data.contiguous(), self.k, scales, self.perm)
+        return QuantizedRows(self.qtype, self.data.contiguous(), self.k, scales, self.perm, self.packed)
+
+    def packed_panels(self) -> QuantizedRows:
+        """These rows as packed int8 panels where the kernels here multiply them so (quant_kernels.packs_panels,
+        whole panels of rows); else themselves. The blocks are not kept beside the panels."""
+        if self.packed or self.shape[0] % qk.PANEL_ROWS or not qk.packs_panels(self.qtype):
+            return self
+        return QuantizedRows(self.qtype, qk.pack_panels(self.qtype, self.data, self.k), self.k, self.scales,
+                             self.perm, packed=True)
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> QuantizedRows:
@@ -148,7 +165,8 @@ class QuantizedWeight:
         kept.sort(key=lambda seg: seg[0])
         merged: list[tuple[int, QuantizedRows]] = []
         for o, p in kept:
-            if merged and merged[-1][1].qtype == p.qtype and merged[-1][0] + merged[-1][1].shape[0] == o:
+            if (merged and merged[-1][1].qtype == p.qtype and not p.packed and not merged[-1][1].packed
+                    and merged[-1][0] + merged[-1][1].shape[0] == o):
                 prev_o, prev = merged.pop()
                 scales = None if p.scales is None else torch.cat([prev.scales, p.scales])
                 p, o = QuantizedRows(p.qtype, torch.cat([prev.data, p.data]), p.k, scales, p.perm), prev_o
@@ -158,6 +176,10 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for _, p in self.segments)
+
+    def pack_panels(self) -> None:
+        """Once loaded: each segment the CPU kernels multiply faster as packed int8 panels becomes them."""
+        self.segments = [(offset, part.packed_panels()) for offset, part in self.segments]
 
     @property
     def qtypes(self) -> set[int]:
@@ -177,7 +199,7 @@ class QuantizedWeight:
         out = None if full else (torch.empty if covered else torch.zeros)(rows.shape[0], self.rows, dtype=rows.dtype)
         for offset, part in self.segments:
             target = None if out is None else out.narrow(1, offset, part.shape[0])
-            result = qk.matmul(rows, part.qtype, part.data, self.k, part.scales, out=target)
+            result = qk.matmul(rows, part.kernel_type, part.data, self.k, part.scales, out=target)
             out = result if out is None else out
         if bias is not None:
             out += bias.to(out.dtype)
@@ -189,7 +211,7 @@ class QuantizedWeight:
         flat = ids.reshape(-1).to(torch.int64).contiguous()  # (no-ops for the engine's int64 ids)
         out = torch.empty(flat.shape[0], self.k, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         for i, (offset, part) in enumerate(self.segments):
-            qk.embedding(part.qtype, part.data, self.k, part.scales, flat, offset, out, clear_outside=i == 0)
+            qk.embedding(part.kernel_type, part.data, self.k, part.scales, flat, offset, out, clear_outside=i == 0)
         if not self.segments:
             out.zero_()
         out = out.view(*ids.shape, self.k)
@@ -305,6 +327,18 @@ def _make_slot(modules: list[nn.Module], int8: bool) -> None:
     for module in modules:
         module.weight = placeholder
         module.quantized = None
+
+
+def pack_panels(model: nn.Module) -> int:
+    """After loading, on the CPU: the quantized weights that int8 tiles multiply become packed int8 panels
+    (llama.cpp repacks its CPU weights likewise), so that no matmul builds panels and one row runs the batch's
+    tiles. Returns how many weights hold packed rows."""
+    if not qk.available():
+        return 0
+    stores = {id(m.quantized): m.quantized for m in model.modules() if getattr(m, "quantized", None) is not None}
+    for store in stores.values():
+        store.pack_panels()
+    return sum(any(p.packed for _, p in store.segments) for store in stores.values())
 
 
 @dataclass

@@ -15,6 +15,7 @@ from kubeinfer.engine.layers.quantization import (
     QuantizedRows,
     WeightReport,
     log_weight_report,
+    pack_panels,
     prepare_model,
     resolve_method,
 )
@@ -52,10 +53,13 @@ def load_model(model: str | Path | None = None, *, dtype: str | torch.dtype = "a
                device: str | torch.device = "cpu", revision: str | None = None, tp_rank: int = 0,
                tp_size: int = 1, quantization: str | None = None) -> LoadedModel:
     """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id.
-    On the CPU the linear weights are then packed for oneDNN (``onednn.prepack_model``)."""
+    On the CPU the dense linear weights are then packed for oneDNN (``onednn.prepack_model``) and the quantized
+    ones, where int8 tiles multiply them, as int8 panels (``quantization.pack_panels``)."""
     loaded = _load(model, dtype=dtype, device=torch.device(device), revision=revision, tp_rank=tp_rank,
                    tp_size=tp_size, quantization=quantization)
     onednn.prepack_model(loaded.model)
+    if torch.device(device).type == "cpu":
+        pack_panels(loaded.model)
     if tp_rank == 0:
         loaded.weights = log_weight_report(loaded.model, loaded.quantization)
     return loaded

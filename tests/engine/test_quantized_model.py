@@ -44,6 +44,14 @@ def bundled_pair():
                                                                                quantization="none")
 
 
+@pytest.fixture(scope="module")
+def bundled_unpacked():
+    """The bundled GGUF kept in its blocks (packed int8 panels multiply int8 activations only)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qk, "packs_panels", lambda qtype: False)
+        return load_model(None, dtype="float32", quantization="gguf")
+
+
 def test_bundled_gguf_is_kept_quantized_at_its_file_size(bundled_pair) -> None:
     quantized, dense = bundled_pair
     assert quantized.quantization == "gguf" and dense.quantization == "none"
@@ -58,14 +66,19 @@ def test_bundled_gguf_is_kept_quantized_at_its_file_size(bundled_pair) -> None:
         if hasattr(module, "quantized"):
             assert module.quantized is not None, name
             assert module.weight.numel() == 0, name  # nothing dense behind it
+            for _, part in module.quantized.segments:  # packed as int8 panels where the int8 tiles take them
+                assert part.packed == qk.packs_panels(part.qtype), name
 
 
 @pytest.mark.parametrize("mode", ["f32", "q8"])
-def test_bundled_logits_close_to_dequantised_float32(bundled_pair, mode: str, monkeypatch) -> None:
-    """Teacher-forced on the dense model's own greedy continuation, through chunked prefill in mixed batches."""
+def test_bundled_logits_close_to_dequantised_float32(bundled_pair, bundled_unpacked, mode: str,
+                                                     monkeypatch) -> None:
+    """Teacher-forced on the dense model's own greedy continuation, through chunked prefill in mixed batches
+    (int8 activations: with the weights as the engine keeps them here, packed where the int8 tiles run)."""
     monkeypatch.setattr(qk, "default_activations", lambda qtype, rows=1: mode)
     max_diff, min_agreement = BOUNDS[mode]
-    quantized, dense = bundled_pair
+    packed, dense = bundled_pair
+    quantized = packed if mode == "q8" else bundled_unpacked
     tok = dense.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False) for q in QUESTIONS[:3]]
