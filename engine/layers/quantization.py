@@ -338,7 +338,10 @@ def pack_panels(model: nn.Module) -> int:
     stores = {id(m.quantized): m.quantized for m in model.modules() if getattr(m, "quantized", None) is not None}
     for store in stores.values():
         store.pack_panels()
-    return sum(any(p.packed for _, p in store.segments) for store in stores.values())
+    count = sum(any(p.packed for _, p in store.segments) for store in stores.values())
+    if count:
+        logger.info("%d of %d quantized weights kept as packed int8 panels", count, len(stores))
+    return count
 
 
 @dataclass
