@@ -25,7 +25,7 @@ from kubeinfer.engine.server.sampling import build_sampling_params
 from kubeinfer.engine.server.serving import OpenAIServing
 from kubeinfer.engine.server.structured import structured_outputs_of
 from kubeinfer.engine.server.tools.output import ChoiceTools
-from kubeinfer.engine.server.tools.plan import ToolPlan, plan_tools, tool_definitions
+from kubeinfer.engine.server.tools.plan import ToolPlan, described_tools, plan_tools, tool_definitions
 
 
 class ChatServing(OpenAIServing):
@@ -81,6 +81,7 @@ class ChatServing(OpenAIServing):
             tools=tools,
             add_generation_prompt=request.add_generation_prompt,
             extra=request.chat_template_kwargs,
+            tool_instructions=plan.instructions if plan is not None else described_tools(request),
         )
 
     def _logprobs(self, request: ChatCompletionRequest, choice: Any, start: int = 0) -> Any:

@@ -1,8 +1,10 @@
 """Chat messages -> prompt text through the model's chat template (or ``--chat-template``), tools included.
 
 ``tools`` reach the template as the ``tools`` variable (Hugging Face's convention, which Qwen2.5, Llama 3.1,
-Mistral and Hermes-style templates read). A template that never reads ``tools`` would drop them silently,
-so a request with tools against it is a 400 (``--chat-template`` can point at a tool-aware one).
+Mistral and Hermes-style templates read). A template that never reads ``tools`` would drop them silently: a
+request whose tool plan can describe them (``tool_choice`` required or named: the grammar forces the reply)
+gets them in a system message instead; any other request with tools against it is a 400
+(``--chat-template`` can point at a tool-aware template).
 
 Assistant messages with ``tool_calls`` and ``tool`` messages with ``tool_call_id`` are handed to the
 template in the shape those templates expect (arguments as a JSON object, as vLLM does).
@@ -76,17 +78,30 @@ def _arguments(text: str) -> Any:
         return text  # not JSON: the template gets it as it came
 
 
+def with_system_text(turns: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """``text`` appended to the conversation's system message (one is added first when there is none)."""
+    if turns and turns[0]["role"] == "system":
+        first = dict(turns[0], content=f"{turns[0]['content']}\n\n{text}" if turns[0]["content"] else text)
+        return [first, *turns[1:]]
+    return [{"role": "system", "content": text}, *turns]
+
+
 def render_chat(tokenizer: Any, messages: list[ChatMessage], *, override: str | None,
                 tools: list[dict[str, Any]] | None, add_generation_prompt: bool,
-                extra: dict[str, Any] | None = None) -> str:
+                extra: dict[str, Any] | None = None, tool_instructions: str | None = None) -> str:
+    """``tool_instructions``: the system text that describes ``tools`` to a template that never reads them."""
     source = template_source(tokenizer, override, bool(tools))
     if source is None:
         raise bad_request("the model has no chat template; start the server with --chat-template", "messages")
+    turns = conversation(messages)
     if tools and not template_reads(source, "tools"):
-        raise bad_request("this model's chat template does not support tools; start the server with "
-                          "--chat-template pointing at a tool-aware template", "tools")
+        if tool_instructions is None:
+            raise bad_request("this model's chat template does not support tools; start the server with "
+                              "--chat-template pointing at a tool-aware template (tool_choice \"required\" or a "
+                              "named function works with any template)", "tools")
+        turns, tools = with_system_text(turns, tool_instructions), None
     try:
-        return tokenizer.apply_chat_template(conversation(messages), tools=tools or None, chat_template=source,
+        return tokenizer.apply_chat_template(turns, tools=tools or None, chat_template=source,
                                              tokenize=False, add_generation_prompt=add_generation_prompt,
                                              **(extra or {}))
     except Exception as exc:  # jinja2 errors from the template (e.g. an unsupported role order)

@@ -225,10 +225,21 @@ def test_streamed_invalid_schema_is_a_400_before_the_stream(tool_server: ServerP
     assert r.status_code == 400 and "Unsupported type" in r.json()["error"]["message"]
 
 
-def test_tools_need_a_tool_aware_template_and_auto_needs_a_parser(client: openai.OpenAI) -> None:
-    """The default server: the bundled template has no tools, and auto tool choice is not enabled."""
-    with pytest.raises(openai.BadRequestError, match="does not support tools"):
-        client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
-                                       max_tokens=5)
+def test_a_template_without_tools_gets_them_described_for_forced_calls(client: openai.OpenAI) -> None:
+    """The default server: the bundled template never reads ``tools``. Required and named choices describe them
+    in a system message and the grammar forces the calls (llama.cpp's generic tool format), as with a tool-aware
+    template; auto tool choice is not enabled there."""
+    required = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS,
+                                              tool_choice="required", max_tokens=120, temperature=0)
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    _check_calls(choice.message.tool_calls, {"get_weather", "get_time"})
+    named = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Be brief."}, *ASK_WEATHER], tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=60, temperature=0)
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
+    _check_calls(choice.message.tool_calls, {"get_time"})
     with pytest.raises(openai.BadRequestError, match="enable-auto-tool-choice"):
         client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, max_tokens=5)

@@ -10,7 +10,7 @@ from kubeinfer.engine.server.errors import OpenAIError
 from kubeinfer.engine.server.protocol import ChatCompletionRequest, ChatMessage
 from kubeinfer.engine.server.tools.output import ChoiceTools
 from kubeinfer.engine.server.tools.parsers import ParsedToolCall, get_tool_parser
-from kubeinfer.engine.server.tools.plan import plan_tools
+from kubeinfer.engine.server.tools.plan import described_tools, plan_tools, tool_definitions
 
 from tests.engine.tiny_models import CHATML, make_tiny_tokenizer
 from tests.server.tool_template import TEMPLATE
@@ -101,6 +101,26 @@ def test_template_tool_support_is_detected() -> None:
     with pytest.raises(OpenAIError, match="does not support tools"):
         render_chat(tokenizer, [ChatMessage(role="user", content="hi")], override=None,
                     tools=[{"type": "function", "function": {"name": "f"}}], add_generation_prompt=True)
+
+
+def test_a_template_without_tools_gets_the_described_tools_in_its_system_message() -> None:
+    tokenizer = make_tiny_tokenizer()
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "get_time", "description": "Time in a timezone",
+                                                    "parameters": {"type": "object"}}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
+    instructions = described_tools(request)
+    assert instructions is not None and "get_time" in instructions and "Time in a timezone" in instructions
+    text = render_chat(tokenizer, request.messages, override=CHATML, tools=tool_definitions(request),
+                       add_generation_prompt=True, tool_instructions=instructions)
+    assert text.count("<|im_start|>system") == 1  # appended to the conversation's own system message
+    assert "Be brief.\n\nYou can call this tool" in text and "Call get_time" in text
+    alone = render_chat(tokenizer, request.messages[1:], override=CHATML, tools=tool_definitions(request),
+                        add_generation_prompt=True, tool_instructions=instructions)
+    assert alone.startswith("<|im_start|>system\nYou can call this tool")
+    # auto (or none) has nothing the grammar forces: no description
+    assert described_tools(request.model_copy(update={"tool_choice": "auto"})) is None
 
 
 def test_tool_calls_and_results_round_trip_through_the_template() -> None:

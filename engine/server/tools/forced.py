@@ -3,7 +3,9 @@
 Named: the model writes the function's arguments, constrained by its ``parameters`` schema; the reply is
 that one call. Required: the model writes a JSON list of ``{"name": ..., "parameters": {...}}``, each item
 constrained to one of the tools and its schema (at least one item; one at most without
-``parallel_tool_calls``). Either way the arguments parse and match the schema, whatever the model.
+``parallel_tool_calls``). Either way the arguments parse and match the schema, whatever the model. For a
+chat template that never reads ``tools``, ``*_instructions`` describe the tools and that reply in a system
+message instead.
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ def required_constraint(tools: list[ChatTool], parallel: bool) -> StructuredOutp
     if not parallel:
         schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema, source="tools")
+
+
+def _described(tools: list[ChatTool]) -> str:
+    return json.dumps([t.function.model_dump(exclude_none=True) for t in tools], ensure_ascii=False, indent=1)
+
+
+def required_instructions(tools: list[ChatTool]) -> str:
+    """The system text for a template without tools: the tools, and the JSON list required_constraint forces."""
+    return (f"You can call these tools:\n{_described(tools)}\n\nReply with only a JSON list of the calls to make, "
+            'each {"name": <the tool\'s name>, "parameters": <its arguments as a JSON object>}.')
+
+
+def named_instructions(tool: ChatTool) -> str:
+    """The system text for a template without tools: the tool, and the arguments object named_constraint forces."""
+    return (f"You can call this tool:\n{_described([tool])}\n\nCall {tool.function.name}: reply with only its "
+            "arguments as a JSON object.")
 
 
 def named_call(tool: ChatTool, text: str) -> ParsedToolCall:
