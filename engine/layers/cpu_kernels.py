@@ -166,4 +166,11 @@ def paged_decode_attention(query: torch.Tensor, out: torch.Tensor, rows: torch.T
         DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0), rows.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
         seq_lens.data_ptr(), rows.shape[0], num_heads, num_kv_heads, head_dim, block_size, scale,
-        max(1, min(torch.get_num_threads(), rows.shape[0]))), "paged_decode_attention")  # no idle wake-ups
+        attention_threads(rows.shape[0], num_kv_heads)), "paged_decode_attention")
+
+
+def attention_threads(sequences: int, kv_heads: int) -> int:
+    """Threads for a decode attention call: no more than its work items (a sequence each, or a sequence and KV
+    head when there are fewer sequences than threads: batch 1 splits by KV head), so none wakes up idle."""
+    threads = torch.get_num_threads()
+    return max(1, min(threads, sequences if sequences >= threads else sequences * kv_heads))

@@ -111,6 +111,16 @@ def _decode_metadata(seq_lens: list[int], block: int, num_blocks: int, rng: rand
         seq_lens_cpu=seq_lens)
 
 
+def test_decode_attention_threads_cover_its_work_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread per sequence; a batch smaller than the threads splits by KV head (batch 1 used to run on one
+    thread); never more threads than work items."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cpu_kernels.attention_threads(1, 3) == 3
+    assert cpu_kernels.attention_threads(1, 8) == 4
+    assert cpu_kernels.attention_threads(2, 1) == 2
+    assert cpu_kernels.attention_threads(32, 3) == 4
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
 @pytest.mark.parametrize("seq_lens", [[1, 5, 16, 17, 40, 130, 3, 64], [130]], ids=["batch8", "batch1"])
