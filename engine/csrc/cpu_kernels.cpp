@@ -424,11 +424,16 @@ inline void block_values(const float* weights, int64_t len, const T* v, int64_t 
 
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention: one query token per sequence, read straight from the block tables.
-// Work item = one sequence, all its heads, so each block (every KV head of 16 positions, contiguous
-// in the cache) is streamed once per pass (a sequence and one KV head when there are fewer sequences
-// than threads). Two passes over the context: the scores, then the
-// softmax weights applied to V. Cache layout [num_blocks, block_size, num_kv_heads, head_dim].
-// HEAD_DIM > 0 fixes the head size at compile time; 0 reads it at run time.
+// Work item = one chunk of ATTENTION_CHUNK positions of one sequence, all its heads, so each block (every KV
+// head of 16 positions, contiguous in the cache) is streamed once per pass (one KV head per item when there
+// are fewer sequences than threads). Two passes over the chunk: the scores, then the softmax weights applied
+// to V. A context of one chunk is normalised in place; longer ones keep each chunk's max, sum and weighted
+// values and are combined after (flash-decoding), so one long context spreads over all threads. The chunks
+// are fixed, not sized by the threads: a sequence's result depends neither on the threads nor on the batch.
+// Cache layout [num_blocks, block_size, num_kv_heads, head_dim]. HEAD_DIM > 0 fixes the head size at
+// compile time; 0 reads it at run time.
+constexpr int64_t ATTENTION_CHUNK = 512;  // positions (rounded down to whole blocks): below, nothing to combine
+
 template <typename T, int HEAD_DIM>
 void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_stride, const int64_t* rows,
                             const T* k_cache, const T* v_cache, const int32_t* block_tables,
@@ -438,56 +443,101 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
   const int64_t block_elems = block_size * kv_width, block_bytes = block_elems * static_cast<int64_t>(sizeof(T));
-  // Fewer sequences than threads (batch 1): one work item per (sequence, KV head), so every thread streams
-  // part of the cache; otherwise one per sequence, all its heads.
+  const int64_t chunk = std::max<int64_t>(1, ATTENTION_CHUNK / block_size) * block_size;
+  // Fewer sequences than threads (batch 1): one work item per (chunk, KV head), so every thread streams
+  // part of the cache; otherwise one per chunk, all its heads.
   const int64_t heads_per_item = num_seqs < num_threads ? 1 : num_kv_heads;
-  const int64_t items_per_seq = num_kv_heads / heads_per_item;
+  const int64_t items_per_chunk = num_kv_heads / heads_per_item;
+  std::vector<int64_t> first_item(num_seqs + 1, 0), first_part(num_seqs + 1, 0);  // per sequence
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t chunks = std::max<int64_t>(1, (seq_lens[s] + chunk - 1) / chunk);
+    first_item[s + 1] = first_item[s] + chunks * items_per_chunk;
+    first_part[s + 1] = first_part[s] + (chunks > 1 ? chunks : 0);  // (one chunk: nothing to combine)
+  }
+  // Each chunk of a split context: per head its max, its sum of exp(score - max) and its weighted values.
+  const int64_t part_floats = num_heads * (head_dim + 2);
+  std::vector<float> parts(first_part[num_seqs] * part_floats);
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), scores, denom(num_heads);
+    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), scores(num_heads * chunk),
+        denom(num_heads), maxes(num_heads);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < num_seqs * items_per_seq; ++item) {
-      const int64_t s = item / items_per_seq, kv0 = item % items_per_seq * heads_per_item;
-      const int64_t kv1 = kv0 + heads_per_item, h0 = kv0 * group, h1 = kv1 * group;
-      const int64_t len = seq_lens[s], r = rows[s];
-      const int32_t* table = block_tables + s * table_stride;
+    for (int64_t item = 0; item < first_item[num_seqs]; ++item) {
+      const int64_t s = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
+      const int64_t local = item - first_item[s], c = local / items_per_chunk;
+      const int64_t kv0 = local % items_per_chunk * heads_per_item, kv1 = kv0 + heads_per_item;
+      const int64_t h0 = kv0 * group, h1 = kv1 * group;
+      const int64_t len = seq_lens[s], r = rows[s], begin = c * chunk, end = std::min(len, begin + chunk);
+      const int64_t n = end - begin;  // (this chunk's positions; `scores` rows are `chunk` apart)
+      const bool split = first_part[s + 1] > first_part[s];
+      const int32_t* table = block_tables + s * table_stride + begin / block_size;
       const T* qs = q + r * q_stride;
       for (int64_t i = h0 * head_dim; i < h1 * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
-      scores.resize(num_heads * len);
-      for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
-        if (start + block_size < len) prefetch_block(k_cache + table[b + 1] * block_elems, block_bytes);
+      for (int64_t start = 0, b = 0; start < n; start += block_size, ++b) {
+        if (start + block_size < n) prefetch_block(k_cache + table[b + 1] * block_elems, block_bytes);
         const T* block = k_cache + table[b] * block_elems;
         for (int64_t kvh = kv0; kvh < kv1; ++kvh)
           block_scores<T, HEAD_DIM>(query.data() + kvh * group * head_dim, block + kvh * head_dim, kv_width,
-                                    std::min(block_size, len - start), group, head_dim,
-                                    scores.data() + kvh * group * len + start, len);
+                                    std::min(block_size, n - start), group, head_dim,
+                                    scores.data() + kvh * group * chunk + start, chunk);
       }
       for (int64_t h = h0; h < h1; ++h) {
-        float* sh = scores.data() + h * len;
+        float* sh = scores.data() + h * chunk;
         float m = -INFINITY, total = 0.f;
 #pragma omp simd reduction(max : m)
-        for (int64_t p = 0; p < len; ++p) m = sh[p] > m ? sh[p] : m;
+        for (int64_t p = 0; p < n; ++p) m = sh[p] > m ? sh[p] : m;
 #pragma omp simd reduction(+ : total)
-        for (int64_t p = 0; p < len; ++p) {
+        for (int64_t p = 0; p < n; ++p) {
           sh[p] = exp_approx(sh[p] - m);
           total += sh[p];
         }
         denom[h] = total;
+        maxes[h] = m;
       }
       std::fill(acc.begin() + h0 * head_dim, acc.begin() + h1 * head_dim, 0.f);
-      for (int64_t start = 0, b = 0; start < len; start += block_size, ++b) {
-        if (start + block_size < len) prefetch_block(v_cache + table[b + 1] * block_elems, block_bytes);
+      for (int64_t start = 0, b = 0; start < n; start += block_size, ++b) {
+        if (start + block_size < n) prefetch_block(v_cache + table[b + 1] * block_elems, block_bytes);
         const T* block = v_cache + table[b] * block_elems;
         for (int64_t kvh = kv0; kvh < kv1; ++kvh)
-          block_values<T, HEAD_DIM>(scores.data() + kvh * group * len + start, len, block + kvh * head_dim,
-                                    kv_width, std::min(block_size, len - start), group, head_dim,
+          block_values<T, HEAD_DIM>(scores.data() + kvh * group * chunk + start, chunk, block + kvh * head_dim,
+                                    kv_width, std::min(block_size, n - start), group, head_dim,
                                     acc.data() + kvh * group * head_dim);
+      }
+      if (split) {  // kept for the combination below
+        float* part = parts.data() + (first_part[s] + c) * part_floats;
+        for (int64_t h = h0; h < h1; ++h) {
+          part[h * (head_dim + 2)] = maxes[h];
+          part[h * (head_dim + 2) + 1] = denom[h];
+          std::copy(acc.begin() + h * head_dim, acc.begin() + (h + 1) * head_dim, part + h * (head_dim + 2) + 2);
+        }
+        continue;
       }
       T* os = out + r * out_stride;
       for (int64_t h = h0; h < h1; ++h) {
         const float inv = 1.f / denom[h];
         for (int64_t d = 0; d < head_dim; ++d) os[h * head_dim + d] = from_float<T>(acc[h * head_dim + d] * inv);
       }
+    }
+    // (the implicit barrier of the loop above: every chunk is done) Split contexts, per (sequence, head):
+    // each chunk's values and sum rescaled by exp(its max - the overall max), added in chunk order.
+#pragma omp for schedule(static)
+    for (int64_t sh = 0; sh < num_seqs * num_heads; ++sh) {
+      const int64_t s = sh / num_heads, h = sh % num_heads, chunks = first_part[s + 1] - first_part[s];
+      if (chunks == 0) continue;
+      const float* part = parts.data() + first_part[s] * part_floats + h * (head_dim + 2);
+      float m = -INFINITY, total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part[c * part_floats]);
+      float* sum = acc.data();  // (this thread's buffer, free now)
+      std::fill(sum, sum + head_dim, 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* pc = part + c * part_floats;
+        const float w = exp_approx(pc[0] - m);
+        total += w * pc[1];
+        for (int64_t d = 0; d < head_dim; ++d) sum[d] += w * pc[2 + d];
+      }
+      T* os = out + rows[s] * out_stride + h * head_dim;
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < head_dim; ++d) os[d] = from_float<T>(sum[d] * inv);
     }
   }
 }

@@ -123,11 +123,14 @@ def test_decode_attention_threads_cover_its_work_items(monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
-@pytest.mark.parametrize("seq_lens", [[1, 5, 16, 17, 40, 130, 3, 64], [130]], ids=["batch8", "batch1"])
+@pytest.mark.parametrize("seq_lens", [[1, 5, 16, 17, 40, 130, 3, 64], [130], [700], [1, 512, 513, 1100, 17, 256]],
+                         ids=["batch8", "batch1", "batch1-long", "split-contexts"])
 def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
                                                 seq_lens: list[int], variant: str) -> None:
-    """batch1: fewer sequences than threads, so the work items are (sequence, KV head) pairs."""
-    rng, block, num_blocks = random.Random(3), 16, 64
+    """batch1: fewer sequences than threads, so the work items are (sequence, KV head) pairs. Contexts longer
+    than a chunk (512 positions) are attended chunk by chunk and combined (one long context on all threads)."""
+    rng, block = random.Random(3), 16
+    num_blocks = max(64, sum((n + block - 1) // block for n in seq_lens) + 8)
     torch.manual_seed(3)
     md = _decode_metadata(seq_lens, block, num_blocks, rng)
     # Unwritten slots hold NaN: nothing past a sequence's end may leak into its output.
