@@ -29,6 +29,13 @@ inline bool packed_layout(int type, int64_t* dwords, int64_t* qs_offset, int64_t
   }
 }
 
+// Whether rows of `type`, row_bytes each, of k weights are what packed panels hold: a packable format and rows
+// of exactly k / 32 blocks.
+inline bool packed_rows_fit(int type, int64_t row_bytes, int64_t k) {
+  int64_t dwords, qs, block_bytes;
+  return packed_layout(type, &dwords, &qs, &block_bytes) && k % 32 == 0 && row_bytes == k / 32 * block_bytes;
+}
+
 // Block g of column c of a packed panel <-> the block's own bytes (one function for both directions keeps the
 // two in step): to_packed copies block -> panel, else panel -> block.
 inline void move_block(int type, uint8_t* panel_group, int64_t c, uint8_t* block, bool to_packed) {

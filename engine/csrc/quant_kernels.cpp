@@ -437,9 +437,9 @@ int current_isa() {
 // on AVX2 or better; N a multiple of PANEL_COLS and rows of exactly K / 32 blocks, as kq_pack_panels wrote them.
 int packed_matmul(int type, const uint8_t* w, int64_t row_bytes, const float* x, int64_t ldx, float* y, int64_t ldy,
                   int64_t M, int64_t N, int64_t K, int act_mode, int nthreads) {
-  int64_t block_bytes, block_elems, dwords, qs;
+  int64_t block_bytes, block_elems;
   if (int status = check_matmul(type, row_bytes, nullptr, ldx, ldy, M, N, K, &block_bytes, &block_elems)) return status;
-  if (!packed_layout(type, &dwords, &qs, &block_bytes) || row_bytes != K / 32 * block_bytes || N % PANEL_COLS) return 2;
+  if (!packed_rows_fit(type, row_bytes, K) || N % PANEL_COLS) return 2;
   if (act_mode != 1) return 4;  // packed panels feed the int8 tiles only
   const int isa = current_isa();
   if (isa < AVX2) return 5;
@@ -615,7 +615,7 @@ int64_t kq_set_bf16_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_bf16_
 int kq_pack_panels(int type, const void* src, int64_t row_bytes, int64_t n, int64_t k, void* dst) {
   int64_t dwords, qs, block_bytes;
   if (!kq::packed_layout(type, &dwords, &qs, &block_bytes)) return 1;
-  if (k % 32 || row_bytes != k / 32 * block_bytes || n % kq::PANEL_COLS || n < 0) return 2;
+  if (!kq::packed_rows_fit(type, row_bytes, k) || n % kq::PANEL_COLS || n < 0) return 2;
   const auto* in = static_cast<const uint8_t*>(src);
   auto* out = static_cast<uint8_t*>(dst);
   for (int64_t r = 0; r < n; ++r) {
@@ -635,8 +635,7 @@ int kq_dequantize_rows(int type, const void* w, int64_t row_bytes, const float* 
                        float* out) {
   if (type & kq::PACKED) {
     const int base = type & ~kq::PACKED;
-    int64_t dwords, qs, block_bytes;
-    if (!kq::packed_layout(base, &dwords, &qs, &block_bytes) || k % 32 || row_bytes != k / 32 * block_bytes) return 1;
+    if (!kq::packed_rows_fit(base, row_bytes, k)) return 1;
     uint8_t* blocks = kq::thread_buffer<uint8_t, kq::UNPACKED_ROW>(row_bytes);
     for (int64_t r = 0; r < n; ++r) {
       kq::unpack_row(base, static_cast<const uint8_t*>(w), row_bytes, r, blocks);
@@ -1294,6 +1293,18 @@ struct Q8Panel {
   const float* offset;    // [groups][2 halves][Q8_COLS]
 };
 
+// The 16 bytes at `offset` in each of N columns' blocks (column c at w + c * row_bytes); columns >= rows zero.
+template <int N> inline void load_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows,
+                                          __m128i col[N]) {
+  if (rows >= N) {
+    for (int c = 0; c < N; ++c) col[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
+  } else {
+    for (int c = 0; c < N; ++c)
+      col[c] = c < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset))
+                        : _mm_setzero_si128();
+  }
+}
+
 // The formats whose bytes are already quads, without decoding column by column. Per ISA, for LANES columns
 // (column c at w + c * row_bytes; columns >= rows read as zero): 16 bytes at `offset` in each column's block
 // are 4 dwords; quads_of_columns gives z[d], dword d of every column. block_heads gives each block's first
@@ -1307,13 +1318,7 @@ using ScaleVec = __m512;
 inline void quads_of_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows, __m512i z[4]) {
   const __m512i within = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   __m128i col[16];  // (independent loads joined in a tree: a chain of masked inserts serialises them)
-  if (rows >= 16) {
-    for (int c = 0; c < 16; ++c) col[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
-  } else {
-    for (int c = 0; c < 16; ++c)
-      col[c] = c < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset))
-                        : _mm_setzero_si128();
-  }
+  load_columns<16>(w, row_bytes, offset, rows, col);
   __m512i a[4];
   for (int j = 0; j < 4; ++j) {
     const __m256i lo = _mm256_set_m128i(col[4 * j + 1], col[4 * j]), hi = _mm256_set_m128i(col[4 * j + 3], col[4 * j + 2]);
@@ -1350,13 +1355,7 @@ using ScaleVec = __m256;
 // (columns c and c + 4 share a register, one per 128-bit lane: a 4 x 4 dword transpose inside each lane)
 inline void quads_of_columns(const uint8_t* w, int64_t row_bytes, int64_t offset, int64_t rows, __m256i z[4]) {
   __m128i col[8];
-  if (rows >= 8) {
-    for (int c = 0; c < 8; ++c) col[c] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset));
-  } else {
-    for (int c = 0; c < 8; ++c)
-      col[c] = c < rows ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * row_bytes + offset))
-                        : _mm_setzero_si128();
-  }
+  load_columns<8>(w, row_bytes, offset, rows, col);
   __m256i a[4];
   for (int j = 0; j < 4; ++j) a[j] = _mm256_set_m128i(col[j + 4], col[j]);
   const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpacklo_epi32(a[2], a[3]);
