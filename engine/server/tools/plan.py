@@ -53,10 +53,12 @@ def described_tools(request: ChatCompletionRequest) -> str | None:
     tools, choice = request.tools or [], request.tool_choice
     if tools and choice == "required":
         return required_instructions(tools)
-    if tools and isinstance(choice, NamedToolChoice):
-        named = next((t for t in tools if t.function.name == choice.function.name), None)
-        return None if named is None else named_instructions(named)
-    return None
+    named = _named_tool(tools, choice) if isinstance(choice, NamedToolChoice) else None
+    return None if named is None else named_instructions(named)
+
+
+def _named_tool(tools: list[ChatTool], choice: NamedToolChoice) -> ChatTool | None:
+    return next((t for t in tools if t.function.name == choice.function.name), None)
 
 
 def plan_tools(request: ChatCompletionRequest, *, enable_auto_tool_choice: bool,
@@ -83,11 +85,11 @@ def plan_tools(request: ChatCompletionRequest, *, enable_auto_tool_choice: bool,
         return ToolPlan("auto", template_tools, parser=get_tool_parser(tool_call_parser))
     if choice == "required":
         return ToolPlan("required", template_tools, constraint=required_constraint(tools, request.parallel_tool_calls),
-                        instructions=described_tools(request))
+                        instructions=required_instructions(tools))
     assert isinstance(choice, NamedToolChoice)
-    named = next((t for t in tools if t.function.name == choice.function.name), None)
+    named = _named_tool(tools, choice)
     if named is None:
         raise unsupported(f"tool_choice names the function {choice.function.name!r}, which is not in tools",
                           "tool_choice")
     return ToolPlan("named", template_tools, constraint=named_constraint(named), named=named,
-                    instructions=described_tools(request))
+                    instructions=named_instructions(named))
