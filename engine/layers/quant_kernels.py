@@ -47,7 +47,7 @@ BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q5_K
 # Packed int8 panels (engine/csrc/packed_panels.h): these formats' rows repacked once, at load, in the order the
 # int8 tiles read them (same bytes, same [N, row_bytes] shape); their type code is the format's | PACKED.
 PACKED = 256  # (kq_packed_bit)
-PACKABLE = (Q4_0, Q4_1, Q8_0)
+PACKABLE = (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
 PANEL_ROWS = 32
 BLOCKS |= {qtype | PACKED: BLOCKS[qtype] for qtype in PACKABLE}
 
@@ -66,6 +66,7 @@ _SIGNATURES = {
     "kq_dequantize_rows": ([_INT, _P, _I64, _P, _I64, _I64, _P], _INT),
     "kq_pack_panels": ([_INT, _P, _I64, _I64, _I64, _P], _INT),
     "kq_packed_bit": ([], _INT),
+    "kq_set_packed_expand_min_rows": ([_INT, _I64], _I64),
     "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT, _INT], _INT),
 }
 
@@ -158,6 +159,16 @@ def set_q8_panel_min_rows(rows: int) -> int:
     return _lib().kq_set_q8_panel_min_rows(rows)
 
 
+def set_packed_expand_min_rows(qtype: int, rows: int) -> int:
+    """Calls on packed K-quant panels (``qtype`` Q4_K or Q6_K) with at least ``rows`` rows expand each panel
+    once into bytes and float scales for the int8 tiles; fewer decode the packed nibbles in every tile. Returns
+    the previous threshold (benchmarks, tests)."""
+    previous = _lib().kq_set_packed_expand_min_rows(qtype, rows)
+    if previous < 0:
+        raise ValueError(f"type {qtype} has no expanded packed panels")
+    return previous
+
+
 def has_bf16_dot() -> bool:
     """Whether this CPU has the bf16 dot-product path (AVX-512 BF16); the engine uses it only where it is the
     faster one (``cpu_features.quantized_bf16_dot``: else the threshold is set to never)."""
@@ -196,6 +207,21 @@ def forced_q8_path(path: str) -> Iterator[None]:
         yield
     finally:
         set_q8_panel_min_rows(previous)
+
+
+# The paths of packed K-quant calls, and the row threshold (expanded panels from) that forces each: the packed
+# tiles, which decode the nibbles and scales in every tile of rows, or each panel expanded once for all rows.
+PACKED_PATHS = {"tiles": 1 << 40, "expanded": 1}
+
+
+@contextmanager
+def forced_packed_path(qtype: int, path: str) -> Iterator[None]:
+    """Calls on packed ``qtype`` (Q4_K or Q6_K) panels inside take ``path`` (a key of ``PACKED_PATHS``)."""
+    previous = set_packed_expand_min_rows(qtype, PACKED_PATHS[path])
+    try:
+        yield
+    finally:
+        set_packed_expand_min_rows(qtype, previous)
 
 
 @cache
