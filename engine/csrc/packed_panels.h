@@ -1,4 +1,4 @@
-// Packed int8 panels: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights repacked once, at load, in the order the int8
+// Packed int8 panels: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K weights repacked once, at load, in the order the int8
 // tiles read them, so that no call builds panels (q8_panel) and one activation row runs the same vertical tiles
 // as a batch (no per-row horizontal sums, as the row-at-a-time GEMV needs). llama.cpp repacks its CPU weights
 // the same way.
@@ -12,6 +12,9 @@
 //   Q4_K: row 0, the f16 d and dmin; rows 1-3, the 12 bytes of 6-bit scales and mins as they are; rows 4 + 4j ..
 //          7 + 4j, sub-block j (weights 32j..32j+31) as Q4_1's nibble bytes (low nibbles: weights 0-15 of the
 //          sub-block, high ones: 16-31);
+//   Q5_K: as Q4_K, each sub-block's 4 code rows followed by a row of their fifth bits (rows 4 + 5j .. 8 + 5j):
+//          byte b of row 8 + 5j holds at bit d the one of the weight in the low nibble of byte b of code row
+//          4 + 5j + d, at bit 4 + d the one of the weight in its high nibble;
 //   Q6_K: the 32 columns' f16 d (64 bytes), then from there rows 0-3, the 16 int8 scales; rows 4 + 6j .. 7 + 6j,
 //          the low 4 bits of sub-block j's 6-bit codes as Q4_1's nibble bytes, rows 8 + 6j and 9 + 6j their high
 //          2 bits: byte b of row 8 + 6j + d / 2 holds, at bit 4 (d % 2), those of the weight in the low nibble
@@ -29,7 +32,9 @@
 constexpr int PACKED = 256;
 constexpr int64_t PANEL_COLS = 32;
 
-inline bool packable(int type) { return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == Q4_K || type == Q6_K; }
+inline bool packable(int type) {
+  return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == Q4_K || type == Q5_K || type == Q6_K;
+}
 
 // Whether rows of `type`, row_bytes each, of k weights are what packed panels hold: a packable format and rows
 // of exactly k / (the block's weights) blocks.
@@ -98,18 +103,33 @@ inline void move_block(int type, uint8_t* group, int64_t c, uint8_t* block, bool
       }
       return;
     }
-    case Q4_K: {  // sub-block j's weights are nibble j % 2 of qs[32 (j / 2) + i]
-      uint8_t* qs = block + 16;
+    case Q4_K: case Q5_K: {  // sub-block j's weights: nibble j % 2 of qs[32 (j / 2) + i] (Q5_K: bit j of qh[i] above)
+      const bool five = type == Q5_K;
+      uint8_t *qs = block + (five ? 48 : 16), *qh = block + 16;
+      const int64_t stride = five ? 5 : 4;
       for (int j = 0; j < 8; ++j) {
         const int shift = 4 * (j % 2);
         for (int t = 0; t < 16; ++t) {
-          uint8_t& packed = panel_byte(group, 4 + 4 * j + t / 4, c, t % 4);
+          const int d = t / 4;
+          uint8_t& packed = panel_byte(group, 4 + stride * j + d, c, t % 4);
           uint8_t &low = qs[32 * (j / 2) + t], &high = qs[32 * (j / 2) + 16 + t];
           if (to_packed) {
             packed = static_cast<uint8_t>(((low >> shift) & 0xF) | (((high >> shift) & 0xF) << 4));
           } else {
             low = static_cast<uint8_t>((low & ~(0xF << shift)) | ((packed & 0xF) << shift));
             high = static_cast<uint8_t>((high & ~(0xF << shift)) | ((packed >> 4) << shift));
+          }
+          if (!five) continue;
+          // the fifth bits: byte b of row 8 + 5j, bit d for the weight in the low nibble of byte b of code row
+          // 4 + 5j + d, bit 4 + d for the one in its high nibble
+          uint8_t& bits = panel_byte(group, 8 + stride * j, c, t % 4);
+          uint8_t &low_h = qh[t], &high_h = qh[16 + t];
+          if (to_packed) {
+            if (d == 0) bits = 0;
+            bits = static_cast<uint8_t>(bits | (((low_h >> j) & 1) << d) | (((high_h >> j) & 1) << (4 + d)));
+          } else {
+            low_h = static_cast<uint8_t>((low_h & ~(1 << j)) | (((bits >> d) & 1) << j));
+            high_h = static_cast<uint8_t>((high_h & ~(1 << j)) | (((bits >> (4 + d)) & 1) << j));
           }
         }
       }
@@ -161,13 +181,15 @@ inline void unpack_row(int type, const uint8_t* w, int64_t row_bytes, int64_t r,
 // DWORDS code rows of 32 columns' dwords (ROW bytes each), the first at sub_at(sub) in its group (Q6_K's two
 // rows of high bits follow them); HEADS: where the group's scales start.
 template <class F> struct Packed {
-  static constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>, K4 = std::is_same_v<F, FmtK<false>>,
-                        Q6 = std::is_same_v<F, FmtQ6_K>;
+  static constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>, K5 = std::is_same_v<F, FmtK<true>>,
+                        K4 = std::is_same_v<F, FmtK<false>> || K5, Q6 = std::is_same_v<F, FmtQ6_K>;  // (K4: Q4_K, Q5_K)
+  static constexpr int TYPE = K5 ? kq::Q5_K : K4 ? kq::Q4_K : Q6 ? kq::Q6_K : -1;  // (the K-quants' code)
   static constexpr int SUBS = K4 || Q6 ? 8 : 1;  // blocks of 32 weights per group
   static constexpr bool SPLIT = Q6;               // a scale per 16 weights: the low nibbles' and the high ones'
   static constexpr int64_t DWORDS = Q8 ? 8 : 4, ROW = 4 * Q8_COLS, GROUP_BYTES = Q8_COLS * F::BYTES;
   static constexpr int64_t HEADS = K4 ? 0 : Q6 ? 2 * Q8_COLS : DWORDS * ROW;  // (Q6_K: its f16 d before them)
-  static constexpr int64_t FIRST_SUB = K4 ? 4 * ROW : Q6 ? HEADS + 4 * ROW : 0, SUB_STRIDE = (Q6 ? 6 : 4) * ROW;
+  static constexpr int64_t FIRST_SUB = K4 ? 4 * ROW : Q6 ? HEADS + 4 * ROW : 0,
+                           SUB_STRIDE = (Q6 ? 6 : K5 ? 5 : 4) * ROW;
   static constexpr int64_t sub_at(int sub) { return FIRST_SUB + sub * SUB_STRIDE; }
   static constexpr int64_t BLOCK_BYTES = GROUP_BYTES / SUBS;  // (a panel's bytes per block of 32, on average)
   // Blocks of 32 ahead that a tile asks for: the K-quants' panels (heads first, then sub-blocks) ran at 13-14 GB/s
@@ -251,6 +273,12 @@ inline void packed_codes(const uint8_t* group, int sub, int d, int col, PackedVe
   const PackedVec low4 = byte_mask(0x0F);
   *lo = and_lanes(codes, low4);
   *hi = and_lanes(srl_lanes(codes, 4), low4);
+  if constexpr (P::K5) {  // the fifth bit of each code, at bit 4 of its byte
+    const PackedVec high = load_lanes(group + P::sub_at(sub) + 4 * P::ROW + 4 * col);
+    const PackedVec bit4 = byte_mask(0x10);
+    *lo = or_lanes(*lo, and_lanes(shl_lanes(high, 4 - d), bit4));
+    *hi = or_lanes(*hi, and_lanes(d ? srl_lanes(high, d) : high, bit4));
+  }
   if constexpr (P::Q6) {  // the high 2 bits of each code, at bit 4 of its byte
     const PackedVec high = load_lanes(group + P::sub_at(sub) + (4 + d / 2) * P::ROW + 4 * col);
     const PackedVec two = byte_mask(0x30);
@@ -472,8 +500,7 @@ template <class F>
 void q8_packed_run(const uint8_t* w, int64_t row_bytes, const QBlock* x, int64_t nb32, int64_t M, int64_t N,
                    float* y, int64_t ldy, int nthreads) {
   const int64_t npanels = N / Q8_COLS;
-  const bool expand = Packed<F>::SUBS > 1 &&
-                      M >= (Packed<F>::Q6 ? kq::g_packed_expand_min_m_q6_k : kq::g_packed_expand_min_m_q4_k);
+  const bool expand = Packed<F>::SUBS > 1 && M >= *kq::packed_expand_min_m(Packed<F>::TYPE);
   static constexpr auto tiles = packed_tiles<F>(std::make_integer_sequence<int, Q8_M>{});
   static constexpr auto expanded_tiles = q8_tiles<F>(std::make_integer_sequence<int, Q8_M>{});
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)

@@ -296,12 +296,20 @@ inline int64_t g_bf16_min_m = 32;  // bench/quant_matmul.py (Zen 5): 0.75x at 16
 // weights are unpacked once to bytes and meet every activation row in vpdpbusd (AVX2: vpmaddubsw) tiles.
 inline int64_t g_q8_panel_min_m = 2;  // bench/quant_matmul.py (Intel AVX-512 VNNI): 0.82x at 2 rows, 0.65x at 3
 
-// Packed K-quant calls with at least this many rows (Q4_K, Q6_K) expand each panel once into an int8 panel of
-// bytes and float scales (q8_tile's input) instead of decoding its nibbles and 6-bit scales again in every tile
-// of Q8_M rows (kq_set_packed_expand_min_rows). Zen 4, 4096 x 2048: Q4_K 0.9x at 16 rows, 1.03x at 32, 1.2x at
-// 128; Q6_K (more to decode) 1.03x at 8, 1.3x at 32.
-inline int64_t g_packed_expand_min_m_q4_k = 32;
-inline int64_t g_packed_expand_min_m_q6_k = 8;
+// Packed K-quant calls with at least this many rows expand each panel once into an int8 panel of bytes and
+// float scales (q8_tile's input) instead of decoding its nibbles and scales again in every tile of Q8_M rows
+// (kq_set_packed_expand_min_rows). bench/packed_matmul.py (Zen 4, 4096 x 2048), expanded / packed tiles: Q4_K
+// 0.9x at 16 rows, 1.03x at 32, 1.2x at 128; Q6_K (more to decode) 1.03x at 8, 1.3x at 32; Q5_K between.
+inline int64_t g_packed_expand_min_m_q4_k = 32, g_packed_expand_min_m_q5_k = 16, g_packed_expand_min_m_q6_k = 8;
+
+inline int64_t* packed_expand_min_m(int type) {
+  switch (type) {
+    case Q4_K: return &g_packed_expand_min_m_q4_k;
+    case Q5_K: return &g_packed_expand_min_m_q5_k;
+    case Q6_K: return &g_packed_expand_min_m_q6_k;
+    default: return nullptr;
+  }
+}
 
 // Sets one of the row thresholds above (at least 1); returns its previous value.
 inline int64_t set_min_rows(int64_t& threshold, int64_t rows) {
@@ -614,12 +622,11 @@ int kq_matmul_bf16(int type, const void* w, int64_t row_bytes, const float* row_
 // Q8-mode calls with at least `rows` rows use the int8 panels (AVX-512 VNNI); returns the previous threshold.
 int64_t kq_set_q8_panel_min_rows(int64_t rows) { return kq::set_min_rows(kq::g_q8_panel_min_m, rows); }
 
-// Packed calls of `type` (Q4_K or Q6_K) with at least `rows` rows expand each panel for the int8 tiles; returns
-// the previous threshold (-1: a type without one).
+// Packed calls of `type` (a K-quant) with at least `rows` rows expand each panel for the int8 tiles; returns the
+// previous threshold (-1: a type without one).
 int64_t kq_set_packed_expand_min_rows(int type, int64_t rows) {
-  if (type == kq::Q4_K) return kq::set_min_rows(kq::g_packed_expand_min_m_q4_k, rows);
-  if (type == kq::Q6_K) return kq::set_min_rows(kq::g_packed_expand_min_m_q6_k, rows);
-  return -1;
+  int64_t* threshold = kq::packed_expand_min_m(type);
+  return threshold ? kq::set_min_rows(*threshold, rows) : -1;
 }
 
 // bf16 activations with at least `rows` rows use the AVX-512 BF16 panels; returns the previous threshold.
@@ -1719,6 +1726,7 @@ int q8_packed_matmul(int type, const uint8_t* w, int64_t row_bytes, const QBlock
     case kq::Q4_1: q8_packed_run<FmtQ4<true>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q8_0: q8_packed_run<FmtQ8_0>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q4_K: q8_packed_run<FmtK<false>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q5_K: q8_packed_run<FmtK<true>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q6_K: q8_packed_run<FmtQ6_K>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     default: return 1;
   }

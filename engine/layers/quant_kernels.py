@@ -47,7 +47,7 @@ BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q5_K
 # Packed int8 panels (engine/csrc/packed_panels.h): these formats' rows repacked once, at load, in the order the
 # int8 tiles read them (same bytes, same [N, row_bytes] shape); their type code is the format's | PACKED.
 PACKED = 256  # (kq_packed_bit)
-PACKABLE = (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K)
+PACKABLE = (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
 PANEL_ROWS = 32
 BLOCKS |= {qtype | PACKED: BLOCKS[qtype] for qtype in PACKABLE}
 
@@ -160,7 +160,7 @@ def set_q8_panel_min_rows(rows: int) -> int:
 
 
 def set_packed_expand_min_rows(qtype: int, rows: int) -> int:
-    """Calls on packed K-quant panels (``qtype`` Q4_K or Q6_K) with at least ``rows`` rows expand each panel
+    """Calls on packed K-quant panels (``qtype`` Q4_K, Q5_K or Q6_K) with at least ``rows`` rows expand each panel
     once into bytes and float scales for the int8 tiles; fewer decode the packed nibbles in every tile. Returns
     the previous threshold (benchmarks, tests)."""
     previous = _lib().kq_set_packed_expand_min_rows(qtype, rows)
@@ -216,7 +216,7 @@ PACKED_PATHS = {"tiles": 1 << 40, "expanded": 1}
 
 @contextmanager
 def forced_packed_path(qtype: int, path: str) -> Iterator[None]:
-    """Calls on packed ``qtype`` (Q4_K or Q6_K) panels inside take ``path`` (a key of ``PACKED_PATHS``)."""
+    """Calls on packed ``qtype`` (a K-quant) panels inside take ``path`` (a key of ``PACKED_PATHS``)."""
     previous = set_packed_expand_min_rows(qtype, PACKED_PATHS[path])
     try:
         yield

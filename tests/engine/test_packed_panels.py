@@ -1,5 +1,5 @@
-"""Packed int8 panels (engine/csrc/packed_panels.h): Q4_0/Q4_1/Q8_0/Q4_K/Q6_K rows repacked at load for the int8
-tiles.
+"""Packed int8 panels (engine/csrc/packed_panels.h): Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K rows repacked at load for the
+int8 tiles.
 
 The packed tiles do the int8 panel GEMM's arithmetic in the same order, so on every path this CPU runs their
 results must equal the unpacked weights' int8 panels bit for bit, at every row count (one row included: the
@@ -22,8 +22,8 @@ from tests.engine.test_quant_kernels import isa, quantized_weights, random_block
 
 pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
 
-FORMATS = {"Q4_0": qk.Q4_0, "Q4_1": qk.Q4_1, "Q8_0": qk.Q8_0, "Q4_K": qk.Q4_K, "Q6_K": qk.Q6_K}
-K_QUANTS = {qk.Q4_K, qk.Q6_K}
+FORMATS = {"Q4_0": qk.Q4_0, "Q4_1": qk.Q4_1, "Q8_0": qk.Q8_0, "Q4_K": qk.Q4_K, "Q5_K": qk.Q5_K, "Q6_K": qk.Q6_K}
+K_QUANTS = {qk.Q4_K, qk.Q5_K, qk.Q6_K}
 
 
 def _weights(qtype: int, n: int, k: int, seed: int) -> torch.Tensor:
@@ -70,7 +70,7 @@ def test_packed_panels_multiply_as_the_int8_panels_bit_for_bit(name: str, m: int
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_packed_rows_unpack_to_their_blocks(name: str) -> None:
     qtype = FORMATS[name]
-    k = {"Q8_0": 96, "Q4_K": 512, "Q6_K": 512}.get(name, 160)
+    k = {"Q8_0": 96, "Q4_K": 512, "Q5_K": 512, "Q6_K": 512}.get(name, 160)
     blocks = torch.from_numpy(random_blocks(qtype, 64, k, seed=3))
     packed = qk.pack_panels(qtype, blocks, k)
     assert torch.equal(qk.dequantize(qtype | qk.PACKED, packed, k), qk.dequantize(qtype, blocks, k))
@@ -90,7 +90,7 @@ def test_what_packed_rows_cannot_do_is_refused() -> None:
     with pytest.raises(RuntimeError, match="pack_panels"):  # not a whole number of panels
         qk.pack_panels(qk.Q4_1, blocks[:40], 64)
     with pytest.raises(RuntimeError, match="pack_panels"):  # a format without a packed layout
-        qk.pack_panels(qk.Q5_K, torch.from_numpy(random_blocks(qk.Q5_K, 32, 256, seed=1)), 256)
+        qk.pack_panels(qk.INT8_ROW, torch.zeros(32, 64, dtype=torch.int8), 64)
     with pytest.raises(ValueError, match="no expanded packed panels"):
         qk.set_packed_expand_min_rows(qk.Q4_1, 1)
     rows = QuantizedRows(qk.Q4_1, blocks, 64).packed_panels()
@@ -119,17 +119,19 @@ def test_a_weight_packs_its_segments_of_whole_panels() -> None:
     assert torch.equal(weight.matmul(x), before)  # (three rows: the int8 panels either way)
 
 
-def test_a_q4_k_m_style_weight_packs_its_k_quant_segments() -> None:
-    """A fused weight as Ollama's Q4_K_M files hold them (Q4_K rows beside Q6_K ones, e.g. q/k and v): both pack;
-    batches multiply as before, bit for bit, and one row stays within the int8 activations' error of float32."""
+@pytest.mark.parametrize("main", ["Q4_K", "Q5_K"])
+def test_a_k_m_style_weight_packs_its_k_quant_segments(main: str) -> None:
+    """A fused weight as Ollama's Q4_K_M / Q5_K_M files hold them (Q4_K or Q5_K rows beside Q6_K ones, e.g. q/k
+    and v): both pack; batches multiply as before, bit for bit, and one row stays within the int8 activations'
+    error of float32."""
     _needs_int8_tiles()
-    k = 512
-    q = torch.from_numpy(random_blocks(qk.Q4_K, 64, k, seed=4))
+    k, qtype = 512, FORMATS[main]
+    q = torch.from_numpy(random_blocks(qtype, 64, k, seed=4))
     v = torch.from_numpy(random_blocks(qk.Q6_K, 32, k, seed=5))
     weight = QuantizedWeight(rows=96, k=k)
-    weight.put(0, QuantizedRows(qk.Q4_K, q, k))
+    weight.put(0, QuantizedRows(qtype, q, k))
     weight.put(64, QuantizedRows(qk.Q6_K, v, k))
-    dense = torch.cat([qk.dequantize(qk.Q4_K, q, k), qk.dequantize(qk.Q6_K, v, k)])
+    dense = torch.cat([qk.dequantize(qtype, q, k), qk.dequantize(qk.Q6_K, v, k)])
     batches = [torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) for rows in (3, 40)]
     before = [weight.matmul(x) for x in batches]
     weight.pack_panels()
@@ -144,7 +146,7 @@ def test_a_q4_k_m_style_weight_packs_its_k_quant_segments() -> None:
 
 # Each format's code bytes (and the K-quants' scale bytes): set to their largest values below
 _CODE_BYTES = {qk.Q4_0: (2, 18, 0xFF), qk.Q4_1: (4, 20, 0xFF), qk.Q8_0: (2, 34, 0x7F), qk.Q4_K: (4, 144, 0xFF),
-               qk.Q6_K: (0, 208, 0xFF)}
+               qk.Q5_K: (4, 176, 0xFF), qk.Q6_K: (0, 208, 0xFF)}
 
 
 @pytest.mark.usefixtures("isa")
