@@ -1,0 +1,85 @@
+"""A K-quant GGUF end to end: the bundled model rewritten with its down projections in Q4_K, Q5_K and Q6_K (as
+Ollama's Q4_K_M / Q5_K_M files mix them; the others stay Q4_1 / Q8_0, since SmolLM2's 576 inputs are not whole
+256-weight blocks), loaded kept quantized (packed int8 panels where the int8 tiles run) against the same file
+dequantised to float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from kubeinfer.engine.layers import quant_kernels as qk
+from kubeinfer.engine.models.bundled import bundled_model_path
+from kubeinfer.engine.models.loader import load_model
+
+from tests.engine.k_quants import ENCODERS, k_quant_gguf
+from tests.engine.model_harness import generate_paged
+from tests.engine.test_engine import QUESTIONS
+from tests.engine.test_quantized_model import BOUNDS
+
+pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
+
+K_TYPES = [GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K]
+
+
+@pytest.mark.parametrize("kind", K_TYPES, ids=lambda t: t.name)
+def test_k_quant_blocks_decode_as_ggml_does(kind: GGMLQuantizationType) -> None:
+    """The test's encoders write ggml's layout (the gguf package reads back what was meant), and the kernels'
+    own decoding of those blocks is ggml's to the bit."""
+    x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32) * 0.05
+    blocks = ENCODERS[kind](x)
+    reference = dequantize(blocks, kind).reshape(x.shape)
+    step = {GGMLQuantizationType.Q6_K: 1 / 31, GGMLQuantizationType.Q5_K: 1 / 31}.get(kind, 1 / 15)
+    assert np.abs(reference - x).max() <= step * np.abs(x).max()
+    ours = qk.dequantize(qk.GGUF_TYPES[kind.name], torch.from_numpy(blocks), 512)
+    assert torch.equal(ours, torch.from_numpy(reference.astype(np.float32)))
+
+
+@pytest.fixture(scope="module")
+def k_quant_models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("k_quants") / "smollm2-k-quants.gguf"
+    changed = k_quant_gguf(bundled_model_path(), path, K_TYPES, ("ffn_down",))
+    assert sorted({kind.name for kind in changed.values()}) == ["Q4_K", "Q5_K", "Q6_K"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qk, "packs_panels", lambda qtype: False)
+        unpacked = load_model(str(path), dtype="float32", quantization="gguf")
+    return (load_model(str(path), dtype="float32", quantization="gguf"), unpacked,
+            load_model(str(path), dtype="float32", quantization="none"))
+
+
+def test_k_quants_are_kept_quantized_and_packed(k_quant_models) -> None:
+    packed, _, _ = k_quant_models
+    assert packed.weights.qtypes == ["Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    for layer in packed.model.model.layers:
+        for _, part in layer.mlp.down_proj.quantized.segments:
+            assert part.qtype in (qk.Q4_K, qk.Q5_K, qk.Q6_K)
+            assert part.packed == qk.packs_panels(part.qtype)
+
+
+@pytest.mark.parametrize("mode", ["f32", "q8"])
+def test_k_quant_logits_close_to_dequantised_float32(k_quant_models, mode: str, monkeypatch) -> None:
+    """Teacher-forced on the dense model's greedy continuation through chunked prefill; int8 activations on the
+    packed weights, float32 ones on the blocks (packed panels take int8 activations only)."""
+    monkeypatch.setattr(qk, "default_activations", lambda qtype, rows=1: mode)
+    packed, unpacked, dense = k_quant_models
+    quantized = packed if mode == "q8" else unpacked
+    max_diff, min_agreement = BOUNDS[mode]
+    tok = dense.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for q in QUESTIONS[:3]]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    ref = generate_paged(dense.model, prompts, max_new_tokens=8, chunk=7)
+    got = generate_paged(quantized.model, [s.tokens[:-1] for s in ref], max_new_tokens=1, chunk=7)
+    agree = total = 0
+    worst = 0.0
+    for r, g in zip(ref, got, strict=True):
+        ref_logits, got_logits = torch.stack(r.logits), torch.stack(g.logits)
+        worst = max(worst, float((ref_logits - got_logits).abs().max()))
+        agree += int((ref_logits.argmax(-1) == got_logits.argmax(-1)).sum())
+        total += ref_logits.shape[0]
+    print(f"{mode}: max |logit diff| {worst:.4g}, top-1 agreement {agree}/{total}")
+    assert worst < max_diff
+    assert agree / total >= min_agreement, f"top-1 agreement {agree}/{total}"
