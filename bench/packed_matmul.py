@@ -23,8 +23,9 @@ from kubeinfer.engine import cpu_features
 from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.layers import quant_kernels as qk
 
-PACKED_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # f16 scale offsets
+PACKED_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}  # where the f16 scales are
 
 
 def random_blocks(fmt: str, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:

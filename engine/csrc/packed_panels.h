@@ -1,4 +1,4 @@
-// Packed int8 panels: Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K weights repacked once, at load, in the order the int8
+// Packed int8 panels: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights repacked once, at load, in the order the int8
 // tiles read them, so that no call builds panels (q8_panel) and one activation row runs the same vertical tiles
 // as a batch (no per-row horizontal sums, as the row-at-a-time GEMV needs). llama.cpp repacks its CPU weights
 // the same way.
@@ -8,6 +8,9 @@
 // dwords (dword row r, column c at (r * 32 + c) * 4):
 //   Q4_0 / Q4_1: rows 0-3, the block's 16 nibble bytes (low nibbles: k-quads 0-3, high ones: quads 4-7); then
 //          the 32 columns' f16 scales, then (Q4_1) their f16 mins;
+//   Q5_0 / Q5_1: rows 0-3 as Q4's; row 4, the codes' fifth bits: byte b holds at bit d the one of the weight in
+//          the low nibble of byte b of code row d, at bit 4 + d the one of the weight in its high nibble; then
+//          the f16 scales, then (Q5_1) the f16 mins;
 //   Q8_0: rows 0-7, its 32 codes (quads 0-7), shifted by 128 into unsigned codes; then the f16 scales;
 //   Q4_K: row 0, the f16 d and dmin; rows 1-3, the 12 bytes of 6-bit scales and mins as they are; rows 4 + 4j ..
 //          7 + 4j, sub-block j (weights 32j..32j+31) as Q4_1's nibble bytes (low nibbles: weights 0-15 of the
@@ -33,7 +36,17 @@ constexpr int PACKED = 256;
 constexpr int64_t PANEL_COLS = 32;
 
 inline bool packable(int type) {
-  return type == Q4_0 || type == Q4_1 || type == Q8_0 || type == Q4_K || type == Q5_K || type == Q6_K;
+  return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 || type == Q4_K ||
+         type == Q5_K || type == Q6_K;
+}
+
+// The fifth bit of weight i (0..31) of a 32-weight block <-> its place in a packed row of fifth bits (the byte
+// and the bit in it: the weight in the low nibble of byte b of code row d sits at bit d of byte b, the one in
+// its high nibble at bit 4 + d).
+inline void fifth_bit_place(int i, int* byte, int* bit) {
+  const int t = i % 16;
+  *byte = t % 4;
+  *bit = t / 4 + (i >= 16 ? 4 : 0);
 }
 
 // Whether rows of `type`, row_bytes each, of k weights are what packed panels hold: a packable format and rows
@@ -98,6 +111,26 @@ inline void move_block(int type, uint8_t* group, int64_t c, uint8_t* block, bool
       }
       for (int64_t h = 0; h < (type == Q4_1 ? 2 : 1); ++h) {  // the f16 scale, Q4_1's f16 min
         uint8_t* head = group + rows * 4 * PANEL_COLS + h * 2 * PANEL_COLS + 2 * c;
+        if (to_packed) std::memcpy(head, block + 2 * h, 2);
+        else std::memcpy(block + 2 * h, head, 2);
+      }
+      return;
+    }
+    case Q5_0: case Q5_1: {
+      const int64_t heads = type == Q5_1 ? 4 : 2;  // (then the 4 bytes of fifth bits, then the nibbles)
+      move_bytes(group, 0, c, block, heads + 4, 16, to_packed);
+      uint8_t* qh = block + heads;
+      if (!to_packed) std::memset(qh, 0, 4);
+      for (int i = 0; i < 32; ++i) {
+        int byte, bit;
+        fifth_bit_place(i, &byte, &bit);
+        uint8_t& bits = panel_byte(group, 4, c, byte);
+        if (to_packed && i < 4) bits = 0;  // (i < 4 reaches bytes 0-3 first)
+        if (to_packed) bits = static_cast<uint8_t>(bits | (((qh[i / 8] >> (i % 8)) & 1) << bit));
+        else qh[i / 8] = static_cast<uint8_t>(qh[i / 8] | (((bits >> bit) & 1) << (i % 8)));
+      }
+      for (int64_t h = 0; h < heads / 2; ++h) {  // the f16 scale, Q5_1's f16 min
+        uint8_t* head = group + 5 * 4 * PANEL_COLS + h * 2 * PANEL_COLS + 2 * c;
         if (to_packed) std::memcpy(head, block + 2 * h, 2);
         else std::memcpy(block + 2 * h, head, 2);
       }
@@ -182,12 +215,17 @@ inline void unpack_row(int type, const uint8_t* w, int64_t row_bytes, int64_t r,
 // rows of high bits follow them); HEADS: where the group's scales start.
 template <class F> struct Packed {
   static constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>, K5 = std::is_same_v<F, FmtK<true>>,
-                        K4 = std::is_same_v<F, FmtK<false>> || K5, Q6 = std::is_same_v<F, FmtQ6_K>;  // (K4: Q4_K, Q5_K)
+                        K4 = std::is_same_v<F, FmtK<false>> || K5, Q6 = std::is_same_v<F, FmtQ6_K>,  // (K4: Q4/5_K)
+                        Q5 = std::is_same_v<F, FmtQ5<false>> || std::is_same_v<F, FmtQ5<true>>,
+                        FIFTH = K5 || Q5,  // a row of fifth bits after each block's 4 code rows
+                        MIN = std::is_same_v<F, FmtQ4<true>> || std::is_same_v<F, FmtQ5<true>>;  // f16 mins
+  // the offset per unit of scale of the formats without mins: their codes' middle (Q8_0's, shifted by 128)
+  static constexpr float CENTRE = Q8 ? -128.f : Q5 ? -16.f : -8.f;
   static constexpr int TYPE = K5 ? kq::Q5_K : K4 ? kq::Q4_K : Q6 ? kq::Q6_K : -1;  // (the K-quants' code)
   static constexpr int SUBS = K4 || Q6 ? 8 : 1;  // blocks of 32 weights per group
   static constexpr bool SPLIT = Q6;               // a scale per 16 weights: the low nibbles' and the high ones'
   static constexpr int64_t DWORDS = Q8 ? 8 : 4, ROW = 4 * Q8_COLS, GROUP_BYTES = Q8_COLS * F::BYTES;
-  static constexpr int64_t HEADS = K4 ? 0 : Q6 ? 2 * Q8_COLS : DWORDS * ROW;  // (Q6_K: its f16 d before them)
+  static constexpr int64_t HEADS = K4 ? 0 : Q6 ? 2 * Q8_COLS : (DWORDS + (Q5 ? 1 : 0)) * ROW;  // (Q6_K: d first)
   static constexpr int64_t FIRST_SUB = K4 ? 4 * ROW : Q6 ? HEADS + 4 * ROW : 0,
                            SUB_STRIDE = (Q6 ? 6 : K5 ? 5 : 4) * ROW;
   static constexpr int64_t sub_at(int sub) { return FIRST_SUB + sub * SUB_STRIDE; }
@@ -273,7 +311,7 @@ inline void packed_codes(const uint8_t* group, int sub, int d, int col, PackedVe
   const PackedVec low4 = byte_mask(0x0F);
   *lo = and_lanes(codes, low4);
   *hi = and_lanes(srl_lanes(codes, 4), low4);
-  if constexpr (P::K5) {  // the fifth bit of each code, at bit 4 of its byte
+  if constexpr (P::FIFTH) {  // the fifth bit of each code, at bit 4 of its byte
     const PackedVec high = load_lanes(group + P::sub_at(sub) + 4 * P::ROW + 4 * col);
     const PackedVec bit4 = byte_mask(0x10);
     *lo = or_lanes(*lo, and_lanes(shl_lanes(high, 4 - d), bit4));
@@ -317,9 +355,8 @@ inline void packed_heads(const uint8_t* group, int sub, int col, PackedScales sc
     }
   } else {
     scale[0] = f16_lanes(group + P::HEADS + 2 * col);
-    if constexpr (P::Q8) offset[0] = mul(scale[0], broadcast(-128.f));
-    else if constexpr (F::QS == 4) offset[0] = f16_lanes(group + P::HEADS + 2 * Q8_COLS + 2 * col);  // Q4_1's mins
-    else offset[0] = mul(scale[0], broadcast(-8.f));
+    if constexpr (P::MIN) offset[0] = f16_lanes(group + P::HEADS + 2 * Q8_COLS + 2 * col);
+    else offset[0] = mul(scale[0], broadcast(P::CENTRE));
   }
 }
 

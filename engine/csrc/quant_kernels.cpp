@@ -1,7 +1,8 @@
 // kubeinfer quantized matmuls for the CPU: y[m, n] = sum_k x[m, k] * W[n, k], W kept in its quantized blocks.
 //
 // Weight formats (codes are ggml's type ids, so GGUF tensors pass through unchanged):
-//   Q4_0 (2), Q4_1 (3), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14): rows of GGUF blocks, bit for bit;
+//   Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14): rows of GGUF blocks, bit
+//   for bit;
 //   INT8_ROW (100): int8 rows with one float scale per output row (weight-only int8, --quantization int8).
 // Two ways to multiply (act_mode):
 //   F32 (0): the weights are dequantised in registers and multiplied with the float32 activations: the result
@@ -13,7 +14,7 @@
 // Both accumulate in fp32; the scalar fallback has both too.
 //
 // Every format is decoded group by group into (32 unsigned or signed ints, weight scale and offset for each
-// half of 16): value = scale * q + offset. That one shape covers all six formats (Q6_K has a scale per 16).
+// half of 16): value = scale * q + offset. That one shape covers all eight formats (Q6_K has a scale per 16).
 //
 // One source, three instruction sets: the SIMD part below is compiled twice through `#include "quant_kernels.cpp"  // this file again, as the SIMD pass`
 // under `#pragma GCC target` (AVX2+FMA+F16C, then AVX-512BW/VL+VNNI), so no -march flag is needed and the
@@ -42,7 +43,7 @@
 
 namespace kq {
 
-enum Type : int { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
+enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
 enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2, AVX512_BF16 = 3 };  // AVX512_BF16: VNNI's and vdpbf16ps
 
 // One block of 32 quantized activations: x ~= d * q; s[h] = d * sum of q over half h (for weight offsets).
@@ -98,6 +99,8 @@ inline bool format_of(int type, int64_t* block_bytes, int64_t* block_elems) {
   switch (type) {
     case Q4_0: *block_bytes = 18; *block_elems = 32; return true;
     case Q4_1: *block_bytes = 20; *block_elems = 32; return true;
+    case Q5_0: *block_bytes = 22; *block_elems = 32; return true;
+    case Q5_1: *block_bytes = 24; *block_elems = 32; return true;
     case Q8_0: *block_bytes = 34; *block_elems = 32; return true;
     case Q4_K: *block_bytes = 144; *block_elems = 256; return true;
     case Q5_K: *block_bytes = 176; *block_elems = 256; return true;
@@ -142,6 +145,21 @@ template <class Fn> inline void decode_scalar(int type, const uint8_t* b, float 
       for (int i = 0; i < 16; ++i) {
         g.q[i] = qs[i] & 0xF;
         g.q[i + 16] = qs[i] >> 4;
+      }
+      fn(0, g);
+      return;
+    }
+    case Q5_0:
+    case Q5_1: {  // Q4's nibbles, and bit i of the 32-bit qh above weight i's
+      const float d = half_to_float(load_u16(b));
+      const float m = type == Q5_0 ? -16.f * d : half_to_float(load_u16(b + 2));
+      const uint8_t *qh = b + (type == Q5_0 ? 2 : 4), *qs = qh + 4;
+      const uint32_t high = qh[0] | (qh[1] << 8) | (qh[2] << 16) | (static_cast<uint32_t>(qh[3]) << 24);
+      g.scale[0] = g.scale[1] = d;
+      g.offset[0] = g.offset[1] = m;
+      for (int i = 0; i < 16; ++i) {
+        g.q[i] = (qs[i] & 0xF) | (((high >> i) & 1) << 4);
+        g.q[i + 16] = (qs[i] >> 4) | (((high >> (i + 16)) & 1) << 4);
       }
       fn(0, g);
       return;
@@ -811,6 +829,29 @@ template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS));
     const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
     fn(0, _mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, d, m, m);
+  }
+};
+
+// Byte i: bit i of the 32 bits at p, at bit 4 (the fifth bits of Q5_0 / Q5_1 codes; llama.cpp's bytes_from_bits_32).
+inline __m256i fifth_bits(const uint8_t* p) {
+  uint32_t bits;
+  std::memcpy(&bits, p, 4);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                             _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                               0x0101010101010101, 0x0000000000000000));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                        _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+template <bool HAS_MIN> struct FmtQ5 {  // Q5_0 (offset -16 d) and Q5_1 (offset m): Q4's nibbles and a fifth bit
+  static constexpr int64_t BYTES = HAS_MIN ? 24 : 22, GROUPS = 1, QH = HAS_MIN ? 4 : 2, QS = QH + 4, CODE_BITS = 5;
+  static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true, NIBBLES = false;
+  template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
+    const float d = f16(b), m = HAS_MIN ? f16(b + 2) : -16.f * d;
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS));
+    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    fn(0, _mm256_or_si256(low, fifth_bits(b + QH)), d, d, m, m);
   }
 };
 
@@ -1652,6 +1693,8 @@ template <class Fn> int with_format(int type, Fn&& fn) {
     case kq::INT8_ROW: fn(FmtInt8Row{}); return 0;
     case kq::Q4_0: fn(FmtQ4<false>{}); return 0;
     case kq::Q4_1: fn(FmtQ4<true>{}); return 0;
+    case kq::Q5_0: fn(FmtQ5<false>{}); return 0;
+    case kq::Q5_1: fn(FmtQ5<true>{}); return 0;
     case kq::Q4_K: fn(FmtK<false>{}); return 0;
     case kq::Q5_K: fn(FmtK<true>{}); return 0;
     case kq::Q6_K: fn(FmtQ6_K{}); return 0;
@@ -1724,6 +1767,8 @@ int q8_packed_matmul(int type, const uint8_t* w, int64_t row_bytes, const QBlock
   switch (type) {  // (the packable formats: kq::packable)
     case kq::Q4_0: q8_packed_run<FmtQ4<false>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q4_1: q8_packed_run<FmtQ4<true>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q5_0: q8_packed_run<FmtQ5<false>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
+    case kq::Q5_1: q8_packed_run<FmtQ5<true>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q8_0: q8_packed_run<FmtQ8_0>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q4_K: q8_packed_run<FmtK<false>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;
     case kq::Q5_K: q8_packed_run<FmtK<true>>(w, row_bytes, x, nblocks, M, N, y, ldy, nthreads); return 0;

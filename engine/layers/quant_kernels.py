@@ -39,15 +39,16 @@ _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 2, "avx512_bf1
 _path_in_use = {"isa": 0}  # the library's kq_current_isa, mirrored by _lib and set_isa
 
 # ggml type codes of the block formats the kernels read, and our int8-rows format
-Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, INT8_ROW = 2, 3, 8, 12, 13, 14, 100
-GGUF_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K, "Q6_K": Q6_K}
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, INT8_ROW = 2, 3, 6, 7, 8, 12, 13, 14, 100
+GGUF_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K,
+              "Q6_K": Q6_K}
 # (bytes, elements) of one block
-BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q8_0: (34, 32), Q4_K: (144, 256), Q5_K: (176, 256), Q6_K: (210, 256),
-          INT8_ROW: (32, 32)}
+BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q5_0: (22, 32), Q5_1: (24, 32), Q8_0: (34, 32), Q4_K: (144, 256),
+          Q5_K: (176, 256), Q6_K: (210, 256), INT8_ROW: (32, 32)}
 # Packed int8 panels (engine/csrc/packed_panels.h): these formats' rows repacked once, at load, in the order the
 # int8 tiles read them (same bytes, same [N, row_bytes] shape); their type code is the format's | PACKED.
 PACKED = 256  # (kq_packed_bit)
-PACKABLE = (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
+PACKABLE = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 PANEL_ROWS = 32
 BLOCKS |= {qtype | PACKED: BLOCKS[qtype] for qtype in PACKABLE}
 

@@ -1,5 +1,6 @@
 """Q4_K / Q5_K / Q6_K blocks made in numpy (the gguf package dequantises these formats but cannot quantize them),
-and the bundled GGUF rewritten with K-quant tensors: a model as Ollama's Q4_K_M / Q5_K_M files hold it.
+and the bundled GGUF rewritten with K-quant (and Q5_0 / Q5_1) tensors: a model as Ollama's Q4_K_M / Q5_K_M files
+hold it.
 
 The encoders are plain round-to-nearest (llama.cpp searches the scales harder); the layout is ggml's, checked
 against ``gguf.quants.dequantize`` in the tests that use them.
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,13 +62,17 @@ ENCODERS = {
     GGMLQuantizationType.Q4_K: lambda x: quantize_k(x, five_bit=False),
     GGMLQuantizationType.Q5_K: lambda x: quantize_k(x, five_bit=True),
     GGMLQuantizationType.Q6_K: quantize_q6_k,
+    # (what llama.cpp's Q4_K_M / Q5_K_M put where a row is no whole number of 256-weight blocks)
+    GGMLQuantizationType.Q5_0: lambda x: quantize(x, GGMLQuantizationType.Q5_0),
+    GGMLQuantizationType.Q5_1: lambda x: quantize(x, GGMLQuantizationType.Q5_1),
 }
 
 
-def k_quant_gguf(source: Path, destination: Path, types: list[GGMLQuantizationType], parts: tuple[str, ...]
+def k_quant_gguf(source: Path, destination: Path, types: dict[str, list[GGMLQuantizationType]]
                  ) -> dict[str, GGMLQuantizationType]:
-    """``source`` rewritten to ``destination`` with its ``parts`` tensors (e.g. ``ffn_down``) re-encoded from
-    their dequantised values, layer i's as ``types[i % len(types)]``; returns the re-encoded names' types."""
+    """``source`` rewritten to ``destination`` with the tensors of each part in ``types`` (e.g. ``ffn_down``)
+    re-encoded from their dequantised values, layer i's as ``types[part][i % len(types[part])]``; returns the
+    re-encoded tensors' types by name."""
     reader = GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     writer = GGUFWriter(destination, arch)
@@ -79,8 +84,9 @@ def k_quant_gguf(source: Path, destination: Path, types: list[GGMLQuantizationTy
     changed = {}
     for tensor in reader.tensors:
         name_parts = tensor.name.split(".")
-        if name_parts[0] == "blk" and name_parts[2] in parts:
-            kind = types[int(name_parts[1]) % len(types)]
+        if name_parts[0] == "blk" and name_parts[2] in types:
+            kinds = types[name_parts[2]]
+            kind = kinds[int(name_parts[1]) % len(kinds)]
             dense = dequantize(tensor.data, tensor.tensor_type).reshape(-1, int(tensor.shape[0]))
             writer.add_tensor(tensor.name, ENCODERS[kind](dense), raw_dtype=kind)
             changed[tensor.name] = kind

@@ -121,9 +121,9 @@ def test_quantized_activations_follow_the_cpu_class(cpu_class) -> None:
     assert cpu_features.quantized_vnni_int8() == (name in VNNI), name
     assert qk.default_activations(qk.Q8_0, rows=1) == expected, name
     assert qk.default_activations(qk.Q8_0, rows=2) == (expected if vnni else "f32"), name
-    # packed int8 panels where every row count takes int8 activations: Q4 and the K-quants wherever the int8
+    # packed int8 panels where every row count takes int8 activations: Q4, Q5 and the K-quants wherever the int8
     # tiles run, Q8_0 with VNNI; never weight-only int8
-    for qtype in (qk.Q4_0, qk.Q4_1, qk.Q4_K, qk.Q5_K, qk.Q6_K):
+    for qtype in (qk.Q4_0, qk.Q4_1, qk.Q5_0, qk.Q5_1, qk.Q4_K, qk.Q5_K, qk.Q6_K):
         assert qk.packs_panels(qtype) == (expected == "q8"), (name, qtype)
     assert qk.packs_panels(qk.Q8_0) == (expected == "q8" and vnni), name
     assert not qk.packs_panels(qk.INT8_ROW), name

@@ -1,7 +1,8 @@
-"""A K-quant GGUF end to end: the bundled model rewritten with its down projections in Q4_K, Q5_K and Q6_K (as
-Ollama's Q4_K_M / Q5_K_M files mix them; the others stay Q4_1 / Q8_0, since SmolLM2's 576 inputs are not whole
-256-weight blocks), loaded kept quantized (packed int8 panels where the int8 tiles run) against the same file
-dequantised to float32.
+"""A K-quant GGUF end to end: the bundled model rewritten as Ollama's Q4_K_M / Q5_K_M files mix their types: the
+down projections (1536 inputs) in Q4_K, Q5_K and Q6_K, and, as llama.cpp falls back where a row is no whole
+number of 256-weight blocks (SmolLM2's 576 inputs), the gate projections in Q5_0 / Q5_1 (the rest stay Q4_1 /
+Q8_0). Loaded kept quantized (packed int8 panels where the int8 tiles run) against the same file dequantised to
+float32.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.engine.test_quantized_model import BOUNDS
 pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
 
 K_TYPES = [GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K]
+FALLBACKS = [GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1]
 
 
 @pytest.mark.parametrize("kind", K_TYPES, ids=lambda t: t.name)
@@ -41,8 +43,8 @@ def test_k_quant_blocks_decode_as_ggml_does(kind: GGMLQuantizationType) -> None:
 @pytest.fixture(scope="module")
 def k_quant_models(tmp_path_factory):
     path = tmp_path_factory.mktemp("k_quants") / "smollm2-k-quants.gguf"
-    changed = k_quant_gguf(bundled_model_path(), path, K_TYPES, ("ffn_down",))
-    assert sorted({kind.name for kind in changed.values()}) == ["Q4_K", "Q5_K", "Q6_K"]
+    changed = k_quant_gguf(bundled_model_path(), path, {"ffn_down": K_TYPES, "ffn_gate": FALLBACKS})
+    assert sorted({kind.name for kind in changed.values()}) == ["Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qk, "packs_panels", lambda qtype: False)
         unpacked = load_model(str(path), dtype="float32", quantization="gguf")
@@ -52,10 +54,11 @@ def k_quant_models(tmp_path_factory):
 
 def test_k_quants_are_kept_quantized_and_packed(k_quant_models) -> None:
     packed, _, _ = k_quant_models
-    assert packed.weights.qtypes == ["Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert packed.weights.qtypes == ["Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]
     for layer in packed.model.model.layers:
-        for _, part in layer.mlp.down_proj.quantized.segments:
-            assert part.qtype in (qk.Q4_K, qk.Q5_K, qk.Q6_K)
+        parts = [*layer.mlp.down_proj.quantized.segments, *layer.mlp.gate_up_proj.quantized.segments]
+        assert {part.qtype for _, part in layer.mlp.down_proj.quantized.segments} <= {qk.Q4_K, qk.Q5_K, qk.Q6_K}
+        for _, part in parts:
             assert part.packed == qk.packs_panels(part.qtype)
 
 

@@ -1,5 +1,5 @@
-"""Packed int8 panels (engine/csrc/packed_panels.h): Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K rows repacked at load for the
-int8 tiles.
+"""Packed int8 panels (engine/csrc/packed_panels.h): Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K rows repacked at load
+for the int8 tiles.
 
 The packed tiles do the int8 panel GEMM's arithmetic in the same order, so on every path this CPU runs their
 results must equal the unpacked weights' int8 panels bit for bit, at every row count (one row included: the
@@ -22,7 +22,8 @@ from tests.engine.test_quant_kernels import isa, quantized_weights, random_block
 
 pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
 
-FORMATS = {"Q4_0": qk.Q4_0, "Q4_1": qk.Q4_1, "Q8_0": qk.Q8_0, "Q4_K": qk.Q4_K, "Q5_K": qk.Q5_K, "Q6_K": qk.Q6_K}
+FORMATS = {"Q4_0": qk.Q4_0, "Q4_1": qk.Q4_1, "Q5_0": qk.Q5_0, "Q5_1": qk.Q5_1, "Q8_0": qk.Q8_0, "Q4_K": qk.Q4_K,
+           "Q5_K": qk.Q5_K, "Q6_K": qk.Q6_K}
 K_QUANTS = {qk.Q4_K, qk.Q5_K, qk.Q6_K}
 
 
@@ -145,8 +146,8 @@ def test_a_k_m_style_weight_packs_its_k_quant_segments(main: str) -> None:
 
 
 # Each format's code bytes (and the K-quants' scale bytes): set to their largest values below
-_CODE_BYTES = {qk.Q4_0: (2, 18, 0xFF), qk.Q4_1: (4, 20, 0xFF), qk.Q8_0: (2, 34, 0x7F), qk.Q4_K: (4, 144, 0xFF),
-               qk.Q5_K: (4, 176, 0xFF), qk.Q6_K: (0, 208, 0xFF)}
+_CODE_BYTES = {qk.Q4_0: (2, 18, 0xFF), qk.Q4_1: (4, 20, 0xFF), qk.Q5_0: (2, 22, 0xFF), qk.Q5_1: (4, 24, 0xFF),
+               qk.Q8_0: (2, 34, 0x7F), qk.Q4_K: (4, 144, 0xFF), qk.Q5_K: (4, 176, 0xFF), qk.Q6_K: (0, 208, 0xFF)}
 
 
 @pytest.mark.usefixtures("isa")

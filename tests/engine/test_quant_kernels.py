@@ -26,10 +26,12 @@ _ISA_RANK = {"scalar": 0, "avx2": 1, "avx512_vnni": 2, "avx512": 2, "avx512_bf16
 # where each format keeps its fp16 scales: (byte offset, low, high) of sane magnitudes
 _HALF_FIELDS = {
     qk.Q8_0: [(0, 1e-3, 2e-2)], qk.Q4_0: [(0, 1e-3, 3e-2)], qk.Q4_1: [(0, 1e-3, 3e-2), (2, -0.2, 0.2)],
+    qk.Q5_0: [(0, 1e-3, 2e-2)], qk.Q5_1: [(0, 1e-3, 2e-2), (2, -0.2, 0.2)],
     qk.Q4_K: [(0, 1e-4, 2e-3), (2, 1e-4, 2e-3)], qk.Q5_K: [(0, 1e-4, 1e-3), (2, 1e-4, 1e-3)],
     qk.Q6_K: [(208, 1e-4, 1e-3)],
 }
-K_FOR = {qk.Q8_0: 96, qk.Q4_0: 160, qk.Q4_1: 576, qk.Q4_K: 512, qk.Q5_K: 256, qk.Q6_K: 512}
+K_FOR = {qk.Q8_0: 96, qk.Q4_0: 160, qk.Q4_1: 576, qk.Q5_0: 160, qk.Q5_1: 576, qk.Q4_K: 512, qk.Q5_K: 256,
+         qk.Q6_K: 512}
 ROWS = [1, 2, 3, 4, 5, 7, 8, 333]  # decode rows 1-8 (and odd), prefill 300+
 
 
