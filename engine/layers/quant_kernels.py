@@ -42,6 +42,7 @@ _path_in_use = {"isa": 0}  # the library's kq_current_isa, mirrored by _lib and 
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, INT8_ROW = 2, 3, 6, 7, 8, 12, 13, 14, 100
 GGUF_TYPES = {"Q4_0": Q4_0, "Q4_1": Q4_1, "Q5_0": Q5_0, "Q5_1": Q5_1, "Q8_0": Q8_0, "Q4_K": Q4_K, "Q5_K": Q5_K,
               "Q6_K": Q6_K}
+TYPE_NAMES = {code: name for name, code in GGUF_TYPES.items()} | {INT8_ROW: "INT8"}  # (for logs and reports)
 # (bytes, elements) of one block
 BLOCKS = {Q4_0: (18, 32), Q4_1: (20, 32), Q5_0: (22, 32), Q5_1: (24, 32), Q8_0: (34, 32), Q4_K: (144, 256),
           Q5_K: (176, 256), Q6_K: (210, 256), INT8_ROW: (32, 32)}

@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 
 METHODS = QUANTIZATION_METHODS
 # (method, checkpoint kind, device type) combinations that work today
-SUPPORTED = {("gguf", "gguf", "cpu"), ("int8", "gguf", "cpu"), ("int8", "hf", "cpu"), ("awq", "hf", "cpu"),
-             ("gptq", "hf", "cpu"), ("none", "gguf", "cpu"), ("none", "gguf", "cuda"), ("none", "hf", "cpu"),
-             ("none", "hf", "cuda")}
+SUPPORTED = {(method, kind, device) for method in ("gguf", "int8", "none") for kind in ("gguf", "hf")
+             for device in ("cpu", "cuda") if (method, kind) != ("gguf", "hf")}
+SUPPORTED |= {("awq", "hf", "cpu"), ("gptq", "hf", "cpu"), ("awq", "hf", "cuda"), ("gptq", "hf", "cuda"),
+              ("fp8", "hf", "cuda")}  # (on a GPU through the Triton kernels: gpu_quantization.py)
 PREQUANTIZED = ("awq", "gptq")  # methods that read a checkpoint quantized that way (config.json quantization_config)
 
 
@@ -37,8 +38,8 @@ class UnsupportedQuantization(ValueError):
 def resolve_method(requested: str | None, kind: str, device: torch.device, checkpoint: str | None = None) -> str:
     """The method to use for a checkpoint of ``kind`` (``gguf`` or ``hf``) on ``device``: ``None`` means the
     checkpoint's own ``checkpoint`` method (its config.json ``quantization_config.quant_method``: awq or gptq,
-    as vLLM does), else ``gguf`` for a GGUF on the CPU and ``none`` otherwise (a GGUF on a GPU is
-    dequantised, logged). Raises ``UnsupportedQuantization`` naming the supported combinations, or when
+    as vLLM does), else ``gguf`` for a GGUF file (on a GPU: its Q4_0 / Q4_1 tensors through the Triton 4-bit
+    kernel, the other types dequantised, logged; gpu_quantization.py) and ``none`` otherwise. Raises ``UnsupportedQuantization`` naming the supported combinations, or when
     the method and a pre-quantized checkpoint do not match."""
     if checkpoint is not None and checkpoint not in PREQUANTIZED:
         raise UnsupportedQuantization(f"the checkpoint is quantized with {checkpoint!r} (config.json "
@@ -47,9 +48,7 @@ def resolve_method(requested: str | None, kind: str, device: torch.device, check
     if requested is None and checkpoint is not None:
         requested = checkpoint
     if requested is None:
-        if kind == "gguf" and device.type != "cpu":
-            logger.info("GGUF weights are dequantised at load on %s (no GPU GGUF kernels yet)", device.type)
-        requested = "gguf" if kind == "gguf" and device.type == "cpu" and qk.available() else "none"
+        requested = "gguf" if kind == "gguf" and qk.available() else "none"
     if requested not in METHODS:
         raise UnsupportedQuantization(f"unknown quantization {requested!r}; expected one of {', '.join(METHODS)}")
     if (requested, kind, device.type) not in SUPPORTED:
@@ -185,6 +184,10 @@ class QuantizedWeight:
     def qtypes(self) -> set[int]:
         return {p.qtype for _, p in self.segments}
 
+    @property
+    def type_names(self) -> set[str]:
+        return {qk.TYPE_NAMES[t] for t in self.qtypes}
+
     def _covers_all_rows(self) -> bool:
         return sum(p.shape[0] for _, p in self.segments) == self.rows
 
@@ -277,8 +280,9 @@ def _is_vocab(module: nn.Module) -> bool:
 def prepare_model(model: nn.Module, method: str) -> None:
     """Before loading: the weights of linear layers, embeddings and LM heads become quantized slots
     (``gguf``: every module; ``int8``: the linear layers, quantized as their weights arrive; ``awq``/``gptq``:
-    the linear layers, fed Q4_1 rows repacked from the checkpoint's, dense where a layer was not converted)."""
-    if method == "none":
+    the linear layers, fed Q4_1 rows repacked from the checkpoint's, dense where a layer was not converted;
+    ``fp8`` loads dense weights, quantized once loaded: gpu_quantization.py)."""
+    if method in ("none", "fp8"):
         return
     groups: dict[int, list[nn.Module]] = {}  # modules sharing one weight parameter (tied embeddings)
     for module in model.modules():
@@ -361,7 +365,6 @@ def weight_report(model: nn.Module) -> WeightReport:
     quantized rows, each tensor counted once."""
     seen: set[int] = set()
     dense = quantized = count = 0
-    names = {v: n for n, v in qk.GGUF_TYPES.items()} | {qk.INT8_ROW: "INT8"}
     qtypes: set[str] = set()
 
     def add(tensor: torch.Tensor) -> int:
@@ -384,7 +387,7 @@ def weight_report(model: nn.Module) -> WeightReport:
             seen.add(id(store))
             quantized += store.nbytes
             count += 1
-            qtypes |= {names[t] for t in store.qtypes}
+            qtypes |= store.type_names
     return WeightReport(dense, quantized, count, sorted(qtypes))
 
 
@@ -397,8 +400,9 @@ def log_weight_report(model: nn.Module, method: str) -> WeightReport:
     report = weight_report(model)
     mib = 1 << 20
     if report.quantized_tensors:
-        codes = qk.GGUF_TYPES | {"INT8": qk.INT8_ROW}
-        activations = sorted({_activations_of(codes[t], t) for t in report.qtypes}) if qk.available() else []
+        codes = {name: code for code, name in qk.TYPE_NAMES.items()}
+        activations = sorted({_activations_of(codes[t], t) for t in report.qtypes if t in codes}) \
+            if qk.available() else []
         logger.info("weights resident: %.1f MiB (quantization %s: %d quantized weights, %.1f MiB in %s; "
                     "dense %.1f MiB); CPU matmul activations: %s", report.total_bytes / mib, method,
                     report.quantized_tensors, report.quantized_bytes / mib, "/".join(report.qtypes),

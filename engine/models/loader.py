@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from kubeinfer.engine.layers import onednn
+from kubeinfer.engine.layers.gpu_quantization import to_device_kernels
 from kubeinfer.engine.layers.quantization import (
     PREQUANTIZED,
     QuantizedRows,
@@ -54,12 +55,15 @@ def load_model(model: str | Path | None = None, *, dtype: str | torch.dtype = "a
                tp_size: int = 1, quantization: str | None = None) -> LoadedModel:
     """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id.
     On the CPU the dense linear weights are then packed for oneDNN (``onednn.prepack_model``) and the quantized
-    ones, where int8 tiles multiply them, as int8 panels (``quantization.pack_panels``)."""
+    ones, where int8 tiles multiply them, as int8 panels (``quantization.pack_panels``); on a GPU the quantized
+    ones move into the Triton kernels' layouts (``gpu_quantization.to_device_kernels``)."""
     loaded = _load(model, dtype=dtype, device=torch.device(device), revision=revision, tp_rank=tp_rank,
                    tp_size=tp_size, quantization=quantization)
     onednn.prepack_model(loaded.model)
     if torch.device(device).type == "cpu":
         pack_panels(loaded.model)
+    elif loaded.quantization != "none":
+        to_device_kernels(loaded.model, torch.device(device), loaded.config.dtype, loaded.quantization)
     if tp_rank == 0:
         loaded.weights = log_weight_report(loaded.model, loaded.quantization)
     return loaded

@@ -78,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-q",
         default=None,
         choices=QUANTIZATION_METHODS,
-        help="how weights are kept: gguf (a .gguf's quantized tensors; the default for a .gguf on the CPU), "
-        "int8 (weight-only, per-channel scales, quantized at load), awq / gptq (a 4-bit AWQ or GPTQ checkpoint "
-        "on the CPU; the default for one, from its quantization_config), none (full precision); fp8 is "
-        "recognised but not available yet (the error names what is supported)",
+        help="how weights are kept: gguf (a .gguf's quantized tensors; the default for a .gguf; on a GPU its "
+        "Q4_0/Q4_1 tensors run a Triton 4-bit kernel, other types are dequantised), int8 (weight-only, "
+        "per-channel scales, quantized at load), awq / gptq (a 4-bit AWQ or GPTQ checkpoint; the default for "
+        "one, from its quantization_config), fp8 (GPU: e4m3 weights, per-channel scales, quantized at load), "
+        "none (full precision); an unsupported combination is an error naming the supported ones",
     )
     model.add_argument("--max-model-len", type=_positive_int, default=None, help="context length")
     model.add_argument("--seed", type=int, default=0)

@@ -253,8 +253,9 @@ def test_resolve_method_for_prequantized_checkpoints() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_method(None, "hf", cpu, "gptq") == "gptq"
     assert resolve_method(None, "hf", cpu) == "none"
+    assert resolve_method(None, "hf", cuda, "awq") == "awq"  # (the Triton 4-bit kernel: gpu_quantization.py)
     with pytest.raises(UnsupportedQuantization, match=r"supported: .*awq with a Hugging Face checkpoint on cpu"):
-        resolve_method(None, "hf", cuda, "awq")  # no GPU int4 kernels yet
+        resolve_method("awq", "gguf", cuda)
     with pytest.raises(UnsupportedQuantization, match=r"'fp8'.*cannot be loaded"):
         resolve_method(None, "hf", cpu, "fp8")
 

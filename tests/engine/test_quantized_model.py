@@ -160,7 +160,7 @@ def test_int8_serves_through_the_offline_api(tmp_path) -> None:
     assert [len(o.outputs[0].token_ids) for o in out] == [6, 6]
 
 
-@pytest.mark.parametrize(("method", "kind", "device"), [("awq", "hf", "cuda"), ("gptq", "gguf", "cpu"),
+@pytest.mark.parametrize(("method", "kind", "device"), [("fp8", "gguf", "cuda"), ("gptq", "gguf", "cpu"),
                                                         ("fp8", "hf", "cpu"), ("gguf", "hf", "cpu")])
 def test_unsupported_combinations_name_the_supported_ones(method: str, kind: str, device: str) -> None:
     with pytest.raises(UnsupportedQuantization, match=r"supported: .*gguf with a GGUF file on cpu.*int8"):
@@ -173,10 +173,11 @@ def test_unsupported_combination_fails_the_engine_clearly(tmp_path) -> None:
         LLM(path, dtype="float32", quantization="gguf")
 
 
-def test_default_quantization_is_gguf_for_gguf_on_cpu_only() -> None:
+def test_default_quantization_is_gguf_for_gguf_files() -> None:
     assert resolve_method(None, "gguf", torch.device("cpu")) == "gguf"
     assert resolve_method(None, "hf", torch.device("cpu")) == "none"
-    assert resolve_method(None, "gguf", torch.device("cuda")) == "none"
+    assert resolve_method(None, "gguf", torch.device("cuda")) == "gguf"
+    assert resolve_method(None, "hf", torch.device("cuda")) == "none"
 
 
 # ---- sharding: each rank's quantized slice computes that rank's part of the dense result ----------------------
