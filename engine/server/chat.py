@@ -98,7 +98,7 @@ class ChatServing(OpenAIServing):
         choices = []
         for c in final.outputs:
             tools = ChoiceTools(plan)
-            content, tool_calls = tools.final(c.text)
+            content, tool_calls = tools.final(c.text, cut=c.finish_reason == "length")
             choices.append(
                 ChatCompletionChoice(
                     index=c.index,
@@ -128,7 +128,8 @@ class ChatServing(OpenAIServing):
             out = []
             for u in updates:
                 c, choice_tools = u.output, tools[u.index]
-                delta_text, call_deltas = choice_tools.delta(c.text, u.finished)
+                delta_text, call_deltas = choice_tools.delta(c.text, u.finished,
+                                                             cut=u.finished and c.finish_reason == "length")
                 logprobs = self._logprobs(request, c, u.token_start)
                 if not delta_text and not call_deltas and not u.finished and logprobs is None:
                     continue  # text the tool-call parser holds back

@@ -183,6 +183,33 @@ def test_streamed_tool_call_deltas_reassemble(tc: openai.OpenAI, tool_choice) ->
     assert all(c["id"].startswith("chatcmpl-tool-") for c in calls.values())
 
 
+def test_a_call_cut_by_max_tokens_is_returned_as_far_as_it_got(tc: openai.OpenAI) -> None:
+    """tool_choice required with too few tokens: finish_reason length and, as OpenAI does, the call being
+    written (its name, its arguments so far), whole or streamed; not an empty message that loses the reply."""
+    whole = tc.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+                                       max_tokens=120, temperature=0)
+    first = whole.choices[0].message.tool_calls[0]
+    cut_ones = 0
+    for max_tokens in (10, 14, 18):
+        cut = tc.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required",
+                                         max_tokens=max_tokens, temperature=0)
+        choice = cut.choices[0]
+        assert choice.finish_reason == "length" and choice.message.content is None
+        calls = choice.message.tool_calls or []
+        streamed, finish = _reassemble(tc.chat.completions.create(
+            model=MODEL, messages=ASK_WEATHER, tools=TOOLS, tool_choice="required", max_tokens=max_tokens,
+            temperature=0, stream=True))
+        assert finish == "length"
+        assert [(c["name"], c["arguments"]) for c in streamed.values()] == [
+            (c.function.name, c.function.arguments) for c in calls]
+        if calls:
+            cut_ones += 1
+            assert len(calls) == 1 and calls[0].function.name == first.function.name
+            arguments = calls[0].function.arguments
+            assert arguments == "" or (arguments.startswith("{") and arguments != first.function.arguments)
+    assert cut_ones >= 1, "no max_tokens cut the reply after the call's name"
+
+
 def test_tool_result_round_trips(tc: openai.OpenAI) -> None:
     first = tc.chat.completions.create(model=MODEL, messages=ASK_WEATHER, tools=TOOLS,
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}},

@@ -147,3 +147,16 @@ def test_cli_offers_every_parser() -> None:
     from kubeinfer.engine.server.tools.parsers import TOOL_PARSERS
 
     assert sorted(TOOL_CALL_PARSERS) == sorted(TOOL_PARSERS)
+
+
+@pytest.mark.parametrize(("text", "complete", "cut"), [
+    ('[{"name": "get_weather", "parameters": {"city": "Par', [], [("get_weather", '{"city": "Par')]),
+    ('[{"name": "a", "parameters": {}}, {"name": "b\\"c", "param', [("a", "{}")], [("a", "{}"), ('b"c', "")]),
+    ('[{"name": "get_wea', [], []),  # not even the name: nothing to call
+    ('[{"name": "a", "parameters": {}}]', [("a", "{}")], [("a", "{}")]),  # a closed list is whole
+])
+def test_a_forced_list_cut_short_keeps_its_last_call(text: str, complete: list, cut: list) -> None:
+    from kubeinfer.engine.server.tools.forced import required_calls
+
+    assert [(c.name, c.arguments) for c in required_calls(text)] == complete
+    assert [(c.name, c.arguments) for c in required_calls(text, cut=True)] == cut

@@ -11,6 +11,7 @@ message instead.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from kubeinfer.engine.server.protocol import ChatTool
@@ -62,21 +63,44 @@ def named_call(tool: ChatTool, text: str) -> ParsedToolCall:
     return ParsedToolCall(tool.function.name, text)
 
 
-def required_calls(text: str) -> list[ParsedToolCall]:
-    """The complete items of the (possibly partial) JSON list ``text``."""
+def required_calls(text: str, cut: bool = False) -> list[ParsedToolCall]:
+    """The complete items of the (possibly partial) JSON list ``text``; with ``cut`` (the reply was cut short by
+    max_tokens) also the item being written then, with its arguments so far, as OpenAI returns a call that
+    max_tokens cut (not when even its name is incomplete)."""
+    calls, end = _complete_items(text)
+    if cut and end is not None and (last := _cut_item(text[end:])) is not None:
+        calls.append(last)
+    return calls
+
+
+def _complete_items(text: str) -> tuple[list[ParsedToolCall], int | None]:
+    """The list's complete items, and where what follows them starts (None: the list is closed or absent)."""
     calls: list[ParsedToolCall] = []
     i = text.find("[")
     if i < 0:
-        return calls
+        return calls, None
     i += 1
     while True:
         while i < len(text) and text[i] in " \t\r\n,":
             i += 1
-        if i >= len(text) or text[i] == "]":
-            return calls
+        if i < len(text) and text[i] == "]":
+            return calls, None
+        if i >= len(text):
+            return calls, i
         try:
-            item, i = _DECODER.raw_decode(text, i)
+            item, end = _DECODER.raw_decode(text, i)
         except ValueError:
-            return calls
+            return calls, i
+        i = end
         if isinstance(item, dict) and isinstance(item.get("name"), str):
             calls.append(ParsedToolCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False)))
+
+
+_CUT_ITEM = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*(?:,\s*"parameters"\s*:\s*(.*))?', re.DOTALL)
+
+
+def _cut_item(text: str) -> ParsedToolCall | None:
+    match = _CUT_ITEM.match(text)
+    if match is None:
+        return None
+    return ParsedToolCall(json.loads(match.group(1)), (match.group(2) or "").rstrip())

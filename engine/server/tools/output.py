@@ -4,7 +4,8 @@ Streaming follows OpenAI's shape: each call appears once with its ``index``, ``i
 ``function.name`` (and its arguments, or the first of them), later deltas of the same index add to
 ``function.arguments``. With ``auto``, text before the first tool-call marker streams as content; a tail
 that could still become a marker is held back until it cannot. A reply with tool calls finishes with
-``finish_reason: "tool_calls"``.
+``finish_reason: "tool_calls"``; one that max_tokens cut keeps ``length`` and, as OpenAI's, the call it was
+writing, with its arguments so far (a named function's always; ``required``'s last one once its name is whole).
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ class ChoiceTools:
         return "tool_calls" if has_calls and reason == "stop" else reason
 
     # ---- whole reply ----------------------------------------------------------------------
-    def final(self, text: str) -> tuple[str | None, list[ToolCall]]:
+    def final(self, text: str, cut: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """``cut``: max_tokens ended the reply (a forced list then keeps its last, unfinished call)."""
         plan = self.plan
         if plan.mode == "named":
             assert plan.named is not None
             return None, self._tool_calls([named_call(plan.named, text)])
         if plan.mode == "required":
-            return None, self._tool_calls(required_calls(text))
+            return None, self._tool_calls(required_calls(text, cut))
         if plan.mode == "auto":
             assert plan.parser is not None
             extracted = plan.parser.extract(text)
@@ -69,15 +71,16 @@ class ChoiceTools:
         return text, []
 
     # ---- streaming ------------------------------------------------------------------------
-    def delta(self, text: str, finished: bool) -> tuple[str | None, list[ToolCallDelta]]:
-        """What to send now, given the reply so far: (content delta, tool-call deltas)."""
+    def delta(self, text: str, finished: bool, cut: bool = False) -> tuple[str | None, list[ToolCallDelta]]:
+        """What to send now, given the reply so far: (content delta, tool-call deltas); ``cut``: max_tokens
+        ended it here."""
         plan = self.plan
         if plan.mode == "none":
             return self._content_upto(text, len(text)), []
         if plan.mode == "named":
             return None, self._named_delta(text)
         if plan.mode == "required":
-            return None, self._new_calls(required_calls(text))
+            return None, self._new_calls(required_calls(text, cut))
         return self._auto_delta(text, finished)
 
     def _content_upto(self, text: str, end: int) -> str | None:
