@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from kubeinfer.engine.cuda_graphs import DecodeGraphs
+from kubeinfer.engine.layers.quantization import weight_report
 from kubeinfer.engine.model_runner import HostBatch
 from kubeinfer.engine.models.config import ModelConfig
 from kubeinfer.engine.models.loader import build_model
@@ -109,7 +110,7 @@ def bench_model(name: str, dtype: torch.dtype, device: torch.device, batches: li
         from kubeinfer.engine.models.loader import load_model
 
         loaded = load_model(None, dtype=dtype, device=device)
-        model, cfg, weights = loaded.model, loaded.config, "bundled GGUF"
+        model, cfg, weights = loaded.model, loaded.config, f"bundled GGUF ({loaded.quantization})"
     else:
         model = random_model(cfg, device)
     rng = random.Random(0)
@@ -126,7 +127,7 @@ def bench_model(name: str, dtype: torch.dtype, device: torch.device, batches: li
                               max_blocks_per_seq=-(-max_model_len // BLOCK_SIZE), block_size=BLOCK_SIZE,
                               max_seq_len=max_model_len, emulate=device.type != "cuda")
         graphs.capture()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = weight_report(model).total_bytes  # (quantized weights are no parameters)
     rows = []
     for batch in batches:
         seq_lens = seq_lens_of[batch]
