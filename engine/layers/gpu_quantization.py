@@ -1,11 +1,12 @@
 """Quantized weights on a GPU: after loading, each kept-quantized weight moves into a layout one of the Triton
 kernels multiplies (``triton_quant.py``: dequantised inside the K loop, fp32 accumulation):
 
-- Q4_0 / Q4_1 rows (GGUF files, and AWQ / GPTQ checkpoints, which load as Q4_1) -> the 4-bit layout, groups of 32;
+- Q4_0 / Q4_1 / Q4_K rows (GGUF files, and AWQ / GPTQ checkpoints, which load as Q4_1) -> the 4-bit layout,
+  groups of 32 (Q4_K's sub-block scales and mins exactly, in float32);
 - int8 rows (``--quantization int8``) -> the int8 layout, a scale per output row;
 - the dense linear weights of ``--quantization fp8`` -> e4m3 with per-channel scales (``torch._scaled_mm``);
-- any other GGUF type (Q8_0, Q5_x, the K-quants) -> dequantised to the model's dtype, logged: no GPU kernel for
-  it yet.
+- any other GGUF type (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) -> dequantised to the model's dtype, logged: no GPU kernel
+  for it yet.
 
 A GGUF file's embedding and LM head are dequantised (vLLM keeps them dense on the GPU too). The kernels run
 wherever Triton does, so the conversion and the matmuls are tested on the CPU in Triton's interpreter.
@@ -94,8 +95,11 @@ def device_rows(part: QuantizedRows, device: torch.device, dtype: torch.dtype) -
 
     if part.packed:
         raise ValueError("packed int8 panels are a CPU layout: convert the rows before packing them")
-    if part.qtype in (qk.Q4_0, qk.Q4_1):
-        qweight, scales, mins = triton_quant.repack_gguf_q4(part.data, part.qtype, part.k)
+    if part.qtype in (qk.Q4_0, qk.Q4_1, qk.Q4_K):
+        if part.qtype == qk.Q4_K:
+            qweight, scales, mins = triton_quant.repack_gguf_q4_k(part.data, part.k)
+        else:
+            qweight, scales, mins = triton_quant.repack_gguf_q4(part.data, part.qtype, part.k)
         return DeviceRows("int4", qweight.to(device), scales.to(device), mins.to(device))
     if part.qtype == qk.INT8_ROW:
         return DeviceRows("int8", part.data.to(device), part.scales.to(device))

@@ -129,3 +129,22 @@ def repack_gguf_q4(blocks: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tens
     qs = b[..., header:]
     q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, k)  # element order within each block
     return pack_int4(q), d.contiguous(), mins.contiguous()
+
+
+def repack_gguf_q4_k(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_K (type 12) rows ``uint8 [N, row_bytes]`` -> ``(qweight, scales, mins)`` of the 4-bit layout with
+    groups of 32, exactly: each 256-weight block's eight sub-blocks have ``scale = d * sc`` and ``min = -dmin * m``
+    (6-bit ``sc``, ``m``), kept in float32; sub-block j's codes are nibble j % 2 of bytes 32 (j // 2) ...
+    of the block's 128."""
+    n = blocks.shape[0]
+    b = blocks.reshape(n, k // 256, 144)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, blocks, 1]
+    dmin = b[..., 2:4].contiguous().view(torch.float16).float()
+    s = b[..., 4:16].to(torch.int32)
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    scales = (d * sc.float()).reshape(n, k // 32)
+    mins = (-dmin * mn.float()).reshape(n, k // 32)
+    qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # [.., pair of sub-blocks, byte]
+    q = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, k)  # sub-block 2p: low nibbles, 2p + 1: high ones
+    return pack_int4(q), scales.contiguous(), mins.contiguous()

@@ -67,7 +67,7 @@ def test_int8_runs_the_int8_kernel(interp, tmp_path) -> None:
 
 
 def check_bundled_layer(module, rows) -> None:
-    """(Interpreter worker.) One converted bundled layer (Q4_1 -> 4-bit) against its rows dequantised."""
+    """(Interpreter worker.) A converted weight against its rows dequantised."""
     weight, dense = rows
     x = torch.randn(5, dense.shape[1], generator=torch.Generator().manual_seed(0))
     want = x.double() @ dense.double().T
@@ -91,6 +91,24 @@ def test_bundled_gguf_moves_into_the_gpu_layouts(interp) -> None:
     assert weight_report(loaded.model).qtypes == ["Q4_1"]  # (the dense tables are dense bytes now)
     in_interpreter(interp, check_bundled_layer, (loaded.model.model.layers[0].mlp.gate_up_proj.quantized,
                                                  dense_gate_up), module="kubeinfer.engine.layers.triton_quant")
+
+
+def test_a_q4_k_m_weight_runs_4_bit_where_it_can(interp) -> None:
+    """Q4_K rows -> the 4-bit kernel (their sub-block scales exactly), Q6_K rows beside them -> dense."""
+    from kubeinfer.engine.layers.gpu_quantization import device_rows
+    from kubeinfer.engine.layers.quantization import QuantizedRows
+
+    from tests.engine.test_quant_kernels import random_blocks
+
+    k = 512
+    q4 = torch.from_numpy(random_blocks(qk.Q4_K, 64, k, seed=2))
+    q6 = torch.from_numpy(random_blocks(qk.Q6_K, 32, k, seed=3))
+    segments = [(0, device_rows(QuantizedRows(qk.Q4_K, q4, k), torch.device("cpu"), torch.float32)),
+                (64, device_rows(QuantizedRows(qk.Q6_K, q6, k), torch.device("cpu"), torch.float32))]
+    assert [part.kind for _, part in segments] == ["int4", "dense"]
+    weight = DeviceWeight(96, segments, {"Q4_K", "Q6_K"})
+    dense = torch.cat([qk.dequantize(qk.Q4_K, q4, k), qk.dequantize(qk.Q6_K, q6, k)])
+    in_interpreter(interp, check_bundled_layer, (weight, dense), module="kubeinfer.engine.layers.triton_quant")
 
 
 def test_fp8_weights_through_scaled_mm(tmp_path) -> None:

@@ -61,6 +61,22 @@ def check_gguf_q4(module, qtype: int, device: str = "cpu") -> None:
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
 
 
+def check_gguf_q4_k(module, device: str = "cpu") -> None:
+    """Q4_K blocks (as llama.cpp lays them out: tests/engine/k_quants.py) repacked exactly into the 4-bit layout."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from tests.engine.k_quants import quantize_k
+
+    blocks = quantize_k(np.random.default_rng(12).standard_normal((40, 512)).astype(np.float32), five_bit=False)
+    reference = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_K)).double()
+    qweight, scales, mins = module.repack_gguf_q4_k(torch.from_numpy(blocks), 512)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(12))
+    got = module.int4_matmul(x.to(device), qweight.to(device), scales.to(device), mins.to(device)).double().cpu()
+    want = x.double() @ reference.T
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["decode", "odd", "prefill"])
 def test_int8_matches_reference(interp, shape, dtype) -> None:
@@ -78,6 +94,10 @@ def test_gguf_q4_repacked_matches_gguf_dequantize(interp, qtype: int) -> None:
     in_interpreter(interp, check_gguf_q4, qtype, module=MODULE)
 
 
+def test_gguf_q4_k_repacked_matches_gguf_dequantize(interp) -> None:
+    in_interpreter(interp, check_gguf_q4_k, module=MODULE)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("shape", [(1, 4096, 4096), (333, 1000, 2048)])
@@ -87,6 +107,7 @@ def test_cuda_matches_reference(shape) -> None:
     check_int8(triton_quant, *shape, torch.float16, device="cuda")
     check_int4(triton_quant, *shape, torch.float16, device="cuda")
     check_gguf_q4(triton_quant, 3, device="cuda")
+    check_gguf_q4_k(triton_quant, device="cuda")
 
 
 @pytest.mark.gpu
