@@ -122,6 +122,15 @@ class QuantizedRows:
         scales = None if self.scales is None else self.scales.contiguous()
         return QuantizedRows(self.qtype, self.data.contiguous(), self.k, scales, self.perm, self.packed)
 
+    def dequantised(self) -> torch.Tensor:
+        """These rows as float32 ``[N, K]``, inputs in their natural order."""
+        rows = qk.dequantize(self.kernel_type, self.data, self.k, self.scales)
+        if self.perm is None:
+            return rows
+        dense = torch.empty_like(rows)
+        dense[:, self.perm] = rows
+        return dense
+
     def packed_panels(self) -> QuantizedRows:
         """These rows as packed int8 panels where the kernels here multiply them so (quant_kernels.packs_panels,
         whole panels of rows); else themselves. The blocks are not kept beside the panels."""
@@ -314,18 +323,27 @@ def _make_slot(modules: list[nn.Module], int8: bool) -> None:
     def loader(param: nn.Parameter, loaded_weight: torch.Tensor | QuantizedRows, *shard: object) -> None:
         if int8 and isinstance(loaded_weight, torch.Tensor) and loaded_weight.dim() == 2:
             loaded_weight = quantize_int8_rows(loaded_weight)
-        if isinstance(loaded_weight, QuantizedRows):
-            if owner.weight is not placeholder:
-                raise ValueError(f"{type(owner).__name__}: a checkpoint mixes quantized and dense shards of one "
-                                 "weight; use --quantization none")
+        if isinstance(loaded_weight, QuantizedRows) and owner.weight is placeholder:
             original_loader(_RowSink(store), loaded_weight, *shard)
             for module in modules:
                 module.quantized = store
             return
-        if store.segments:
-            raise ValueError(f"{type(owner).__name__}: a checkpoint mixes quantized and dense shards of one "
-                             "weight; use --quantization none")
+        if isinstance(loaded_weight, QuantizedRows):  # a shard kept quantized beside dense ones: dense too
+            loaded_weight = loaded_weight.dequantised()
+        elif store.segments:  # a dense shard (a type without a kernel) after kept ones, e.g. an F16 q_proj
+            dense_instead()
         original_loader(materialise(), loaded_weight, *shard)
+
+    def dense_instead() -> None:
+        """The rows kept so far, dequantised into the dense weight: one weight is one or the other."""
+        logger.info("%s: its shards mix kept and dequantised GGUF types, so all of it is dequantised",
+                    type(owner).__name__)
+        target = materialise()
+        for offset, part in store.segments:
+            target.data.narrow(0, offset, part.shape[0]).copy_(part.dequantised())
+        store.segments.clear()
+        for module in modules:
+            module.quantized = None
 
     placeholder.weight_loader = loader
     for module in modules:

@@ -65,6 +65,7 @@ ENCODERS = {
     # (what llama.cpp's Q4_K_M / Q5_K_M put where a row is no whole number of 256-weight blocks)
     GGMLQuantizationType.Q5_0: lambda x: quantize(x, GGMLQuantizationType.Q5_0),
     GGMLQuantizationType.Q5_1: lambda x: quantize(x, GGMLQuantizationType.Q5_1),
+    GGMLQuantizationType.F16: lambda x: x.astype(np.float16),  # (llama.cpp leaves some tensors in F16)
 }
 
 

@@ -86,3 +86,18 @@ def test_k_quant_logits_close_to_dequantised_float32(k_quant_models, mode: str, 
     print(f"{mode}: max |logit diff| {worst:.4g}, top-1 agreement {agree}/{total}")
     assert worst < max_diff
     assert agree / total >= min_agreement, f"top-1 agreement {agree}/{total}"
+
+
+def test_a_fused_weight_with_a_type_without_kernels_is_dequantised_whole(tmp_path) -> None:
+    """A file whose q_proj is F16 beside Q4_1 k/v (llama.cpp leaves some tensors F16): the fused QKV cannot be
+    half kept, half dense, so all of it is dequantised (it used to fail to load); the rest stays quantized, and
+    the model computes what the same file dequantised does."""
+    path = tmp_path / "f16-q.gguf"
+    k_quant_gguf(bundled_model_path(), path, {"attn_q": [GGMLQuantizationType.F16]})
+    mixed = load_model(str(path), dtype="float32", quantization="gguf")
+    dense = load_model(str(path), dtype="float32", quantization="none")
+    for layer in mixed.model.model.layers:
+        assert layer.self_attn.qkv_proj.quantized is None and layer.self_attn.qkv_proj.weight.numel()
+        assert layer.mlp.down_proj.quantized is not None
+    for got, want in zip(mixed.model.model.layers, dense.model.model.layers, strict=True):
+        assert torch.equal(got.self_attn.qkv_proj.weight, want.self_attn.qkv_proj.weight)
