@@ -211,22 +211,22 @@ inline void unpack_row(int type, const uint8_t* w, int64_t row_bytes, int64_t r,
 #else  // ---- the SIMD pass: tiles reading packed panels ----------------------------------------------------------
 
 // A packed format's layout as the tiles read it: each block of 32 weights (a sub-block of a K-quant's 256) has
-// DWORDS code rows of 32 columns' dwords (ROW bytes each), the first at sub_at(sub) in its group (Q6_K's two
-// rows of high bits follow them); HEADS: where the group's scales start.
+// DWORDS code rows of 32 columns' dwords (ROW bytes each), the first at sub_at(sub) in its group (the fifth bits' row
+// of Q5_0 / Q5_1 / Q5_K, Q6_K's two rows of high bits follow them); HEADS: where the group's scales start.
 template <class F> struct Packed {
   static constexpr bool Q8 = std::is_same_v<F, FmtQ8_0>, K5 = std::is_same_v<F, FmtK<true>>,
-                        K4 = std::is_same_v<F, FmtK<false>> || K5, Q6 = std::is_same_v<F, FmtQ6_K>,  // (K4: Q4/5_K)
+                        KMIN = std::is_same_v<F, FmtK<false>> || K5, Q6 = std::is_same_v<F, FmtQ6_K>,  // (Q4_K, Q5_K)
                         Q5 = std::is_same_v<F, FmtQ5<false>> || std::is_same_v<F, FmtQ5<true>>,
                         FIFTH = K5 || Q5,  // a row of fifth bits after each block's 4 code rows
                         MIN = std::is_same_v<F, FmtQ4<true>> || std::is_same_v<F, FmtQ5<true>>;  // f16 mins
   // the offset per unit of scale of the formats without mins: their codes' middle (Q8_0's, shifted by 128)
   static constexpr float CENTRE = Q8 ? -128.f : Q5 ? -16.f : -8.f;
-  static constexpr int TYPE = K5 ? kq::Q5_K : K4 ? kq::Q4_K : Q6 ? kq::Q6_K : -1;  // (the K-quants' code)
-  static constexpr int SUBS = K4 || Q6 ? 8 : 1;  // blocks of 32 weights per group
+  static constexpr int TYPE = K5 ? kq::Q5_K : KMIN ? kq::Q4_K : Q6 ? kq::Q6_K : -1;  // (the K-quants' code)
+  static constexpr int SUBS = KMIN || Q6 ? 8 : 1;  // blocks of 32 weights per group
   static constexpr bool SPLIT = Q6;               // a scale per 16 weights: the low nibbles' and the high ones'
   static constexpr int64_t DWORDS = Q8 ? 8 : 4, ROW = 4 * Q8_COLS, GROUP_BYTES = Q8_COLS * F::BYTES;
-  static constexpr int64_t HEADS = K4 ? 0 : Q6 ? 2 * Q8_COLS : (DWORDS + (Q5 ? 1 : 0)) * ROW;  // (Q6_K: d first)
-  static constexpr int64_t FIRST_SUB = K4 ? 4 * ROW : Q6 ? HEADS + 4 * ROW : 0,
+  static constexpr int64_t HEADS = KMIN ? 0 : Q6 ? 2 * Q8_COLS : (DWORDS + (Q5 ? 1 : 0)) * ROW;  // (Q6_K: d first)
+  static constexpr int64_t FIRST_SUB = KMIN ? 4 * ROW : Q6 ? HEADS + 4 * ROW : 0,
                            SUB_STRIDE = (Q6 ? 6 : K5 ? 5 : 4) * ROW;
   static constexpr int64_t sub_at(int sub) { return FIRST_SUB + sub * SUB_STRIDE; }
   static constexpr int64_t BLOCK_BYTES = GROUP_BYTES / SUBS;  // (a panel's bytes per block of 32, on average)
@@ -331,7 +331,7 @@ inline void packed_codes(const uint8_t* group, int sub, int d, int col, PackedVe
 template <class F>
 inline void packed_heads(const uint8_t* group, int sub, int col, PackedScales scale[2], PackedScales offset[2]) {
   using P = Packed<F>;
-  if constexpr (P::K4) {
+  if constexpr (P::KMIN) {  // 6-bit scales and mins
     const PackedVec dd = load_lanes(group + P::HEADS + 4 * col);
     const PackedScales d = f16_low_halves(dd), dmin = f16_high_halves(dd);
     PackedVec sc, mn;  // kq::k_scale_min, lane-wise
