@@ -66,7 +66,7 @@ def test_int8_runs_the_int8_kernel(interp, tmp_path) -> None:
     in_interpreter(interp, check_tiny_model, path, path, "int8", "int8", module="kubeinfer.engine.layers.triton_quant")
 
 
-def check_bundled_layer(module, rows) -> None:
+def check_converted_weight(module, rows) -> None:
     """(Interpreter worker.) A converted weight against its rows dequantised."""
     weight, dense = rows
     x = torch.randn(5, dense.shape[1], generator=torch.Generator().manual_seed(0))
@@ -89,7 +89,7 @@ def test_bundled_gguf_moves_into_the_gpu_layouts(interp) -> None:
             assert isinstance(proj.quantized, DeviceWeight) and proj.quantized.type_names == {"Q4_1"}
             assert [part.kind for _, part in proj.quantized.segments] == ["int4"]
     assert weight_report(loaded.model).qtypes == ["Q4_1"]  # (the dense tables are dense bytes now)
-    in_interpreter(interp, check_bundled_layer, (loaded.model.model.layers[0].mlp.gate_up_proj.quantized,
+    in_interpreter(interp, check_converted_weight, (loaded.model.model.layers[0].mlp.gate_up_proj.quantized,
                                                  dense_gate_up), module="kubeinfer.engine.layers.triton_quant")
 
 
@@ -108,7 +108,7 @@ def test_a_q4_k_m_weight_runs_4_bit_where_it_can(interp) -> None:
     assert [part.kind for _, part in segments] == ["int4", "dense"]
     weight = DeviceWeight(96, segments, {"Q4_K", "Q6_K"})
     dense = torch.cat([qk.dequantize(qk.Q4_K, q4, k), qk.dequantize(qk.Q6_K, q6, k)])
-    in_interpreter(interp, check_bundled_layer, (weight, dense), module="kubeinfer.engine.layers.triton_quant")
+    in_interpreter(interp, check_converted_weight, (weight, dense), module="kubeinfer.engine.layers.triton_quant")
 
 
 def test_fp8_weights_through_scaled_mm(tmp_path) -> None:
