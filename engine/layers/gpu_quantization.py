@@ -3,10 +3,10 @@ kernels multiplies (``triton_quant.py``: dequantised inside the K loop, fp32 acc
 
 - Q4_0 / Q4_1 / Q4_K rows (GGUF files, and AWQ / GPTQ checkpoints, which load as Q4_1) -> the 4-bit layout,
   groups of 32 (Q4_K's sub-block scales and mins exactly, in float32);
+- the other kept GGUF types (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) -> byte codes with a float32 scale and min per group
+  (32 weights, Q6_K's 16), exactly the format's values;
 - int8 rows (``--quantization int8``) -> the int8 layout, a scale per output row;
-- the dense linear weights of ``--quantization fp8`` -> e4m3 with per-channel scales (``torch._scaled_mm``);
-- any other GGUF type (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) -> dequantised to the model's dtype, logged: no GPU kernel
-  for it yet.
+- the dense linear weights of ``--quantization fp8`` -> e4m3 with per-channel scales (``torch._scaled_mm``).
 
 A GGUF file's embedding and LM head are dequantised (vLLM keeps them dense on the GPU too). The kernels run
 wherever Triton does, so the conversion and the matmuls are tested on the CPU in Triton's interpreter.
@@ -32,12 +32,14 @@ _NAMES = qk.TYPE_NAMES
 @dataclass
 class DeviceRows:
     """Rows of one weight in a GPU kernel's layout: ``int4`` (``weight`` packed nibbles, ``scales`` and ``mins``
-    per group of 32), ``int8`` and ``fp8`` (``scales`` per row), or ``dense``."""
+    per group of 32), ``groups`` (byte codes, ``scales`` and ``mins`` per ``group``), ``int8`` and ``fp8``
+    (``scales`` per row), or ``dense``."""
 
     kind: str
     weight: torch.Tensor
     scales: torch.Tensor | None = None
     mins: torch.Tensor | None = None
+    group: int = 32
 
     @property
     def rows(self) -> int:
@@ -52,6 +54,8 @@ class DeviceRows:
 
         if self.kind == "int4":
             return triton_quant.int4_matmul(x, self.weight, self.scales, self.mins)
+        if self.kind == "groups":
+            return triton_quant.int8_groups_matmul(x, self.weight, self.scales, self.mins, self.group)
         if self.kind == "int8":
             return triton_quant.int8_matmul(x, self.weight, self.scales)
         if self.kind == "fp8":
@@ -103,6 +107,9 @@ def device_rows(part: QuantizedRows, device: torch.device, dtype: torch.dtype) -
         return DeviceRows("int4", qweight.to(device), scales.to(device), mins.to(device))
     if part.qtype == qk.INT8_ROW:
         return DeviceRows("int8", part.data.to(device), part.scales.to(device))
+    if part.qtype in (qk.Q8_0, qk.Q5_0, qk.Q5_1, qk.Q5_K, qk.Q6_K):
+        codes, scales, mins, group = triton_quant.repack_gguf_groups(part.data, part.qtype, part.k)
+        return DeviceRows("groups", codes.to(device), scales.to(device), mins.to(device), group)
     return DeviceRows("dense", qk.dequantize(part.qtype, part.data, part.k, part.scales).to(device, dtype))
 
 

@@ -38,8 +38,8 @@ class UnsupportedQuantization(ValueError):
 def resolve_method(requested: str | None, kind: str, device: torch.device, checkpoint: str | None = None) -> str:
     """The method to use for a checkpoint of ``kind`` (``gguf`` or ``hf``) on ``device``: ``None`` means the
     checkpoint's own ``checkpoint`` method (its config.json ``quantization_config.quant_method``: awq or gptq,
-    as vLLM does), else ``gguf`` for a GGUF file (on a GPU: its Q4_0 / Q4_1 / Q4_K tensors through the Triton
-    4-bit kernel, the other types dequantised, logged; gpu_quantization.py) and ``none`` otherwise. Raises
+    as vLLM does), else ``gguf`` for a GGUF file (on a GPU its kept tensors run the Triton kernels:
+    gpu_quantization.py) and ``none`` otherwise. Raises
     ``UnsupportedQuantization`` naming the supported combinations, or when the method and a pre-quantized
     checkpoint do not match."""
     if checkpoint is not None and checkpoint not in PREQUANTIZED:

@@ -62,6 +62,27 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, x_stride, 
              mask=row_ok & (cols[None, :] < N))
 
 
+@triton.jit
+def _int8_groups_matmul_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, x_stride, w_stride, g_stride,
+                               out_stride, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The 4-bit kernel's loop over byte codes: one K step is one group, its scale and min for the whole tile."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_ok, col_ok = rows[:, None] < M, cols[:, None] < N
+    for g in range(0, K // GROUP):
+        kk = g * GROUP + tl.arange(0, GROUP)
+        q = tl.load(w_ptr + cols[:, None] * w_stride + kk[None, :], mask=col_ok, other=0)
+        scale = tl.load(s_ptr + cols * g_stride + g, mask=cols < N, other=0.0).to(tl.float32)
+        low = tl.load(m_ptr + cols * g_stride + g, mask=cols < N, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * scale[:, None] + low[:, None]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + kk[None, :], mask=row_ok, other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok & (cols[None, :] < N))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
@@ -93,6 +114,24 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mi
         _int4_matmul_kernel[grid](rows, qweight, scales, mins, out, rows.shape[0], n, k, rows.stride(0),
                                   qweight.stride(0), scales.stride(0), out.stride(0), GROUP=group, BLOCK_M=16,
                                   BLOCK_N=32)
+    return out.view(*x.shape[:-1], n)
+
+
+def int8_groups_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                       group: int) -> torch.Tensor:
+    """``x [..., K] @ W.T`` for ``W = scale * q + min`` per group of ``group`` weights, ``q`` the unsigned byte
+    codes ``qweight uint8 [N, K]`` (every GGUF format that is not 4-bit, exactly: repack_gguf_groups)."""
+    rows = _rows(x)
+    n, k = qweight.shape
+    if k % group or scales.shape != (n, k // group) or mins.shape != scales.shape:
+        raise ValueError(f"byte codes of {n} x {k} need scales and mins of shape {(n, k // group)}")
+    scales, mins = scales.contiguous(), mins.contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    if rows.shape[0] and n:
+        grid = (triton.cdiv(rows.shape[0], 16), triton.cdiv(n, 32))
+        _int8_groups_matmul_kernel[grid](rows, qweight, scales, mins, out, rows.shape[0], n, k, rows.stride(0),
+                                         qweight.stride(0), scales.stride(0), out.stride(0), GROUP=group,
+                                         BLOCK_M=16, BLOCK_N=32)
     return out.view(*x.shape[:-1], n)
 
 
@@ -148,3 +187,62 @@ def repack_gguf_q4_k(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # [.., pair of sub-blocks, byte]
     q = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, k)  # sub-block 2p: low nibbles, 2p + 1: high ones
     return pack_int4(q), scales.contiguous(), mins.contiguous()
+
+
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    return b[..., at:at + 2].contiguous().view(torch.float16).float()  # [..., 1]
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """Bytes [..., 4] of 32 bits -> [..., 32]: bit i of the little-endian word, shifted up to bit 4."""
+    bits = (qh.to(torch.int32)[..., :, None] >> torch.arange(8, dtype=torch.int32)) & 1
+    return (bits.reshape(*qh.shape[:-1], 32) << 4).to(torch.uint8)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K's 12 bytes [..., 12] -> the 6-bit scales and mins [..., 8] (ggml's get_scale_min_k4)."""
+    s = s.to(torch.int32)
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    return sc.float(), mn.float()
+
+
+def repack_gguf_groups(blocks: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, int]:
+    """GGUF Q8_0 (8), Q5_0 (6), Q5_1 (7), Q5_K (13) or Q6_K (14) rows ``uint8 [N, row_bytes]`` ->
+    ``(qweight uint8 [N, K], scales, mins, group)`` for int8_groups_matmul: each weight's unsigned code, and per
+    group (32 weights; Q6_K's 16) the scale and min its format decodes it with, exactly, in float32."""
+    n = blocks.shape[0]
+    if qtype == 8:  # Q8_0: d, 32 int8 codes (as unsigned: code + 128, min -128 d)
+        b = blocks.reshape(n, k // 32, 34)
+        d = _f16(b, 0).squeeze(-1)
+        codes = (b[..., 2:].view(torch.int8).to(torch.int32) + 128).to(torch.uint8)
+        return codes.reshape(n, k).contiguous(), d.contiguous(), (-128.0 * d).contiguous(), 32
+    if qtype in (6, 7):  # Q5_0 (min -16 d) / Q5_1 (min m): nibbles and a 32-bit word of fifth bits
+        head = 2 if qtype == 6 else 4
+        b = blocks.reshape(n, k // 32, head + 20)
+        d = _f16(b, 0).squeeze(-1)
+        mins = -16.0 * d if qtype == 6 else _f16(b, 2).squeeze(-1)
+        qs = b[..., head + 4:]
+        codes = torch.cat([qs & 0xF, qs >> 4], dim=-1) | _fifth_bits(b[..., head:head + 4])
+        return codes.reshape(n, k).contiguous(), d.contiguous(), mins.contiguous(), 32
+    if qtype == 13:  # Q5_K: Q4_K's scales and nibbles, bit j of qh[i] above weight i of sub-block j
+        b = blocks.reshape(n, k // 256, 176)
+        sc, mn = _k_scales(b[..., 4:16])
+        scales, mins = _f16(b, 0) * sc, -_f16(b, 2) * mn
+        qs = b[..., 48:].reshape(n, k // 256, 4, 32)
+        low = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, k // 256, 8, 32)
+        high = ((b[..., 16:48].to(torch.int32)[..., None, :] >> torch.arange(8)[:, None]) & 1) << 4
+        codes = low | high.to(torch.uint8)
+        return codes.reshape(n, k).contiguous(), scales.reshape(n, -1).contiguous(), mins.reshape(n, -1).contiguous(), 32
+    if qtype == 14:  # Q6_K: 6-bit codes (ql nibbles, qh pairs), an int8 scale per 16, min -32 scale
+        b = blocks.reshape(n, k // 256, 210)
+        ql = b[..., :128].reshape(n, -1, 2, 2, 32).to(torch.int32)  # [.., half, 32-byte run, l]
+        qh = b[..., 128:192].reshape(n, -1, 2, 32).to(torch.int32)
+        parts = [(ql[..., 0, :] & 0xF) | ((qh & 3) << 4), (ql[..., 1, :] & 0xF) | (((qh >> 2) & 3) << 4),
+                 (ql[..., 0, :] >> 4) | (((qh >> 4) & 3) << 4), (ql[..., 1, :] >> 4) | (((qh >> 6) & 3) << 4)]
+        codes = torch.stack(parts, dim=3).to(torch.uint8)  # [n, blocks, half, part, l]: weight 128 h + 32 p + l
+        scales = _f16(b, 208) * b[..., 192:208].view(torch.int8).float()
+        return codes.reshape(n, k).contiguous(), scales.reshape(n, -1).contiguous(), (-32.0 * scales).reshape(
+            n, -1).contiguous(), 16
+    raise ValueError(f"type {qtype} has no byte-code layout")

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=QUANTIZATION_METHODS,
         help="how weights are kept: gguf (a .gguf's quantized tensors; the default for a .gguf; on a GPU its "
-        "Q4_0/Q4_1/Q4_K tensors run a Triton 4-bit kernel, other types are dequantised), int8 (weight-only, "
+        "quantized tensors run Triton kernels: 4-bit or byte codes with group scales), int8 (weight-only, "
         "per-channel scales, quantized at load), awq / gptq (a 4-bit AWQ or GPTQ checkpoint; the default for "
         "one, from its quantization_config), fp8 (GPU: e4m3 weights, per-channel scales, quantized at load), "
         "none (full precision); an unsupported combination is an error naming the supported ones",

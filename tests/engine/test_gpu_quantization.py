@@ -93,8 +93,9 @@ def test_bundled_gguf_moves_into_the_gpu_layouts(interp) -> None:
                                                  dense_gate_up), module="kubeinfer.engine.layers.triton_quant")
 
 
-def test_a_q4_k_m_weight_runs_4_bit_where_it_can(interp) -> None:
-    """Q4_K rows -> the 4-bit kernel (their sub-block scales exactly), Q6_K rows beside them -> dense."""
+def test_a_q4_k_m_weight_keeps_every_segment_quantized(interp) -> None:
+    """Q4_K rows -> the 4-bit kernel (their sub-block scales exactly), Q6_K rows beside them -> byte codes with
+    a scale and min per 16."""
     from kubeinfer.engine.layers.gpu_quantization import device_rows
     from kubeinfer.engine.layers.quantization import QuantizedRows
 
@@ -105,7 +106,7 @@ def test_a_q4_k_m_weight_runs_4_bit_where_it_can(interp) -> None:
     q6 = torch.from_numpy(random_blocks(qk.Q6_K, 32, k, seed=3))
     segments = [(0, device_rows(QuantizedRows(qk.Q4_K, q4, k), torch.device("cpu"), torch.float32)),
                 (64, device_rows(QuantizedRows(qk.Q6_K, q6, k), torch.device("cpu"), torch.float32))]
-    assert [part.kind for _, part in segments] == ["int4", "dense"]
+    assert [(part.kind, part.group) for _, part in segments] == [("int4", 32), ("groups", 16)]
     weight = DeviceWeight(96, segments, {"Q4_K", "Q6_K"})
     dense = torch.cat([qk.dequantize(qk.Q4_K, q4, k), qk.dequantize(qk.Q6_K, q6, k)])
     in_interpreter(interp, check_converted_weight, (weight, dense), module="kubeinfer.engine.layers.triton_quant")
@@ -138,3 +139,22 @@ def test_gpu_quantization_combinations_are_supported(method: str, kind: str) -> 
     assert resolve_method(None, "gguf", torch.device("cuda")) == "gguf"  # a .gguf keeps its tensors there too
     with pytest.raises(UnsupportedQuantization, match="fp8 with a Hugging Face checkpoint on cuda"):
         resolve_method("fp8", "hf", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_other_gguf_types_run_byte_codes_exactly(interp, name: str) -> None:
+    from kubeinfer.engine.layers.gpu_quantization import device_rows
+    from kubeinfer.engine.layers.quantization import QuantizedRows
+
+    from tests.engine.test_quant_kernels import random_blocks
+
+    qtype, k = qk.GGUF_TYPES[name], 512
+    blocks = torch.from_numpy(random_blocks(qtype, 40, k, seed=4))
+    rows = device_rows(QuantizedRows(qtype, blocks, k), torch.device("cpu"), torch.float32)
+    assert rows.kind == "groups" and rows.group == (16 if name == "Q6_K" else 32)
+    values = rows.weight.double() * rows.scales.double().repeat_interleave(rows.group, 1)
+    values += rows.mins.double().repeat_interleave(rows.group, 1)
+    assert torch.equal(values.float(), qk.dequantize(qtype, blocks, k))  # (exact: the format's own values)
+    in_interpreter(interp, check_converted_weight, (DeviceWeight(40, [(0, rows)], {name}),
+                                                    qk.dequantize(qtype, blocks, k)),
+                   module="kubeinfer.engine.layers.triton_quant")

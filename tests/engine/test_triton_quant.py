@@ -77,6 +77,29 @@ def check_gguf_q4_k(module, device: str = "cpu") -> None:
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
 
 
+def check_gguf_groups(module, device: str = "cpu") -> None:
+    """Q8_0 / Q5_0 / Q5_1 (the gguf package's quantizer) and Q5_K / Q6_K blocks (llama.cpp's layout:
+    tests/engine/k_quants.py) as byte codes with group scales, against gguf's dequantised values."""
+    from gguf.constants import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from tests.engine.k_quants import quantize_k, quantize_q6_k
+
+    dense = np.random.default_rng(7).standard_normal((40, 512)).astype(np.float32)
+    encoders = {T.Q8_0: lambda w: quantize(w, T.Q8_0), T.Q5_0: lambda w: quantize(w, T.Q5_0),
+                T.Q5_1: lambda w: quantize(w, T.Q5_1), T.Q5_K: lambda w: quantize_k(w, five_bit=True),
+                T.Q6_K: quantize_q6_k}
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(7))
+    for kind, encode in encoders.items():
+        blocks = encode(dense)
+        reference = torch.from_numpy(dequantize(blocks, kind)).double()
+        qweight, scales, mins, group = module.repack_gguf_groups(torch.from_numpy(blocks), kind.value, 512)
+        got = module.int8_groups_matmul(x.to(device), qweight.to(device), scales.to(device), mins.to(device),
+                                        group).double().cpu()
+        want = x.double() @ reference.T
+        torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["decode", "odd", "prefill"])
 def test_int8_matches_reference(interp, shape, dtype) -> None:
@@ -98,6 +121,10 @@ def test_gguf_q4_k_repacked_matches_gguf_dequantize(interp) -> None:
     in_interpreter(interp, check_gguf_q4_k, module=MODULE)
 
 
+def test_other_gguf_types_as_byte_codes_match_gguf_dequantize(interp) -> None:
+    in_interpreter(interp, check_gguf_groups, module=MODULE)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("shape", [(1, 4096, 4096), (333, 1000, 2048)])
@@ -108,6 +135,7 @@ def test_cuda_matches_reference(shape) -> None:
     check_int4(triton_quant, *shape, torch.float16, device="cuda")
     check_gguf_q4(triton_quant, 3, device="cuda")
     check_gguf_q4_k(triton_quant, device="cuda")
+    check_gguf_groups(triton_quant, device="cuda")
 
 
 @pytest.mark.gpu
