@@ -39,33 +39,10 @@ def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, x_stride, w_strid
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, x_stride, w_stride, g_stride, out_stride,
-                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One K step is one quantization group: its scale and min apply to the whole tile."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    half = tl.arange(0, GROUP // 2)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_ok, col_ok = rows[:, None] < M, cols[:, None] < N
-    for g in range(0, K // GROUP):
-        packed = tl.load(w_ptr + cols[:, None] * w_stride + g * (GROUP // 2) + half[None, :], mask=col_ok,
-                         other=0).to(tl.int32)
-        q = tl.join(packed & 0xF, packed >> 4).reshape(BLOCK_N, GROUP)  # k = 2j, 2j + 1
-        scale = tl.load(s_ptr + cols * g_stride + g, mask=cols < N, other=0.0).to(tl.float32)
-        low = tl.load(m_ptr + cols * g_stride + g, mask=cols < N, other=0.0).to(tl.float32)
-        w = q.to(tl.float32) * scale[:, None] + low[:, None]
-        kk = g * GROUP + tl.arange(0, GROUP)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + kk[None, :], mask=row_ok, other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok & (cols[None, :] < N))
-
-
-@triton.jit
-def _int8_groups_matmul_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, x_stride, w_stride, g_stride,
-                               out_stride, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The 4-bit kernel's loop over byte codes: one K step is one group, its scale and min for the whole tile."""
+def _grouped_matmul_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, x_stride, w_stride, g_stride, out_stride,
+                           GROUP: tl.constexpr, NIBBLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One K step is one quantization group: its scale and min apply to the whole tile. ``NIBBLES``: two codes a
+    byte (the 4-bit layout), else one (byte codes)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,7 +50,13 @@ def _int8_groups_matmul_kernel(x_ptr, w_ptr, s_ptr, m_ptr, out_ptr, M, N, K, x_s
     row_ok, col_ok = rows[:, None] < M, cols[:, None] < N
     for g in range(0, K // GROUP):
         kk = g * GROUP + tl.arange(0, GROUP)
-        q = tl.load(w_ptr + cols[:, None] * w_stride + kk[None, :], mask=col_ok, other=0)
+        if NIBBLES:
+            half = tl.arange(0, GROUP // 2)
+            packed = tl.load(w_ptr + cols[:, None] * w_stride + g * (GROUP // 2) + half[None, :], mask=col_ok,
+                             other=0).to(tl.int32)
+            q = tl.join(packed & 0xF, packed >> 4).reshape(BLOCK_N, GROUP)  # k = 2j, 2j + 1
+        else:
+            q = tl.load(w_ptr + cols[:, None] * w_stride + kk[None, :], mask=col_ok, other=0)
         scale = tl.load(s_ptr + cols * g_stride + g, mask=cols < N, other=0.0).to(tl.float32)
         low = tl.load(m_ptr + cols * g_stride + g, mask=cols < N, other=0.0).to(tl.float32)
         w = q.to(tl.float32) * scale[:, None] + low[:, None]
@@ -103,35 +86,30 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                 group: int = 32) -> torch.Tensor:
     """``x [..., K] @ W.T`` for ``W`` in the 4-bit layout above (``K`` a multiple of ``group``)."""
-    rows = _rows(x)
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    if k % group or scales.shape != (n, k // group) or mins.shape != scales.shape:
-        raise ValueError(f"4-bit weights of {n} x {k} need scales and mins of shape {(n, k // group)}")
-    scales, mins = scales.contiguous(), mins.contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-    if rows.shape[0] and n:
-        grid = (triton.cdiv(rows.shape[0], 16), triton.cdiv(n, 32))
-        _int4_matmul_kernel[grid](rows, qweight, scales, mins, out, rows.shape[0], n, k, rows.stride(0),
-                                  qweight.stride(0), scales.stride(0), out.stride(0), GROUP=group, BLOCK_M=16,
-                                  BLOCK_N=32)
-    return out.view(*x.shape[:-1], n)
+    return _grouped_matmul(x, qweight, qweight.shape[1] * 2, scales, mins, group, nibbles=True)
 
 
 def int8_groups_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                        group: int) -> torch.Tensor:
     """``x [..., K] @ W.T`` for ``W = scale * q + min`` per group of ``group`` weights, ``q`` the unsigned byte
     codes ``qweight uint8 [N, K]`` (every GGUF format that is not 4-bit, exactly: repack_gguf_groups)."""
+    return _grouped_matmul(x, qweight, qweight.shape[1], scales, mins, group, nibbles=False)
+
+
+def _grouped_matmul(x: torch.Tensor, qweight: torch.Tensor, k: int, scales: torch.Tensor, mins: torch.Tensor,
+                    group: int, nibbles: bool) -> torch.Tensor:
     rows = _rows(x)
-    n, k = qweight.shape
+    n = qweight.shape[0]
     if k % group or scales.shape != (n, k // group) or mins.shape != scales.shape:
-        raise ValueError(f"byte codes of {n} x {k} need scales and mins of shape {(n, k // group)}")
+        what = "4-bit weights" if nibbles else "byte codes"
+        raise ValueError(f"{what} of {n} x {k} need scales and mins of shape {(n, k // group)}")
     scales, mins = scales.contiguous(), mins.contiguous()
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     if rows.shape[0] and n:
         grid = (triton.cdiv(rows.shape[0], 16), triton.cdiv(n, 32))
-        _int8_groups_matmul_kernel[grid](rows, qweight, scales, mins, out, rows.shape[0], n, k, rows.stride(0),
-                                         qweight.stride(0), scales.stride(0), out.stride(0), GROUP=group,
-                                         BLOCK_M=16, BLOCK_N=32)
+        _grouped_matmul_kernel[grid](rows, qweight, scales, mins, out, rows.shape[0], n, k, rows.stride(0),
+                                     qweight.stride(0), scales.stride(0), out.stride(0), GROUP=group,
+                                     NIBBLES=nibbles, BLOCK_M=16, BLOCK_N=32)
     return out.view(*x.shape[:-1], n)
 
 
@@ -173,20 +151,10 @@ def repack_gguf_q4(blocks: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tens
 def repack_gguf_q4_k(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GGUF Q4_K (type 12) rows ``uint8 [N, row_bytes]`` -> ``(qweight, scales, mins)`` of the 4-bit layout with
     groups of 32, exactly: each 256-weight block's eight sub-blocks have ``scale = d * sc`` and ``min = -dmin * m``
-    (6-bit ``sc``, ``m``), kept in float32; sub-block j's codes are nibble j % 2 of bytes 32 (j // 2) ...
-    of the block's 128."""
+    (6-bit ``sc``, ``m``), kept in float32."""
     n = blocks.shape[0]
-    b = blocks.reshape(n, k // 256, 144)
-    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [n, blocks, 1]
-    dmin = b[..., 2:4].contiguous().view(torch.float16).float()
-    s = b[..., 4:16].to(torch.int32)
-    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
-    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
-    scales = (d * sc.float()).reshape(n, k // 32)
-    mins = (-dmin * mn.float()).reshape(n, k // 32)
-    qs = b[..., 16:].reshape(n, k // 256, 4, 32)  # [.., pair of sub-blocks, byte]
-    q = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, k)  # sub-block 2p: low nibbles, 2p + 1: high ones
-    return pack_int4(q), scales.contiguous(), mins.contiguous()
+    scales, mins, codes = _k_blocks(blocks.reshape(n, k // 256, 144), 16)
+    return pack_int4(codes.reshape(n, k)), scales.reshape(n, -1).contiguous(), mins.reshape(n, -1).contiguous()
 
 
 def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
@@ -205,6 +173,16 @@ def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
     mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
     return sc.float(), mn.float()
+
+
+def _k_blocks(b: torch.Tensor, qs_at: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K blocks ``[n, blocks, bytes]`` (their 128 nibble bytes at ``qs_at``) -> each sub-block's scale and
+    min ``[n, blocks, 8]``, and its 4-bit codes ``[n, blocks, 8, 32]`` (sub-block j: nibble j % 2 of bytes
+    32 (j // 2) ...)."""
+    sc, mn = _k_scales(b[..., 4:16])
+    qs = b[..., qs_at:qs_at + 128].reshape(*b.shape[:2], 4, 32)  # [.., pair of sub-blocks, byte]
+    codes = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(*b.shape[:2], 8, 32)
+    return _f16(b, 0) * sc, -_f16(b, 2) * mn, codes
 
 
 def repack_gguf_groups(blocks: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -228,10 +206,7 @@ def repack_gguf_groups(blocks: torch.Tensor, qtype: int, k: int) -> tuple[torch.
         return codes.reshape(n, k).contiguous(), d.contiguous(), mins.contiguous(), 32
     if qtype == 13:  # Q5_K: Q4_K's scales and nibbles, bit j of qh[i] above weight i of sub-block j
         b = blocks.reshape(n, k // 256, 176)
-        sc, mn = _k_scales(b[..., 4:16])
-        scales, mins = _f16(b, 0) * sc, -_f16(b, 2) * mn
-        qs = b[..., 48:].reshape(n, k // 256, 4, 32)
-        low = torch.stack([qs & 0xF, qs >> 4], dim=3).reshape(n, k // 256, 8, 32)
+        scales, mins, low = _k_blocks(b, 48)
         high = ((b[..., 16:48].to(torch.int32)[..., None, :] >> torch.arange(8)[:, None]) & 1) << 4
         codes = low | high.to(torch.uint8)
         return codes.reshape(n, k).contiguous(), scales.reshape(n, -1).contiguous(), mins.reshape(n, -1).contiguous(), 32
