@@ -17,9 +17,7 @@ from kubeinfer.engine.models.bundled import bundled_model_path
 from kubeinfer.engine.models.loader import load_model
 
 from tests.engine.k_quants import ENCODERS, k_quant_gguf
-from tests.engine.model_harness import generate_paged
-from tests.engine.test_engine import QUESTIONS
-from tests.engine.test_quantized_model import BOUNDS
+from tests.engine.test_quantized_model import assert_teacher_forced_close
 
 pytestmark = pytest.mark.skipif(not qk.available(), reason="the quantized CPU kernels did not build")
 
@@ -68,24 +66,7 @@ def test_k_quant_logits_close_to_dequantised_float32(k_quant_models, mode: str, 
     packed weights, float32 ones on the blocks (packed panels take int8 activations only)."""
     monkeypatch.setattr(qk, "default_activations", lambda qtype, rows=1: mode)
     packed, unpacked, dense = k_quant_models
-    quantized = packed if mode == "q8" else unpacked
-    max_diff, min_agreement = BOUNDS[mode]
-    tok = dense.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False) for q in QUESTIONS[:3]]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
-    ref = generate_paged(dense.model, prompts, max_new_tokens=8, chunk=7)
-    got = generate_paged(quantized.model, [s.tokens[:-1] for s in ref], max_new_tokens=1, chunk=7)
-    agree = total = 0
-    worst = 0.0
-    for r, g in zip(ref, got, strict=True):
-        ref_logits, got_logits = torch.stack(r.logits), torch.stack(g.logits)
-        worst = max(worst, float((ref_logits - got_logits).abs().max()))
-        agree += int((ref_logits.argmax(-1) == got_logits.argmax(-1)).sum())
-        total += ref_logits.shape[0]
-    print(f"{mode}: max |logit diff| {worst:.4g}, top-1 agreement {agree}/{total}")
-    assert worst < max_diff
-    assert agree / total >= min_agreement, f"top-1 agreement {agree}/{total}"
+    assert_teacher_forced_close(dense, packed if mode == "q8" else unpacked, mode)
 
 
 def test_a_fused_weight_with_a_type_without_kernels_is_dequantised_whole(tmp_path) -> None:

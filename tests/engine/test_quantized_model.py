@@ -76,9 +76,14 @@ def test_bundled_logits_close_to_dequantised_float32(bundled_pair, bundled_unpac
     """Teacher-forced on the dense model's own greedy continuation, through chunked prefill in mixed batches
     (int8 activations: with the weights as the engine keeps them here, packed where the int8 tiles run)."""
     monkeypatch.setattr(qk, "default_activations", lambda qtype, rows=1: mode)
-    max_diff, min_agreement = BOUNDS[mode]
     packed, dense = bundled_pair
-    quantized = packed if mode == "q8" else bundled_unpacked
+    assert_teacher_forced_close(dense, packed if mode == "q8" else bundled_unpacked, mode)
+
+
+def assert_teacher_forced_close(dense, quantized, mode: str) -> None:
+    """``quantized`` teacher-forced on ``dense``'s greedy continuation of three chat prompts (chunked prefill in
+    mixed batches): its logits within BOUNDS[mode] of the dense ones, and its top-1 picks agreeing as often."""
+    max_diff, min_agreement = BOUNDS[mode]
     tok = dense.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False) for q in QUESTIONS[:3]]
