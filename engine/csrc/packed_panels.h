@@ -40,15 +40,6 @@ inline bool packable(int type) {
          type == Q5_K || type == Q6_K;
 }
 
-// The fifth bit of weight i (0..31) of a 32-weight block <-> its place in a packed row of fifth bits (the byte
-// and the bit in it: the weight in the low nibble of byte b of code row d sits at bit d of byte b, the one in
-// its high nibble at bit 4 + d).
-inline void fifth_bit_place(int i, int* byte, int* bit) {
-  const int t = i % 16;
-  *byte = t % 4;
-  *bit = t / 4 + (i >= 16 ? 4 : 0);
-}
-
 // Whether rows of `type`, row_bytes each, of k weights are what packed panels hold: a packable format and rows
 // of exactly k / (the block's weights) blocks.
 inline bool packed_rows_fit(int type, int64_t row_bytes, int64_t k) {
@@ -59,6 +50,22 @@ inline bool packed_rows_fit(int type, int64_t row_bytes, int64_t k) {
 // Byte `byte` of column c's dword in dword row `row` of a panel's block.
 inline uint8_t& panel_byte(uint8_t* group, int64_t row, int64_t c, int64_t byte) {
   return group[(row * PANEL_COLS + c) * 4 + byte];
+}
+
+// The fifth bits of one 32-weight block (`bits`: weight i's at bit i) <-> their packed row: byte b holds at bit d
+// the one of the weight in the low nibble of byte b of code row d, at bit 4 + d the one of the weight in its high
+// nibble (Q5_0 / Q5_1, and each Q5_K sub-block).
+inline void move_fifth_bits(uint8_t* group, int64_t row, int64_t c, uint32_t* bits, bool to_packed) {
+  if (to_packed)
+    for (int64_t b = 0; b < 4; ++b) panel_byte(group, row, c, b) = 0;
+  else
+    *bits = 0;
+  for (int i = 0; i < 32; ++i) {
+    const int t = i % 16, bit = t / 4 + (i >= 16 ? 4 : 0);
+    uint8_t& packed = panel_byte(group, row, c, t % 4);
+    if (to_packed) packed = static_cast<uint8_t>(packed | (((*bits >> i) & 1u) << bit));
+    else *bits |= ((packed >> bit) & 1u) << i;
+  }
 }
 
 // Q6_K's 256 six-bit codes in weight order <-> the block's ql / qh bytes (ggml's layout).
@@ -101,36 +108,22 @@ inline void move_bytes(uint8_t* group, int64_t row, int64_t c, uint8_t* block, i
 // two in step): to_packed copies block -> panel, else panel -> block.
 inline void move_block(int type, uint8_t* group, int64_t c, uint8_t* block, bool to_packed) {
   switch (type) {
-    case Q4_0: case Q4_1: case Q8_0: {
-      const bool q8 = type == Q8_0;
-      const int64_t qs = type == Q4_1 ? 4 : 2, rows = q8 ? 8 : 4;
+    case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: {
+      const bool q8 = type == Q8_0, five = type == Q5_0 || type == Q5_1, min = type == Q4_1 || type == Q5_1;
+      const int64_t heads = min ? 4 : 2, qs = heads + (five ? 4 : 0), rows = q8 ? 8 : 4;  // (Q5: qh, then qs)
       for (int64_t i = 0; i < rows * 4; ++i) {  // (Q8_0's codes shifted by 128 into unsigned ones)
         uint8_t& packed = panel_byte(group, i / 4, c, i % 4);
         if (to_packed) packed = block[qs + i] ^ (q8 ? 0x80 : 0);
         else block[qs + i] = packed ^ (q8 ? 0x80 : 0);
       }
-      for (int64_t h = 0; h < (type == Q4_1 ? 2 : 1); ++h) {  // the f16 scale, Q4_1's f16 min
-        uint8_t* head = group + rows * 4 * PANEL_COLS + h * 2 * PANEL_COLS + 2 * c;
-        if (to_packed) std::memcpy(head, block + 2 * h, 2);
-        else std::memcpy(block + 2 * h, head, 2);
+      if (five) {  // qh: weight i's fifth bit at bit i of the little-endian word
+        uint32_t bits;
+        std::memcpy(&bits, block + heads, 4);
+        move_fifth_bits(group, rows, c, &bits, to_packed);
+        if (!to_packed) std::memcpy(block + heads, &bits, 4);
       }
-      return;
-    }
-    case Q5_0: case Q5_1: {
-      const int64_t heads = type == Q5_1 ? 4 : 2;  // (then the 4 bytes of fifth bits, then the nibbles)
-      move_bytes(group, 0, c, block, heads + 4, 16, to_packed);
-      uint8_t* qh = block + heads;
-      if (!to_packed) std::memset(qh, 0, 4);
-      for (int i = 0; i < 32; ++i) {
-        int byte, bit;
-        fifth_bit_place(i, &byte, &bit);
-        uint8_t& bits = panel_byte(group, 4, c, byte);
-        if (to_packed && i < 4) bits = 0;  // (i < 4 reaches bytes 0-3 first)
-        if (to_packed) bits = static_cast<uint8_t>(bits | (((qh[i / 8] >> (i % 8)) & 1) << bit));
-        else qh[i / 8] = static_cast<uint8_t>(qh[i / 8] | (((bits >> bit) & 1) << (i % 8)));
-      }
-      for (int64_t h = 0; h < heads / 2; ++h) {  // the f16 scale, Q5_1's f16 min
-        uint8_t* head = group + 5 * 4 * PANEL_COLS + h * 2 * PANEL_COLS + 2 * c;
+      for (int64_t h = 0; h < heads / 2; ++h) {  // the f16 scale, the f16 min
+        uint8_t* head = group + (rows + (five ? 1 : 0)) * 4 * PANEL_COLS + h * 2 * PANEL_COLS + 2 * c;
         if (to_packed) std::memcpy(head, block + 2 * h, 2);
         else std::memcpy(block + 2 * h, head, 2);
       }
@@ -143,8 +136,7 @@ inline void move_block(int type, uint8_t* group, int64_t c, uint8_t* block, bool
       for (int j = 0; j < 8; ++j) {
         const int shift = 4 * (j % 2);
         for (int t = 0; t < 16; ++t) {
-          const int d = t / 4;
-          uint8_t& packed = panel_byte(group, 4 + stride * j + d, c, t % 4);
+          uint8_t& packed = panel_byte(group, 4 + stride * j + t / 4, c, t % 4);
           uint8_t &low = qs[32 * (j / 2) + t], &high = qs[32 * (j / 2) + 16 + t];
           if (to_packed) {
             packed = static_cast<uint8_t>(((low >> shift) & 0xF) | (((high >> shift) & 0xF) << 4));
@@ -152,19 +144,14 @@ inline void move_block(int type, uint8_t* group, int64_t c, uint8_t* block, bool
             low = static_cast<uint8_t>((low & ~(0xF << shift)) | ((packed & 0xF) << shift));
             high = static_cast<uint8_t>((high & ~(0xF << shift)) | ((packed >> 4) << shift));
           }
-          if (!five) continue;
-          // the fifth bits: byte b of row 8 + 5j, bit d for the weight in the low nibble of byte b of code row
-          // 4 + 5j + d, bit 4 + d for the one in its high nibble
-          uint8_t& bits = panel_byte(group, 8 + stride * j, c, t % 4);
-          uint8_t &low_h = qh[t], &high_h = qh[16 + t];
-          if (to_packed) {
-            if (d == 0) bits = 0;
-            bits = static_cast<uint8_t>(bits | (((low_h >> j) & 1) << d) | (((high_h >> j) & 1) << (4 + d)));
-          } else {
-            low_h = static_cast<uint8_t>((low_h & ~(1 << j)) | (((bits >> d) & 1) << j));
-            high_h = static_cast<uint8_t>((high_h & ~(1 << j)) | (((bits >> (4 + d)) & 1) << j));
-          }
         }
+        if (!five) continue;
+        uint32_t bits = 0;  // sub-block j's fifth bits: bit j of qh[i] for its weight i
+        if (to_packed)
+          for (int i = 0; i < 32; ++i) bits |= ((qh[i] >> j) & 1u) << i;
+        move_fifth_bits(group, 8 + stride * j, c, &bits, to_packed);
+        if (!to_packed)
+          for (int i = 0; i < 32; ++i) qh[i] = static_cast<uint8_t>((qh[i] & ~(1 << j)) | (((bits >> i) & 1) << j));
       }
       move_bytes(group, 0, c, block, 0, 16, to_packed);  // d, dmin; the 12 scale bytes
       return;

@@ -136,25 +136,15 @@ template <class Fn> inline void decode_scalar(int type, const uint8_t* b, float 
       return;
     }
     case Q4_0:
-    case Q4_1: {
-      const float d = half_to_float(load_u16(b));
-      const float m = type == Q4_0 ? -8.f * d : half_to_float(load_u16(b + 2));
-      const uint8_t* qs = b + (type == Q4_0 ? 2 : 4);
-      g.scale[0] = g.scale[1] = d;
-      g.offset[0] = g.offset[1] = m;
-      for (int i = 0; i < 16; ++i) {
-        g.q[i] = qs[i] & 0xF;
-        g.q[i + 16] = qs[i] >> 4;
-      }
-      fn(0, g);
-      return;
-    }
+    case Q4_1:
     case Q5_0:
-    case Q5_1: {  // Q4's nibbles, and bit i of the 32-bit qh above weight i's
+    case Q5_1: {  // nibbles (Q5: and bit i of the 32-bit qh before them above weight i's)
+      const bool five = type == Q5_0 || type == Q5_1, min = type == Q4_1 || type == Q5_1;
       const float d = half_to_float(load_u16(b));
-      const float m = type == Q5_0 ? -16.f * d : half_to_float(load_u16(b + 2));
-      const uint8_t *qh = b + (type == Q5_0 ? 2 : 4), *qs = qh + 4;
-      const uint32_t high = qh[0] | (qh[1] << 8) | (qh[2] << 16) | (static_cast<uint32_t>(qh[3]) << 24);
+      const float m = min ? half_to_float(load_u16(b + 2)) : (five ? -16.f : -8.f) * d;
+      const uint8_t* qh = b + (min ? 4 : 2);
+      const uint8_t* qs = five ? qh + 4 : qh;
+      const uint32_t high = five ? qh[0] | (qh[1] << 8) | (qh[2] << 16) | (static_cast<uint32_t>(qh[3]) << 24) : 0;
       g.scale[0] = g.scale[1] = d;
       g.offset[0] = g.offset[1] = m;
       for (int i = 0; i < 16; ++i) {
@@ -819,6 +809,12 @@ struct FmtInt8Row {
   }
 };
 
+// The 16 bytes at qs as 32 codes: low nibbles (weights 0-15), then high ones (16-31).
+inline __m256i nibble_codes(const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+}
+
 template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m)
   static constexpr int64_t BYTES = HAS_MIN ? 20 : 18, GROUPS = 1, QS = HAS_MIN ? 4 : 2, CODE_BITS = 4;
   static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true, NIBBLES = true;
@@ -826,9 +822,7 @@ template <bool HAS_MIN> struct FmtQ4 {  // Q4_0 (offset -8 d) and Q4_1 (offset m
   static inline float offset(const uint8_t* b) { return HAS_MIN ? f16(b + 2) : -8.f * f16(b); }
   template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
     const float d = scale(b), m = offset(b);
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS));
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-    fn(0, _mm256_and_si256(both, _mm256_set1_epi8(0x0F)), d, d, m, m);
+    fn(0, nibble_codes(b + QS), d, d, m, m);
   }
 };
 
@@ -849,9 +843,7 @@ template <bool HAS_MIN> struct FmtQ5 {  // Q5_0 (offset -16 d) and Q5_1 (offset 
   static constexpr bool SIGNED = false, SPLIT = false, OFFSET = true, NIBBLES = false;
   template <class Fn> static inline void decode(const uint8_t* b, float, Fn&& fn) {
     const float d = f16(b), m = HAS_MIN ? f16(b + 2) : -16.f * d;
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + QS));
-    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
-    fn(0, _mm256_or_si256(low, fifth_bits(b + QH)), d, d, m, m);
+    fn(0, _mm256_or_si256(nibble_codes(b + QS), fifth_bits(b + QH)), d, d, m, m);
   }
 };
 
