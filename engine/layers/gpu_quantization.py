@@ -26,8 +26,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-_NAMES = qk.TYPE_NAMES
-
 
 @dataclass
 class DeviceRows:
@@ -140,7 +138,7 @@ def to_device_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype
         elif isinstance(module, LinearBase) and isinstance(store, QuantizedWeight):
             if id(store) not in weights:
                 segments = [(offset, device_rows(part, device, dtype)) for offset, part in store.segments]
-                dense_types.update(_NAMES[part.qtype] for (_, part), (_, rows)
+                dense_types.update(qk.TYPE_NAMES[part.qtype] for (_, part), (_, rows)
                                    in zip(store.segments, segments, strict=True) if rows.kind == "dense")
                 perm = None if store.perm is None else store.perm.to(device)
                 weights[id(store)] = DeviceWeight(store.rows, segments, store.type_names, perm)
