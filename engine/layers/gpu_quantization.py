@@ -133,7 +133,7 @@ def to_device_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype
         store = getattr(module, "quantized", None)
         if isinstance(module, VocabParallelEmbedding) and isinstance(store, QuantizedWeight):
             if id(store) not in tables:
-                tables[id(store)] = nn.Parameter(_dequantised(store, device, dtype), requires_grad=False)
+                tables[id(store)] = nn.Parameter(store.dequantised().to(device, dtype), requires_grad=False)
             module.weight, module.quantized = tables[id(store)], None
         elif isinstance(module, LinearBase) and isinstance(store, QuantizedWeight):
             if id(store) not in weights:
@@ -152,10 +152,3 @@ def to_device_kernels(model: nn.Module, device: torch.device, dtype: torch.dtype
                     ", ".join(f"{n} x {name}" for name, n in sorted(dense_types.items())))
     return sum(weight.runs_a_kernel for weight in weights.values())
 
-
-def _dequantised(store: QuantizedWeight, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    table = torch.zeros(store.rows, store.k, dtype=dtype, device=device)
-    for offset, part in store.segments:
-        table[offset:offset + part.shape[0]] = qk.dequantize(part.kernel_type, part.data, part.k,
-                                                             part.scales).to(device, dtype)
-    return table

@@ -198,6 +198,13 @@ class QuantizedWeight:
     def type_names(self) -> set[str]:
         return {qk.TYPE_NAMES[t] for t in self.qtypes}
 
+    def dequantised(self) -> torch.Tensor:
+        """The whole weight as float32 ``[rows, k]`` (rows no segment holds are 0)."""
+        dense = torch.zeros(self.rows, self.k)
+        for offset, part in self.segments:
+            dense[offset:offset + part.shape[0]] = part.dequantised()
+        return dense
+
     def _covers_all_rows(self) -> bool:
         return sum(p.shape[0] for _, p in self.segments) == self.rows
 
@@ -339,9 +346,7 @@ def _make_slot(modules: list[nn.Module], int8: bool) -> None:
         """The rows kept so far, dequantised into the dense weight: one weight is one or the other."""
         logger.info("%s: its shards mix kept and dequantised GGUF types, so all of it is dequantised",
                     type(owner).__name__)
-        target = materialise()
-        for offset, part in store.segments:
-            target.data.narrow(0, offset, part.shape[0]).copy_(part.dequantised())
+        materialise().data.copy_(store.dequantised())
         store.segments.clear()
         for module in modules:
             module.quantized = None
