@@ -547,8 +547,7 @@ void q8_packed_run(const uint8_t* w, int64_t row_bytes, const QBlock* x, int64_t
   const bool expand = Packed<F>::SUBS > 1 && M >= *kq::packed_expand_min_m(Packed<F>::TYPE);
   static constexpr auto tiles = packed_tiles<F>(std::make_integer_sequence<int, Q8_M>{});
   static constexpr auto expanded_tiles = q8_tiles<F>(std::make_integer_sequence<int, Q8_M>{});
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
-  for (int64_t p = 0; p < npanels; ++p) {
+  kq::parallel_panels(npanels, nthreads, [&](int64_t p) {
     const uint8_t* panel = w + p * Q8_COLS * row_bytes;
     if (expand) {
       const Q8Panel expanded = expanded_panel<F>(panel, nb32);
@@ -556,13 +555,13 @@ void q8_packed_run(const uint8_t* w, int64_t row_bytes, const QBlock* x, int64_t
         const int64_t mr = std::min<int64_t>(Q8_M, M - m0);
         expanded_tiles[mr - 1](x + m0 * nb32, nb32, expanded, y + m0 * ldy + p * Q8_COLS, ldy, Q8_COLS);
       }
-      continue;
+      return;
     }
     for (int64_t m0 = 0; m0 < M; m0 += Q8_M) {
       const int64_t mr = std::min<int64_t>(Q8_M, M - m0);
       tiles[mr - 1](x + m0 * nb32, nb32, panel, y + m0 * ldy + p * Q8_COLS, ldy);
     }
-  }
+  });
 }
 
 #endif  // KQ_SIMD_PASS

@@ -25,6 +25,7 @@
 #ifndef KQ_SIMD_PASS
 
 #include <algorithm>
+#include <atomic>
 #include <array>
 #include <utility>
 #include <cmath>
@@ -33,6 +34,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include <omp.h>
 
 #include "packed_calls.h"
 
@@ -288,6 +291,38 @@ template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
   return buffer.data();
 }
 
+// body(p) for every panel p in [0, n) on up to `nthreads` OpenMP threads. Each thread works through its own
+// contiguous share first (as schedule(static): one stream per thread for the prefetchers, no shared counter
+// while every thread keeps up), then takes the panels the other threads have not started. On a busy host a
+// thread the OS preempts mid-region leaves its share to the others instead of making the whole team wait
+// for it to finish that share: the region still ends when it runs again (the join), but it finds its work done.
+constexpr int MAX_TEAM = 256;  // threads one panel loop uses at most (its shares live on the stack)
+
+template <class Body> void parallel_panels(int64_t n, int nthreads, Body&& body) {
+  const int team = static_cast<int>(std::min<int64_t>({std::max(nthreads, 1), n, MAX_TEAM}));
+  if (team <= 1) {
+    for (int64_t p = 0; p < n; ++p) body(p);
+    return;
+  }
+  struct alignas(64) Share {  // a cache line each: an owner claiming its own panels touches no other core's line
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  Share shares[MAX_TEAM];
+  for (int t = 0; t < team; ++t) {
+    shares[t].next.store(n * t / team, std::memory_order_relaxed);
+    shares[t].end = n * (t + 1) / team;
+  }
+#pragma omp parallel num_threads(team)
+  {
+    const int me = omp_get_thread_num();  // a smaller team than asked still drains every share
+    for (int k = 0; k < team; ++k) {
+      Share& share = shares[(me + k) % team];
+      for (int64_t p; (p = share.next.fetch_add(1, std::memory_order_relaxed)) < share.end;) body(p);
+    }
+  }
+}
+
 #include "packed_panels.h"  // (the layout of packed weights and its scalar pack/unpack)
 
 // From this many activation rows on, F32 mode dequantises each panel of PANEL_ROWS weight rows once and runs a
@@ -382,8 +417,7 @@ template <class RowDot>
 void matmul_rows(const RowDot& row_dot, const uint8_t* w, int64_t row_bytes, const float* row_scales,
                  const Acts& acts, int64_t nb32, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   const int64_t nrb = (N + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nrb > 1)
-  for (int64_t rb = 0; rb < nrb; ++rb) {
+  kq::parallel_panels(nrb, nthreads, [&](int64_t rb) {
     const int64_t n0 = rb * ROW_BLOCK, n1 = std::min(N, n0 + ROW_BLOCK);
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
       const int mt = static_cast<int>(std::min<int64_t>(M_TILE, M - m0));
@@ -401,7 +435,7 @@ void matmul_rows(const RowDot& row_dot, const uint8_t* w, int64_t row_bytes, con
         for (int t = 0; t < mt; ++t) y[(m0 + t) * ldy + n] = res[t];
       }
     }
-  }
+  });
 }
 
 }  // namespace kq
@@ -956,8 +990,7 @@ void gemv_q8(const uint8_t* w, int64_t row_bytes, const float* row_scales, const
   constexpr int R = 4;
   const int64_t nrb = (N + kq::ROW_BLOCK - 1) / kq::ROW_BLOCK;
   const uint8_t* end = w + N * row_bytes;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nrb > 1)
-  for (int64_t rb = 0; rb < nrb; ++rb) {
+  kq::parallel_panels(nrb, nthreads, [&](int64_t rb) {
     const int64_t n1 = std::min(N, (rb + 1) * kq::ROW_BLOCK);
     for (int64_t n = rb * kq::ROW_BLOCK; n < n1; n += R) {
       const int64_t rows = std::min<int64_t>(R, n1 - n);
@@ -972,7 +1005,7 @@ void gemv_q8(const uint8_t* w, int64_t row_bytes, const float* row_scales, const
       }
       std::memcpy(y + n, res, static_cast<size_t>(rows) * sizeof(float));
     }
-  }
+  });
 }
 
 // F32 mode: the 32 decoded weights widened to 4 x 8 floats (lanes 0-15: the first half) and multiplied with
@@ -1231,15 +1264,14 @@ void wide_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, cons
               int64_t nblocks, int64_t K, int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   const int64_t npanels = (N + WIDE - 1) / WIDE;
   // Every panel meets all M rows (transposed once): 2 * WIDE flops per activation byte read, which L3 feeds.
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
-  for (int64_t p = 0; p < npanels; ++p) {
+  kq::parallel_panels(npanels, nthreads, [&](int64_t p) {
     const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
     const float* panel = wide_panel<F>(w, row_bytes, row_scales, nblocks, K, n0, rows);
     for (int64_t m0 = 0; m0 < M; m0 += WIDE_M) {
       const int64_t mr = std::min<int64_t>(WIDE_M, M - m0);
       WIDE_TILES[mr - 1](x + m0 * ldx, ldx, panel, K, y + m0 * ldy + n0, ldy, rows);
     }
-  }
+  });
 }
 
 template <class F>
@@ -1314,8 +1346,7 @@ KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* r
                              int64_t ldx, int64_t nblocks, int64_t K, int64_t M, int64_t N, uint16_t* y, int64_t ldy,
                              int nthreads) {
   const int64_t npanels = (N + WIDE - 1) / WIDE;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
-  for (int64_t p = 0; p < npanels; ++p) {
+  kq::parallel_panels(npanels, nthreads, [&](int64_t p) {
     const int64_t n0 = p * WIDE, rows = std::min<int64_t>(WIDE, N - n0);
     const float* panel = wide_panel<F>(w, row_bytes, row_scales, nblocks, K, n0, rows);
     uint32_t* pairs = kq::thread_buffer<uint32_t, kq::BF16_PAIRS>(K / 2 * WIDE);
@@ -1330,7 +1361,7 @@ KQ_BF16_TARGET void bf16_run(const uint8_t* w, int64_t row_bytes, const float* r
       const int64_t mr = std::min<int64_t>(WIDE_M, M - m0);
       BF16_TILES[mr - 1](x + m0 * ldx, ldx, pairs, K, y + m0 * ldy + n0, ldy, rows);
     }
-  }
+  });
 }
 #endif
 
@@ -1665,15 +1696,14 @@ void q8_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, const 
             int64_t M, int64_t N, float* y, int64_t ldy, int nthreads) {
   const int64_t npanels = (N + Q8_COLS - 1) / Q8_COLS, groups = nblocks * F::GROUPS;
   static constexpr auto tiles = q8_tiles<F>(std::make_integer_sequence<int, Q8_M>{});
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (npanels > 1)
-  for (int64_t p = 0; p < npanels; ++p) {
+  kq::parallel_panels(npanels, nthreads, [&](int64_t p) {
     const int64_t n0 = p * Q8_COLS, rows = std::min<int64_t>(Q8_COLS, N - n0);
     const Q8Panel panel = q8_panel<F>(w, row_bytes, row_scales, nblocks, n0, rows);
     for (int64_t m0 = 0; m0 < M; m0 += Q8_M) {
       const int64_t mr = std::min<int64_t>(Q8_M, M - m0);
       tiles[mr - 1](x + m0 * groups, groups, panel, y + m0 * ldy + n0, ldy, rows);
     }
-  }
+  });
 }
 
 #include "packed_panels.h"  // (the tiles of packed weights)
