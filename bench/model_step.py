@@ -16,6 +16,7 @@ Python between its kernels, so its attention share is not measured (``-``).
     python bench/model_step.py --dtype bfloat16 --batch 32 --context 512
     python bench/model_step.py --kernels torch              # the plain-torch reference path
     python bench/model_step.py --eager                      # the eager forward for decode as well
+    python bench/model_step.py --kv-cache-dtype bfloat16    # the KV cache in bf16 (float32 activations)
     python bench/model_step.py --json results.json          # also write the rows as JSON ('-' = stdout)
 """
 
@@ -33,6 +34,7 @@ from kubeinfer.engine import cpu_features, cpu_replay
 from kubeinfer.engine.attention_metadata import AttentionMetadata
 from kubeinfer.engine.bench.offline import TimedBackend
 from kubeinfer.engine.bench.report import write_json
+from kubeinfer.engine.config import KV_CACHE_DTYPES
 from kubeinfer.engine.cuda_graphs import MAX_CPU_REPLAY_BATCH_SIZE, DecodeGraphs
 from kubeinfer.engine.layers import attention, ops
 from kubeinfer.engine.model_runner import HostBatch
@@ -41,6 +43,7 @@ from kubeinfer.engine.model_runner import HostBatch
 @dataclass
 class Row:
     dtype: str
+    kv_cache_dtype: str
     phase: str
     step: str  # replay (the recorded decode step) or eager
     batch: int
@@ -91,9 +94,10 @@ def _recorded(model, kv, batch: int, md: AttentionMetadata, context: int) -> Dec
     return graphs
 
 
-def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: int = 16, eager: bool = False
-          ) -> Row:
+def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: int = 16, eager: bool = False,
+          kv_cache_dtype: str = "auto") -> Row:
     model, cfg = loaded.model, loaded.config
+    cache_dtype = cfg.dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype)
     rng = random.Random(0)
     if phase == "decode":
         seq_lens = [rng.randint(max(1, context // 4), context) for _ in range(batch)]
@@ -102,7 +106,7 @@ def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: 
         seq_lens, q_lens = [context] * batch, [context] * batch
     num_blocks = sum(-(-s // block_size) for s in seq_lens) + 1
     shape = (num_blocks, block_size, model.num_kv_heads_per_rank, cfg.head_dim)
-    kv = [(torch.zeros(shape, dtype=cfg.dtype), torch.zeros(shape, dtype=cfg.dtype)) for _ in range(cfg.num_layers)]
+    kv = [(torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)) for _ in range(cfg.num_layers)]
     positions = torch.tensor([p for q, s in zip(q_lens, seq_lens, strict=True) for p in range(s - q, s)])
     ids = torch.randint(0, cfg.vocab_size, (len(positions),))
     last = torch.tensor(q_lens).cumsum(0) - 1
@@ -130,7 +134,7 @@ def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: 
                 attn.append(totals["attention"])
     best = min(range(len(times)), key=times.__getitem__)
     tokens = batch if phase == "decode" else batch * context
-    return Row(str(cfg.dtype).removeprefix("torch."), phase, "eager" if graphs is None else "replay", batch, context,
+    return Row(str(cfg.dtype).removeprefix("torch."), str(cache_dtype).removeprefix("torch."), phase, "eager" if graphs is None else "replay", batch, context,
                times[best] * 1e3, sorted(times)[len(times) // 2] * 1e3, None if graphs else attn[best] * 1e3,
                tokens / times[best])
 
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", choices=["auto", "torch"], default="auto",
                         help="auto: the C++ CPU kernels when they build; torch: plain torch ops and attention")
     parser.add_argument("--eager", action="store_true", help="time the eager forward for decode (default: the replay)")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="the KV cache's dtype, as `kubeinfer serve --kv-cache-dtype` (auto: the model's)")
     parser.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' = stdout)")
     args = parser.parse_args(argv)
     if args.kernels == "torch":
@@ -159,16 +165,18 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in args.dtype or ["float32", "bfloat16"]:
         loaded = load_model(args.model, dtype=dtype)
         for batch in args.batch or [1, 8, 32]:
-            rows.append(bench(loaded, "decode", batch, args.context, args.steps, eager=args.eager))
+            rows.append(bench(loaded, "decode", batch, args.context, args.steps, eager=args.eager,
+                              kv_cache_dtype=args.kv_cache_dtype))
         if args.prefill:
-            rows.append(bench(loaded, "prefill", 1, args.prefill, max(3, args.steps // 3)))
+            rows.append(bench(loaded, "prefill", 1, args.prefill, max(3, args.steps // 3),
+                              kv_cache_dtype=args.kv_cache_dtype))
     print(f"CPU: {cpu_features.describe()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}")
     print(f"kernels={args.kernels}  threads={torch.get_num_threads()}  model={args.model or 'bundled SmolLM2-135M-Instruct'}")
-    print(f"{'dtype':9} {'phase':8} {'step':6} {'batch':>5} {'ctx':>5} {'min ms':>8} {'median':>8} {'attn ms':>8} "
+    print(f"{'dtype':9} {'kv cache':9} {'phase':8} {'step':6} {'batch':>5} {'ctx':>5} {'min ms':>8} {'median':>8} {'attn ms':>8} "
           f"{'tok/s':>8}")
     for r in rows:
         attn_ms = "-" if r.attention_ms is None else f"{r.attention_ms:.1f}"
-        print(f"{r.dtype:9} {r.phase:8} {r.step:6} {r.batch:5} {r.context:5} {r.min_ms:8.2f} {r.median_ms:8.2f} "
+        print(f"{r.dtype:9} {r.kv_cache_dtype:9} {r.phase:8} {r.step:6} {r.batch:5} {r.context:5} {r.min_ms:8.2f} {r.median_ms:8.2f} "
               f"{attn_ms:>8} {r.tokens_per_s:8.0f}")
     if args.json:
         write_json(args.json, [asdict(r) for r in rows])

@@ -39,6 +39,9 @@ def parse_size(value: str | int) -> int:
 # --quantization values (vLLM's names, plus none: full precision); what each supports: engine/layers/quantization.py
 QUANTIZATION_METHODS = ("gguf", "int8", "awq", "gptq", "fp8", "none")
 QuantizationMethod = Literal["gguf", "int8", "awq", "gptq", "fp8", "none"]
+# --kv-cache-dtype values: auto (the model's dtype, as vLLM) or a dtype of its own (CPU kernels: any of them)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KvCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class EngineConfig(BaseModel):
@@ -62,6 +65,7 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False  # no CUDA graphs (GPU) or recorded steps (CPU) for decode (engine/cuda_graphs.py)
     # None: a GGUF keeps its quantized tensors on the CPU; see engine/layers/quantization.py for the rest
     quantization: QuantizationMethod | None = None
+    kv_cache_dtype: KvCacheDtype = "auto"
 
     @field_validator("dtype")
     @classmethod

@@ -192,14 +192,26 @@ class ModelRunner:
         return self.config.max_model_len
 
     @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.model_config.dtype).element_size()
+    def kv_cache_dtype(self) -> torch.dtype:
+        """``--kv-cache-dtype``: auto is the model's dtype. The CPU kernels read and write any of the three
+        dtypes whatever the activations'; the GPU kernels need the model's own."""
+        chosen = self.config.kv_cache_dtype
+        dtype = self.model_config.dtype if chosen == "auto" else getattr(torch, chosen)
+        if dtype != self.model_config.dtype and self.device.type != "cpu":
+            raise ValueError(f"kv_cache_dtype={chosen} differs from the model's dtype "
+                             f"({str(self.model_config.dtype).removeprefix('torch.')}): only the CPU kernels "
+                             "keep the KV cache in another dtype; use auto on a GPU")
+        return dtype
+
+    @property
+    def kv_element_size(self) -> int:
+        return torch.empty((), dtype=self.kv_cache_dtype).element_size()
 
     @property
     def bytes_per_block(self) -> int:
         """One block's K and V over all layers, on this rank (its share of the KV heads)."""
         cfg = self.model_config
-        return 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * self.element_size
+        return 2 * cfg.num_layers * self.block_size * self.num_kv_heads * cfg.head_dim * self.kv_element_size
 
     def _determine_num_blocks(self) -> int:
         if self.config.num_gpu_blocks_override is not None:
@@ -260,15 +272,15 @@ class ModelRunner:
         cfg = self.model_config
         shape = (num_blocks, self.block_size, self.num_kv_heads, cfg.head_dim)
         if self.device.type != "cpu":
-            return [(torch.zeros(shape, dtype=cfg.dtype, device=self.device),
-                     torch.zeros(shape, dtype=cfg.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+            return [(torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                     torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)) for _ in range(cfg.num_layers)]
         # On the CPU one zeroed buffer with every page touched now: the RAM is committed at start-up, so a
         # KV budget the machine (or the pod's memory limit) cannot hold fails here rather than under load,
         # and decode steps pay no first-touch page faults (~5 us per page on a VM; bf16 offline bench +3%).
         per_tensor = num_blocks * self.block_size * self.num_kv_heads * cfg.head_dim
-        buffer = torch.from_numpy(np.zeros(2 * cfg.num_layers * per_tensor * self.element_size, dtype=np.uint8))
+        buffer = torch.from_numpy(np.zeros(2 * cfg.num_layers * per_tensor * self.kv_element_size, dtype=np.uint8))
         buffer[:: mmap.PAGESIZE] = 0
-        flat = buffer.view(cfg.dtype).view(cfg.num_layers, 2, *shape)
+        flat = buffer.view(self.kv_cache_dtype).view(cfg.num_layers, 2, *shape)
         return [(flat[i, 0], flat[i, 1]) for i in range(cfg.num_layers)]
 
     def enable_decode_graphs(self, emulate: bool = False) -> None:
@@ -383,6 +395,7 @@ class ModelRunner:
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),
-                "dtype": str(self.model_config.dtype), "max_model_len": self.max_model_len,
+                "dtype": str(self.model_config.dtype), "kv_cache_dtype": str(self.kv_cache_dtype),
+                "max_model_len": self.max_model_len,
                 "kv_cache_bytes": self.num_blocks * self.bytes_per_block,
                 "cuda_graphs": self.decode_graphs.sizes if self.decode_graphs else f"off ({self.cuda_graphs_off})"}

@@ -101,6 +101,7 @@ class EngineSpec(CamelModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enable_prefix_caching: bool = True
     quantization: Literal["gguf", "int8", "awq", "gptq", "fp8", "none"] | None = None
+    kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_request_body_bytes: Quantity | None = None
     max_header_bytes: Quantity | None = None
     request_timeout_seconds: float | None = Field(None, ge=0)

@@ -45,6 +45,9 @@ from kubeinfer.engine.models.hf_export import export_gguf_as_hf
 from kubeinfer.engine.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (hack/ builds llama-server)
+# llama-server keeps its KV cache in f16 and vLLM's CPU build in bf16 (the dtype it runs this model in): kubeinfer's
+# float32 activations for quantized weights would otherwise read twice their cache bytes in decode attention
+PEER_LIKE_KUBEINFER_ARGS = "--kv-cache-dtype bfloat16"
 
 
 def installed(script: str, given: str | None) -> str:
@@ -179,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=16, help="words per user message / prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", default="kubeinfer,llama-server,vllm")
-    parser.add_argument("--kubeinfer-args", default="", help="extra `kubeinfer serve` flags")
+    parser.add_argument("--kubeinfer-args", default=PEER_LIKE_KUBEINFER_ARGS,
+                        help="extra `kubeinfer serve` flags (default: %(default)s: both peers keep a 16-bit KV cache, "
+                        "llama-server f16, vLLM's CPU build bf16 as its dtype)")
     parser.add_argument("--llama-server-args", default="", help="extra llama-server flags")
     parser.add_argument("--vllm-args", default="", help="extra `vllm serve` flags")
     parser.add_argument("--json", dest="json_path", default=None)

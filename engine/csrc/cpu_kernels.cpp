@@ -30,6 +30,7 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
+#include <type_traits>
 #include <vector>
 
 #include "packed_calls.h"
@@ -304,30 +305,41 @@ void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int6
 // Rotary embedding ("rotate half" layout) of q and k, then the KV store:
 //   q_out[t] = rope(q[t]);  k_cache[slot[t]] = rope(k[t]);  v_cache[slot[t]] = v[t]   (slot < 0: not stored)
 // cos/sin come from a float32 [max_position, head_dim] table (cos half, sin half) and are rounded to T
-// first, like ``cache[positions].to(dtype)``; each product and sum is rounded to T as in torch.
-template <typename T>
-inline void rope_row(const T* x, T* y, const float* cos, const float* sin, int64_t half) {
+// first, like ``cache[positions].to(dtype)``; each product and sum is rounded to T as in torch. The KV cache
+// may hold another dtype C (``--kv-cache-dtype``): k is rotated in T, then converted, like
+// ``k_cache[slots] = rope(k).to(C)``; v is converted alone.
+template <typename T, typename O = T>
+inline void rope_row(const T* x, O* y, const float* cos, const float* sin, int64_t half) {
   int64_t j = 0;
 #if KI_SIMD > 0
   using vec::round;
   for (; j + vec::W <= half; j += vec::W) {
     const vec::V c = round<T>(vec::load(cos + j)), s = round<T>(vec::load(sin + j));
     const vec::V x1 = vec::load(x + j), x2 = vec::load(x + j + half);
-    vec::store(y + j, vec::sub(round<T>(vec::mul(x1, c)), round<T>(vec::mul(x2, s))));
-    vec::store(y + j + half, vec::add(round<T>(vec::mul(x2, c)), round<T>(vec::mul(x1, s))));
+    vec::store(y + j, round<T>(vec::sub(round<T>(vec::mul(x1, c)), round<T>(vec::mul(x2, s)))));
+    vec::store(y + j + half, round<T>(vec::add(round<T>(vec::mul(x2, c)), round<T>(vec::mul(x1, s)))));
   }
 #endif
   for (; j < half; ++j) {
     const float c = round_to<T>(cos[j]), s = round_to<T>(sin[j]);
     const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
-    y[j] = from_float<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s));
-    y[j + half] = from_float<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
+    y[j] = from_float<O>(round_to<T>(round_to<T>(x1 * c) - round_to<T>(x2 * s)));
+    y[j + half] = from_float<O>(round_to<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s)));
   }
 }
 
-template <typename T>
+template <typename T, typename C>
+inline void store_values(const T* v, C* cache, int64_t n) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::memcpy(cache, v, n * sizeof(T));
+  } else {
+    for (int64_t i = 0; i < n; ++i) cache[i] = from_float<C>(to_float(v[i]));
+  }
+}
+
+template <typename T, typename C>
 void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
-                      const int64_t* positions, const float* cos_sin, T* q_out, T* k_cache, T* v_cache,
+                      const int64_t* positions, const float* cos_sin, T* q_out, C* k_cache, C* v_cache,
                       const int64_t* slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim) {
   const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
@@ -341,7 +353,7 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
     if (slot < 0) continue;
     for (int64_t h = 0; h < num_kv_heads; ++h)
       rope_row(k + t * k_stride + h * head_dim, k_cache + slot * kv_width + h * head_dim, cos, sin, half);
-    std::memcpy(v_cache + slot * kv_width, v + t * v_stride, kv_width * sizeof(T));
+    store_values(v + t * v_stride, v_cache + slot * kv_width, kv_width);
   }
 }
 
@@ -434,15 +446,15 @@ inline void block_values(const float* weights, int64_t len, const T* v, int64_t 
 // compile time; 0 reads it at run time.
 constexpr int64_t ATTENTION_CHUNK = 512;  // positions (rounded down to whole blocks): below, nothing to combine
 
-template <typename T, int HEAD_DIM>
+template <typename T, typename C, int HEAD_DIM>
 void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_stride, const int64_t* rows,
-                            const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                            const C* k_cache, const C* v_cache, const int32_t* block_tables,
                             int64_t table_stride, const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
                             int64_t num_kv_heads, int64_t runtime_head_dim, int64_t block_size, float scale,
                             int num_threads) {
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_head_dim;
   const int64_t group = num_heads / num_kv_heads, kv_width = num_kv_heads * head_dim;
-  const int64_t block_elems = block_size * kv_width, block_bytes = block_elems * static_cast<int64_t>(sizeof(T));
+  const int64_t block_elems = block_size * kv_width, block_bytes = block_elems * static_cast<int64_t>(sizeof(C));
   const int64_t chunk = std::max<int64_t>(1, ATTENTION_CHUNK / block_size) * block_size;
   // Fewer sequences than threads (batch 1): one work item per (chunk, KV head), so every thread streams
   // part of the cache; otherwise one per chunk, all its heads.
@@ -475,9 +487,9 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
       for (int64_t i = h0 * head_dim; i < h1 * head_dim; ++i) query[i] = to_float(qs[i]) * scale;
       for (int64_t start = 0, b = 0; start < n; start += block_size, ++b) {
         if (start + block_size < n) prefetch_block(k_cache + table[b + 1] * block_elems, block_bytes);
-        const T* block = k_cache + table[b] * block_elems;
+        const C* block = k_cache + table[b] * block_elems;
         for (int64_t kvh = kv0; kvh < kv1; ++kvh)
-          block_scores<T, HEAD_DIM>(query.data() + kvh * group * head_dim, block + kvh * head_dim, kv_width,
+          block_scores<C, HEAD_DIM>(query.data() + kvh * group * head_dim, block + kvh * head_dim, kv_width,
                                     std::min(block_size, n - start), group, head_dim,
                                     scores.data() + kvh * group * chunk + start, chunk);
       }
@@ -497,9 +509,9 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
       std::fill(acc.begin() + h0 * head_dim, acc.begin() + h1 * head_dim, 0.f);
       for (int64_t start = 0, b = 0; start < n; start += block_size, ++b) {
         if (start + block_size < n) prefetch_block(v_cache + table[b + 1] * block_elems, block_bytes);
-        const T* block = v_cache + table[b] * block_elems;
+        const C* block = v_cache + table[b] * block_elems;
         for (int64_t kvh = kv0; kvh < kv1; ++kvh)
-          block_values<T, HEAD_DIM>(scores.data() + kvh * group * chunk + start, chunk, block + kvh * head_dim,
+          block_values<C, HEAD_DIM>(scores.data() + kvh * group * chunk + start, chunk, block + kvh * head_dim,
                                     kv_width, std::min(block_size, n - start), group, head_dim,
                                     acc.data() + kvh * group * head_dim);
       }
@@ -745,6 +757,15 @@ void linear_small_batch(const T* x, int64_t x_stride, const T* w, const T* bias,
   }                                         \
   return 0;
 
+// The same for a kernel of two dtypes: T (activations) and C (the KV cache).
+#define KI_DISPATCH_CACHE(cache_dtype, ...)         \
+  switch (cache_dtype) {                            \
+    case 0: { using C = float; __VA_ARGS__; break; } \
+    case 1: { using C = bf16; __VA_ARGS__; break; }  \
+    case 2: { using C = f16; __VA_ARGS__; break; }   \
+    default: return -1;                             \
+  }
+
 extern "C" {
 
 int ki_variant() { return KI_VARIANT; }  // 0 scalar, 1 avx2, 2 avx512: what this build's inner loops use
@@ -762,14 +783,14 @@ int ki_silu_and_mul(int dtype, const void* x, int64_t x_stride, void* out, int64
   KI_DISPATCH(dtype, silu_and_mul<T>(static_cast<const T*>(x), x_stride, static_cast<T*>(out), out_stride, rows, d))
 }
 
-int ki_rotary_and_store(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
+int ki_rotary_and_store(int dtype, int cache_dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
                         int64_t v_stride, const int64_t* positions, const float* cos_sin, void* q_out, void* k_cache,
                         void* v_cache, const int64_t* slots, int64_t tokens, int64_t num_heads,
                         int64_t num_kv_heads, int64_t head_dim) {
-  KI_DISPATCH(dtype, rotary_and_store<T>(static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride,
-                                         static_cast<const T*>(v), v_stride, positions, cos_sin, static_cast<T*>(q_out),
-                                         static_cast<T*>(k_cache), static_cast<T*>(v_cache), slots, tokens, num_heads,
-                                         num_kv_heads, head_dim))
+  KI_DISPATCH(dtype, KI_DISPATCH_CACHE(cache_dtype, rotary_and_store<T, C>(
+      static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,
+      positions, cos_sin, static_cast<T*>(q_out), static_cast<C*>(k_cache), static_cast<C*>(v_cache), slots, tokens,
+      num_heads, num_kv_heads, head_dim)))
 }
 
 int ki_linear(int dtype, const void* x, int64_t x_stride, const void* weight, const void* bias, void* out,
@@ -779,21 +800,21 @@ int ki_linear(int dtype, const void* x, int64_t x_stride, const void* weight, co
                                            out_features, in_features, num_threads))
 }
 
-int ki_paged_decode_attention(int dtype, const void* q, int64_t q_stride, void* out, int64_t out_stride,
+int ki_paged_decode_attention(int dtype, int cache_dtype, const void* q, int64_t q_stride, void* out, int64_t out_stride,
                               const int64_t* rows, const void* k_cache, const void* v_cache,
                               const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens,
                               int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                               int64_t block_size, float scale, int num_threads) {
 #define KI_ATTENTION(DIM)                                                                                         \
-  paged_decode_attention<T, DIM>(static_cast<const T*>(q), q_stride, static_cast<T*>(out), out_stride, rows,          \
-                                 static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), block_tables,         \
+  paged_decode_attention<T, C, DIM>(static_cast<const T*>(q), q_stride, static_cast<T*>(out), out_stride, rows,       \
+                                 static_cast<const C*>(k_cache), static_cast<const C*>(v_cache), block_tables,         \
                                  table_stride, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale, \
                                  num_threads)
-  KI_DISPATCH(dtype, switch (head_dim) {
+  KI_DISPATCH(dtype, KI_DISPATCH_CACHE(cache_dtype, switch (head_dim) {
     case 64: KI_ATTENTION(64); break;
     case 128: KI_ATTENTION(128); break;
     default: KI_ATTENTION(0);
-  })
+  }))
 #undef KI_ATTENTION
 }
 

@@ -55,8 +55,8 @@ def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """One query per sequence: a single batched gather of the blocks and one masked SDPA."""
     n, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
-    k = _gather_blocks("k", k_cache, group.block_tables).view(n, -1, num_kv_heads, head_dim)
-    v = _gather_blocks("v", v_cache, group.block_tables).view(n, -1, num_kv_heads, head_dim)
+    k = _gather_blocks("k", k_cache, group.block_tables).view(n, -1, num_kv_heads, head_dim).to(query.dtype)
+    v = _gather_blocks("v", v_cache, group.block_tables).view(n, -1, num_kv_heads, head_dim).to(query.dtype)
     if group.pad_index is not None:
         # Slots past a sequence's end may hold anything (an uninitialised cache can hold NaN, and
         # 0 * NaN = NaN after the softmax): zero them, the mask then removes their weight.
@@ -79,6 +79,7 @@ def _prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     blocks = block_table[: -(-seq_len // block_size)]
     k = _gather_blocks("k", k_cache, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
     v = _gather_blocks("v", v_cache, blocks).view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+    k, v = k.to(query.dtype), v.to(query.dtype)  # (a no-op unless --kv-cache-dtype differs from the model's)
     out = F.scaled_dot_product_attention(query.transpose(0, 1), k, v, attn_mask=mask, is_causal=mask is None,
                                          scale=scale, enable_gqa=True)
     return out.transpose(0, 1)

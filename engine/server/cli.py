@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kubeinfer.engine.config import QUANTIZATION_METHODS
+from kubeinfer.engine.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 
 ENV_PREFIX = "KUBEINFER_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "per-channel scales, quantized at load), awq / gptq (a 4-bit AWQ or GPTQ checkpoint; the default for "
         "one, from its quantization_config), fp8 (GPU: e4m3 weights, per-channel scales, quantized at load), "
         "none (full precision); an unsupported combination is an error naming the supported ones",
+    )
+    model.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="dtype of the KV cache: auto (the model's dtype), or its own; bfloat16 with float32 activations (a "
+        "quantized model on the CPU) halves the cache's bytes and what decode attention reads; fp8 is not "
+        "supported yet",
     )
     model.add_argument("--max-model-len", type=_positive_int, default=None, help="context length")
     model.add_argument("--seed", type=int, default=0)

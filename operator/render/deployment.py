@@ -35,6 +35,7 @@ def engine_args(spec: InferenceModelSpec) -> list[str]:
         "--block-size": engine.block_size,
         "--gpu-memory-utilization": engine.gpu_memory_utilization,
         "--quantization": engine.quantization,
+        "--kv-cache-dtype": None if engine.kv_cache_dtype == "auto" else engine.kv_cache_dtype,
         "--max-request-body-bytes": engine.max_request_body_bytes,
         "--max-header-bytes": engine.max_header_bytes,
         "--request-timeout": engine.request_timeout_seconds,

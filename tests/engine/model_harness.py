@@ -27,13 +27,15 @@ class Seq:
 
 
 class PagedRunner:
-    def __init__(self, model: torch.nn.Module, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int = 64, block_size: int = 4, seed: int = 0,
+                 cache_dtype: torch.dtype | None = None) -> None:
         cfg = model.config
         self.model, self.block_size = model, block_size
         device = next(model.parameters()).device
         shape = (num_blocks, block_size, model.num_kv_heads_per_rank, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=cfg.dtype, device=device),
-                           torch.zeros(shape, dtype=cfg.dtype, device=device)) for _ in range(cfg.num_layers)]
+        dtype = cache_dtype or cfg.dtype  # (the engine's --kv-cache-dtype; None: the model's)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(cfg.num_layers)]
         self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)  # non-contiguous, out-of-order block tables
         self.device = device
@@ -78,11 +80,11 @@ class PagedRunner:
 
 
 def generate_paged(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, chunk: int = 5,
-                   block_size: int = 4) -> list[Seq]:
+                   block_size: int = 4, cache_dtype: torch.dtype | None = None) -> list[Seq]:
     """Greedy generation: prompts prefilled ``chunk`` tokens at a time (several sequences per step,
     mixed with decodes), then batched decode steps until every sequence has ``max_new_tokens``."""
     need = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
-    runner = PagedRunner(model, num_blocks=need + 3, block_size=block_size)
+    runner = PagedRunner(model, num_blocks=need + 3, block_size=block_size, cache_dtype=cache_dtype)
     seqs = [Seq(tokens=list(p), num_prompt=len(p)) for p in prompts]
     while any(len(s.generated) < max_new_tokens for s in seqs):
         work = []

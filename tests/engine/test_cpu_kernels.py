@@ -26,6 +26,10 @@ from kubeinfer.engine.layers.rotary import RotaryEmbedding
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU kernels did not build (no C++ compiler?)")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (activations, KV cache): the model's own dtype, and the caches --kv-cache-dtype gives another dtype
+CACHE_DTYPES = [*((d, d) for d in DTYPES), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                (torch.bfloat16, torch.float32)]
+CACHE_IDS = [f"{str(a).removeprefix('torch.')}-cache-{str(c).removeprefix('torch.')}" for a, c in CACHE_DTYPES]
 
 
 @pytest.fixture(params=cpu_features.supported_kernel_variants(cpu_features.detected_flags()))
@@ -74,9 +78,11 @@ def test_silu_and_mul_matches_reference(dtype: torch.dtype, rows: int, variant: 
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), ops.silu_and_mul_reference(x))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "cache_dtype"), CACHE_DTYPES, ids=CACHE_IDS)
 @pytest.mark.parametrize("tokens", [11, 90])
-def test_rotary_and_store_is_bit_identical(dtype: torch.dtype, tokens: int, variant: str) -> None:
+def test_rotary_and_store_is_bit_identical(dtype: torch.dtype, cache_dtype: torch.dtype, tokens: int,
+                                           variant: str) -> None:
+    """k is rotated in the activations' dtype, then stored in the cache's, as ``rope(k).to(cache dtype)``."""
     torch.manual_seed(2)
     heads, kv_heads, dim, block = 9, 3, 64, 16
     rope = RotaryEmbedding(dim, 4096, 1e5, None)
@@ -85,7 +91,8 @@ def test_rotary_and_store_is_bit_identical(dtype: torch.dtype, tokens: int, vari
     positions = torch.randint(0, 4096, (tokens,))
     slots = torch.randperm(6 * block)[:tokens]
     slots[[3, 7]] = -1  # not stored
-    k_cache, v_cache = torch.zeros(6, block, kv_heads, dim, dtype=dtype), torch.zeros(6, block, kv_heads, dim, dtype=dtype)
+    k_cache = torch.zeros(6, block, kv_heads, dim, dtype=cache_dtype)
+    v_cache = torch.zeros(6, block, kv_heads, dim, dtype=cache_dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
 
     got_q = cpu_kernels.rotary_and_store(positions, q, k, v, rope.cos_sin_cache, k_cache, v_cache, slots, heads,
@@ -121,12 +128,12 @@ def test_decode_attention_threads_cover_its_work_items(monkeypatch: pytest.Monke
     assert cpu_kernels.attention_threads(32, 3) == 4
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "cache_dtype"), CACHE_DTYPES, ids=CACHE_IDS)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
 @pytest.mark.parametrize("seq_lens", [[1, 5, 16, 17, 40, 130, 3, 64], [130], [700], [1, 512, 513, 1100, 17, 256]],
                          ids=["batch8", "batch1", "batch1-long", "split-contexts"])
-def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
-                                                seq_lens: list[int], variant: str) -> None:
+def test_decode_attention_matches_torch_backend(dtype: torch.dtype, cache_dtype: torch.dtype, heads: int,
+                                                kv_heads: int, dim: int, seq_lens: list[int], variant: str) -> None:
     """batch1: fewer sequences than threads, so the work items are (sequence, KV head) pairs. Contexts longer
     than a chunk (512 positions) are attended chunk by chunk and combined (one long context on all threads)."""
     rng, block = random.Random(3), 16
@@ -134,17 +141,17 @@ def test_decode_attention_matches_torch_backend(dtype: torch.dtype, heads: int, 
     torch.manual_seed(3)
     md = _decode_metadata(seq_lens, block, num_blocks, rng)
     # Unwritten slots hold NaN: nothing past a sequence's end may leak into its output.
-    k_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=dtype)
-    v_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=dtype)
+    k_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=cache_dtype)
+    v_cache = torch.full((num_blocks, block, kv_heads, dim), float("nan"), dtype=cache_dtype)
     for table, n in zip(md.block_tables.tolist(), seq_lens, strict=True):
         for p in range(n):
-            k_cache[table[p // block], p % block] = torch.randn(kv_heads, dim, dtype=dtype)
-            v_cache[table[p // block], p % block] = torch.randn(kv_heads, dim, dtype=dtype)
+            k_cache[table[p // block], p % block] = torch.randn(kv_heads, dim, dtype=cache_dtype)
+            v_cache[table[p // block], p % block] = torch.randn(kv_heads, dim, dtype=cache_dtype)
     query = torch.randn(len(seq_lens), heads, dim, dtype=dtype)
 
     got = cpu_attention.paged_attention(query, k_cache, v_cache, md, dim**-0.5)
     expected = attention.paged_attention(query.float(), k_cache.float(), v_cache.float(), md, dim**-0.5)
-    assert not got.isnan().any()
+    assert got.dtype == dtype and not got.isnan().any()
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
 

@@ -180,13 +180,15 @@ def test_server_limits_and_tool_flags() -> None:
 def test_engine_flags_env_and_extra_args() -> None:
     im = make_model({"model": {**HF, "revision": "v2"}, "engine": {
         "maxNumSeqs": 64, "maxNumBatchedTokens": 4096, "blockSize": 32, "gpuMemoryUtilization": 0.85,
-        "dtype": "bfloat16", "enablePrefixCaching": False, "quantization": "int8", "extraArgs": ["--seed", "7"],
+        "dtype": "bfloat16", "enablePrefixCaching": False, "quantization": "int8", "kvCacheDtype": "bfloat16",
+        "extraArgs": ["--seed", "7"],
         "env": [{"name": "HF_HOME", "value": "/elsewhere"}, {"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]}})
     assert engine_args(im.spec) == [
         "--model", "meta-llama/Llama-3.1-8B-Instruct", "--served-model-name", "meta-llama/Llama-3.1-8B-Instruct",
         "--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "1", "--dtype", "bfloat16",
         "--max-num-seqs", "64", "--max-num-batched-tokens", "4096", "--block-size", "32",
-        "--gpu-memory-utilization", "0.85", "--quantization", "int8", "--no-enable-prefix-caching", "--seed", "7"]
+        "--gpu-memory-utilization", "0.85", "--quantization", "int8", "--kv-cache-dtype", "bfloat16",
+        "--no-enable-prefix-caching", "--seed", "7"]
     settings = OperatorSettings()
     assert container(render_deployment(im, settings))["env"] == [
         {"name": "KUBEINFER_DRAIN_TIMEOUT", "value": "110"},

@@ -111,14 +111,16 @@ def test_served_name_defaults_like_vllm() -> None:
 
 def test_engine_enums_are_the_engines_own_lists() -> None:
     """The CRD and the spec offer exactly what `kubeinfer serve` accepts (one list each, in the engine)."""
-    from kubeinfer.engine.config import QUANTIZATION_METHODS
+    from kubeinfer.engine.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
     from kubeinfer.engine.server.cli import TOOL_CALL_PARSERS
     from kubeinfer.operator.spec import EngineSpec
 
     engine = crd_schema()["properties"]["spec"]["properties"]["engine"]["properties"]
     assert engine["quantization"]["enum"] == list(QUANTIZATION_METHODS)
+    assert engine["kvCacheDtype"]["enum"] == list(KV_CACHE_DTYPES)
     assert engine["toolCallParser"]["enum"] == TOOL_CALL_PARSERS
-    for field, values in (("quantization", QUANTIZATION_METHODS), ("tool_call_parser", TOOL_CALL_PARSERS)):
+    for field, values in (("quantization", QUANTIZATION_METHODS), ("kv_cache_dtype", KV_CACHE_DTYPES),
+                          ("tool_call_parser", TOOL_CALL_PARSERS)):
         annotation = str(EngineSpec.model_fields[field].annotation)
         assert all(repr(v) in annotation for v in values), (field, annotation)
 
