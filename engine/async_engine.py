@@ -557,6 +557,7 @@ class AsyncLLMEngine:
             prompt_tokens_total=int(getattr(stats, "prompt_tokens_total", 0)),
             generation_tokens_total=int(getattr(stats, "generation_tokens_total", 0)),
             enable_prefix_caching=bool(getattr(self.config, "enable_prefix_caching", False)),
+            cache_dtype=str(getattr(self.config, "kv_cache_dtype", "auto")),
             **_weight_fields(engine),
         )
         with self._lock:

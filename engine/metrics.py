@@ -105,6 +105,7 @@ class EngineSnapshot:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     enable_prefix_caching: bool = False
+    cache_dtype: str = "auto"  # --kv-cache-dtype as given (vLLM's label value)
     quantization: str = "none"  # how the weights are kept (engine/layers/quantization.py)
     weight_types: str = ""  # the quantized formats held, e.g. "Q4_1/Q8_0"
     weight_bytes: int = 0  # resident weight bytes (dense + quantized)
@@ -146,10 +147,11 @@ class _EngineStateCollector(Collector):
         info = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig.",
-            labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching"],
+            labels=["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"],
         )
         info.add_metric(
-            [name, str(snap.block_size), str(snap.num_gpu_blocks), str(snap.enable_prefix_caching)], 1.0
+            [name, str(snap.block_size), str(snap.num_gpu_blocks), str(snap.enable_prefix_caching), snap.cache_dtype],
+            1.0,
         )
         yield info
         weights = GaugeMetricFamily(

@@ -39,7 +39,7 @@ def test_metric_names_and_model_label(server: ServerProcess, client: openai.Open
     engine_samples = [key for key in samples if not key.startswith("process_")]
     assert all('model_name="' in key for key in engine_samples), [k for k in engine_samples if "model_name" not in k]
     assert samples["process_resident_memory_bytes"] > 50 << 20  # the process collector, as vLLM's registry has
-    assert metric(samples, "vllm:cache_config_info", block_size="16") == 1.0
+    assert metric(samples, "vllm:cache_config_info", block_size="16", cache_dtype="auto") == 1.0
     blocks = next(key for key in samples if key.startswith("vllm:cache_config_info"))
     assert 'num_gpu_blocks="' in blocks and 'num_gpu_blocks="0"' not in blocks
     buckets = [k for k in samples if k.startswith("vllm:time_to_first_token_seconds_bucket")]
