@@ -4,8 +4,10 @@ At batch 1 a decode step reads every weight once, so ``weight bytes / read bandw
 step can be. This probe reads a buffer much larger than the caches (``--mb``, default 1024 MB) with all
 torch threads (``torch.sum``: vectorised, split across threads) and with one, takes the best of
 ``--reps`` passes, then prints the floor in ms/token (and tokens/s) for the model's weights in each
-dtype. The model's weight bytes are counted from its parameters (tied embeddings once; the embedding
-lookup reads one row, the LM head the whole matrix).
+dtype, and for the weights as ``kubeinfer serve`` loads them by default (a GGUF's quantized tensors as they
+are: the bundled model's Q4_1 layers and its Q8_0 embedding, which is also its LM head). The model's weight
+bytes are counted from its parameters (tied embeddings once; the embedding lookup reads one row, the LM head
+the whole matrix).
 
     python bench/bandwidth.py
     python bench/bandwidth.py --mb 2048 --json -
@@ -48,6 +50,15 @@ def model_weight_params(model: str | None) -> int:
     return sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
 
 
+def loaded_weight_bytes(model: str | None) -> tuple[str, int]:
+    """The weights as served by default: (their formats, resident bytes, each tensor once)."""
+    from kubeinfer.engine.layers.quantization import weight_report
+    from kubeinfer.engine.models.loader import load_model
+
+    report = weight_report(load_model(model, dtype="auto").model)
+    return "/".join(report.qtypes) or "dense", report.total_bytes
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=int, default=1024)
@@ -71,6 +82,12 @@ def main(argv: list[str] | None = None) -> None:
         mb = params * width / 1e6
         floors[name] = {"mb_per_token": mb, "floor_ms": mb / 1e3 / best * 1e3, "tokens_per_s": best * 1e3 / mb}
         print(f"{name:9} {mb:9.1f} {floors[name]['floor_ms']:9.2f} {floors[name]['tokens_per_s']:7.1f}")
+    formats, loaded = loaded_weight_bytes(args.model)
+    mb = loaded / 1e6
+    floors["as loaded"] = {"formats": formats, "mb_per_token": mb, "floor_ms": mb / 1e3 / best * 1e3,
+                           "tokens_per_s": best * 1e3 / mb}
+    print(f"as loaded ({formats}): {mb:.1f} MB/token, floor {floors['as loaded']['floor_ms']:.2f} ms "
+          f"({floors['as loaded']['tokens_per_s']:.1f} tok/s)")
     if args.json:
         write_json(args.json, {"cpu": cpu_features.describe(), "flags": sorted(cpu_features.flags()),
                                 "bandwidth_gb_per_s": bandwidth, "params": params, "floors": floors})

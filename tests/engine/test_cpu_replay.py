@@ -173,3 +173,23 @@ def test_the_step_benchmark_times_the_replayed_decode_step(tmp_path, monkeypatch
         (row,) = json.loads(out.read_text())
         assert row["step"] == step and row["tokens_per_s"] > 0
         assert (row["attention_ms"] is None) == (step == "replay")
+    out = tmp_path / "bf16-cache.json"
+    model_step.main([*common, "--kv-cache-dtype", "bfloat16", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["kv_cache_dtype"] == "bfloat16" and row["dtype"] == "float32" and row["step"] == "replay"
+
+
+def test_the_bandwidth_probe_counts_the_weights_as_loaded(tmp_path) -> None:
+    """bench/bandwidth.py's floor for the bundled model as served: its Q4_1 layers and the Q8_0 embedding that
+    is also its LM head, counted once."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bandwidth", Path(__file__).parents[2] / "bench" / "bandwidth.py")
+    bandwidth = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bandwidth)
+    out = tmp_path / "bandwidth.json"
+    bandwidth.main(["--mb", "16", "--reps", "1", "--json", str(out)])
+    loaded = json.loads(out.read_text())["floors"]["as loaded"]
+    assert loaded["formats"] == "Q4_1/Q8_0" and 90 < loaded["mb_per_token"] < 105
