@@ -46,6 +46,12 @@
 
 namespace kq {
 
+// Activation rows are quantized (and summed) on one thread below this many: a decode batch's rows take a few
+// microseconds, less than a parallel region's fork and join, and one region fewer per matmul is one join
+// fewer that a preempted thread can hold up.
+constexpr int64_t QUANTIZE_PARALLEL_ROWS = 64;
+
+
 enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
 enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2, AVX512_BF16 = 3 };  // AVX512_BF16: VNNI's and vdpbf16ps
 
@@ -208,7 +214,7 @@ namespace scalar {
 
 void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* out, int nthreads) {
   const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= kq::QUANTIZE_PARALLEL_ROWS)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + m * ldx + 32 * b;
@@ -249,7 +255,7 @@ template <int MT> void row_dot(int type, const uint8_t* w, int64_t block_bytes, 
 // F32 mode: per row, per group of 32, the sums of x over each half (for the weight offsets).
 void half_sums(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int nthreads) {
   const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= kq::QUANTIZE_PARALLEL_ROWS)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t h = 0; h < 2 * nb; ++h) {
       float sum = 0.f;
@@ -796,7 +802,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* ou
   const int64_t nb = K / 32;
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M > 1)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= kq::QUANTIZE_PARALLEL_ROWS)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + m * ldx + 32 * b;
