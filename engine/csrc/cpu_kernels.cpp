@@ -747,6 +747,45 @@ void linear_small_batch(const T* x, int64_t x_stride, const T* w, const T* bias,
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
+// Greedy sampling's argmax over float32 logits rows, as torch.argmax: the first maximal index, and the first NaN
+// when a row has one (torch ranks NaN above everything). torch reduces a [32, 49152] batch in ~0.66 ms on one
+// thread; here each row is read once by vectorised per-chunk maxima, then only the winning chunk is scanned.
+constexpr int64_t ARGMAX_CHUNK = 256;
+
+inline int64_t argmax_row(const float* x, int64_t n, float* chunk_max) {
+  const int64_t chunks = (n + ARGMAX_CHUNK - 1) / ARGMAX_CHUNK;
+  float best = -INFINITY;
+  int nan = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* xc = x + c * ARGMAX_CHUNK;
+    const int64_t len = std::min(ARGMAX_CHUNK, n - c * ARGMAX_CHUNK);
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (int64_t i = 0; i < len; ++i) {
+      m = xc[i] > m ? xc[i] : m;
+      nan |= xc[i] != xc[i];
+    }
+    chunk_max[c] = m;
+    best = m > best ? m : best;
+  }
+  if (nan) {
+    for (int64_t i = 0; i < n; ++i)
+      if (x[i] != x[i]) return i;
+  }
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (chunk_max[c] != best) continue;
+    for (int64_t i = c * ARGMAX_CHUNK; i < std::min(n, (c + 1) * ARGMAX_CHUNK); ++i)
+      if (x[i] == best) return i;
+  }
+  return 0;  // (every value -inf is caught above: best is -inf and x[0] equals it)
+}
+
+void argmax_rows(const float* x, int64_t stride, int64_t rows, int64_t n, int64_t* out) {
+  std::vector<float> chunk_max((n + ARGMAX_CHUNK - 1) / ARGMAX_CHUNK);
+  for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * stride, n, chunk_max.data());
+}
+
+// ---------------------------------------------------------------------------------------------
 // C entry points: one per kernel, dispatching on the dtype code.
 #define KI_DISPATCH(dtype, CALL)            \
   switch (dtype) {                          \
@@ -798,6 +837,12 @@ int ki_linear(int dtype, const void* x, int64_t x_stride, const void* weight, co
   KI_DISPATCH(dtype, linear_small_batch<T>(static_cast<const T*>(x), x_stride, static_cast<const T*>(weight),
                                            static_cast<const T*>(bias), static_cast<T*>(out), out_stride, rows,
                                            out_features, in_features, num_threads))
+}
+
+int ki_argmax_rows(const float* x, int64_t stride, int64_t rows, int64_t n, int64_t* out) {
+  if (n < 1) return -1;
+  argmax_rows(x, stride, rows, n, out);
+  return 0;
 }
 
 int ki_paged_decode_attention(int dtype, int cache_dtype, const void* q, int64_t q_stride, void* out, int64_t out_stride,

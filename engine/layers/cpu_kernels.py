@@ -24,6 +24,7 @@ _SIGNATURES = {
     "ki_linear": [_INT, _P, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _INT],
     "ki_paged_decode_attention": [_INT, _INT, _P, _I64, _P, _I64, _P, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
                                   _F32, _INT],
+    "ki_argmax_rows": [_P, _I64, _I64, _I64, _P],
     "ki_run_program": [_P, _I64],
 }
 
@@ -177,3 +178,14 @@ def attention_threads(sequences: int, kv_heads: int) -> int:
     head when there are fewer sequences than threads: batch 1 splits by KV head), so none wakes up idle."""
     threads = torch.get_num_threads()
     return max(1, min(threads, sequences if sequences >= threads else sequences * kv_heads))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of float32 rows ``[S, vocab]`` (unit stride along the vocab), int64: the first
+    maximal index, the first NaN where a row has one, exactly as torch."""
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1 or logits.shape[1] < 1:
+        raise ValueError("argmax_rows needs float32 rows [S, vocab] with unit stride along the vocab")
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _check(_lib().ki_argmax_rows(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1],
+                                 out.data_ptr()), "argmax_rows")
+    return out

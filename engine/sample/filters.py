@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import torch
+from kubeinfer.engine.layers import ops
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)``: through the C++ kernel for float32 rows on the CPU (torch's reduction takes
+    ~0.66 ms for 32 rows of a 49K vocabulary on one thread, a serial part of every step), else torch."""
+    kernels = ops.cpu_kernel_module() if logits.device.type == "cpu" else None
+    if kernels is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1:
+        return kernels.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

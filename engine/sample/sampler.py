@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from kubeinfer.engine import faults
 from kubeinfer.engine.sample.constraints import allocate_bitmask, apply_bitmask, make_constraints
-from kubeinfer.engine.sample.filters import apply_min_p, apply_top_k_top_p, exponential_race
+from kubeinfer.engine.sample.filters import apply_min_p, apply_top_k_top_p, exponential_race, greedy_ids
 from kubeinfer.engine.sample.grammar import GrammarConstraint, fill_bitmasks
 from kubeinfer.engine.sample.logit_bias import apply_logit_bias, bias_tensors
 from kubeinfer.engine.sample.penalties import apply_penalties
@@ -257,10 +257,10 @@ class Sampler:
                                      batch.frequency, batch.presence)
 
         if batch.all_greedy:
-            token_ids = logits.argmax(dim=-1)
+            token_ids = greedy_ids(logits)
         else:
             assert batch.greedy is not None and batch.temperatures is not None
-            greedy_ids = logits.argmax(dim=-1)
+            greedy = greedy_ids(logits)
             scaled = logits / batch.temperatures.unsqueeze(1)
             if batch.top_k is not None or batch.top_p is not None:
                 scaled = apply_top_k_top_p(scaled, batch.top_k, batch.top_p)
@@ -268,7 +268,7 @@ class Sampler:
             if batch.min_p is not None:
                 probs = apply_min_p(probs, batch.min_p)
             random_ids = exponential_race(probs, batch.generators)
-            token_ids = torch.where(batch.greedy, greedy_ids, random_ids)
+            token_ids = torch.where(batch.greedy, greedy, random_ids)
 
         out = SamplerOutput(token_ids=token_ids.tolist())
         if batch.max_num_logprobs is not None:

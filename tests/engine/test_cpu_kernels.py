@@ -287,3 +287,31 @@ def test_linear_work_pool_is_exact_and_safe_across_threads() -> None:
     for t in threads:
         t.join()
     assert failures == []
+
+
+@pytest.mark.parametrize("vocab", [1, 257, 1000, 49152])
+def test_argmax_rows_is_torchs_argmax(vocab: int, variant: str) -> None:
+    """Greedy sampling's argmax: the first maximal index (ties), the first NaN of a row that has one, index 0
+    of an all -inf row, on rows that are views of a wider buffer."""
+    torch.manual_seed(5)
+    wide = torch.randn(9, vocab + 7)
+    logits = wide[:, 3:3 + vocab]  # stride(0) > vocab
+    if vocab > 1:
+        logits[1, -1] = logits[1, vocab // 2] = logits[1].max() + 1  # a tie: the first one wins
+        logits[2, vocab // 3] = float("nan")
+        logits[2, -1] = float("nan")
+        logits[3, :-1] = float("-inf")  # one finite value, last
+        logits[5] = logits[5].round()  # many ties
+        logits[6, 0] = float("inf")
+        logits[7, :] = 0.0
+    logits[4, :] = float("-inf")
+    got = cpu_kernels.argmax_rows(logits)
+    assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1)), (got, logits.argmax(dim=-1))
+
+
+def test_greedy_sampling_uses_the_kernel_and_agrees() -> None:
+    from kubeinfer.engine.sample.filters import greedy_ids
+
+    logits = torch.randn(32, 49152)
+    assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
+    assert torch.equal(greedy_ids(logits.to(torch.bfloat16)), logits.to(torch.bfloat16).argmax(dim=-1))  # (torch)
