@@ -51,7 +51,6 @@ namespace kq {
 // fewer that a preempted thread can hold up.
 constexpr int64_t QUANTIZE_PARALLEL_ROWS = 64;
 
-
 enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
 enum Isa : int { SCALAR = 0, AVX2 = 1, AVX512_VNNI = 2, AVX512_BF16 = 3 };  // AVX512_BF16: VNNI's and vdpbf16ps
 
@@ -297,13 +296,14 @@ template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
   return buffer.data();
 }
 
+constexpr int MAX_TEAM = 256;
+
 // body(p) for every panel p in [0, n) on up to `nthreads` OpenMP threads. Each thread works through its own
 // contiguous share first (as schedule(static): one stream per thread for the prefetchers, no shared counter
 // while every thread keeps up), then takes the panels the other threads have not started. On a busy host a
 // thread the OS preempts mid-region leaves its share to the others instead of making the whole team wait
 // for it to finish that share: the region still ends when it runs again (the join), but it finds its work done.
-constexpr int MAX_TEAM = 256;  // threads one panel loop uses at most (its shares live on the stack)
-
+// At most MAX_TEAM threads (the shares live on the stack).
 template <class Body> void parallel_panels(int64_t n, int nthreads, Body&& body) {
   const int team = static_cast<int>(std::min<int64_t>({std::max(nthreads, 1), n, MAX_TEAM}));
   if (team <= 1) {
