@@ -15,6 +15,7 @@ Hugging Face folder (cached beside it) in its default dtype for the CPU.
     kubeinfer bench peers --json peers.json          # or: python bench/peers.py
     kubeinfer bench peers --levels 32:64x80 --systems kubeinfer
     kubeinfer bench peers --systems kubeinfer,llama-server,vllm
+    kubeinfer bench peers --levels 32:64x80 --systems kubeinfer,vllm --rounds 3   # A B A B A B, medians
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -150,23 +152,43 @@ def measure(system: str, base_url: str, args: argparse.Namespace, levels: list[L
     return rows
 
 
+def ratios(rows: list[Summary], peer_name: str) -> dict[int, float]:
+    """Each row's output tok/s over the same round's ``peer_name`` at the same concurrency (by row index)."""
+    peers = {(r.mode, r.concurrency, r.round): r for r in rows}
+    out = {}
+    for i, row in enumerate(rows):
+        peer = peers.get((peer_name, row.concurrency, row.round))
+        if peer is not None and peer.output_throughput:
+            out[i] = row.output_throughput / peer.output_throughput
+    return out
+
+
 def print_table(rows: list[Summary]) -> None:
-    peers = {(r.mode, r.concurrency): r for r in rows}
+    by_llama, by_vllm = ratios(rows, "llama-server"), ratios(rows, "vllm")
+    rounds = max((r.round for r in rows), default=1)
 
-    def ratio(row: Summary, peer_name: str) -> str:
-        peer = peers.get((peer_name, row.concurrency))
-        return f"{row.output_throughput / peer.output_throughput:.2f}" if peer and peer.output_throughput else "-"
+    def fmt(table: dict[int, float], i: int) -> str:
+        return f"{table[i]:.2f}" if i in table else "-"
 
-    header = (f"{'system':<14}{'conc':>5}{'out tok/s':>11}{'x llama':>9}{'x vllm':>8}{'TTFT p50':>10}{'p95':>8}"
-              f"{'ITL p50':>9}{'p95':>8}{'err':>5}{'RSS MiB':>9}")
+    header = (f"{'system':<14}{'round':>6}{'conc':>5}{'out tok/s':>11}{'x llama':>9}{'x vllm':>8}{'TTFT p50':>10}"
+              f"{'p95':>8}{'ITL p50':>9}{'p95':>8}{'err':>5}{'RSS MiB':>9}")
     print(header)
     print("-" * len(header))
-    for r in rows:
-        print(f"{r.mode:<14}{r.concurrency:>5}{r.output_throughput:>11.1f}{ratio(r, 'llama-server'):>9}"
-              f"{ratio(r, 'vllm'):>8}{r.ttft_ms['p50']:>10.0f}{r.ttft_ms['p95']:>8.0f}{r.itl_ms['p50']:>9.1f}"
+    for i, r in enumerate(rows):
+        print(f"{r.mode:<14}{r.round:>6}{r.concurrency:>5}{r.output_throughput:>11.1f}{fmt(by_llama, i):>9}"
+              f"{fmt(by_vllm, i):>8}{r.ttft_ms['p50']:>10.0f}{r.ttft_ms['p95']:>8.0f}{r.itl_ms['p50']:>9.1f}"
               f"{r.itl_ms['p95']:>8.1f}{r.errors:>5}{r.server_rss_mib:>9.0f}")
-    print("(latencies in ms; x llama, x vllm = output tok/s / that peer's at the same concurrency; RSS: the "
-          "server's processes after its last level)")
+    print("(latencies in ms; x llama, x vllm = output tok/s / that peer's at the same concurrency in the same round; "
+          "RSS: the server's processes after its last level)")
+    if rounds > 1:
+        print(f"\nmedians over {rounds} rounds (ratios: the median of each round's own)")
+        for mode, conc in dict.fromkeys((r.mode, r.concurrency) for r in rows):
+            mine = [i for i, r in enumerate(rows) if (r.mode, r.concurrency) == (mode, conc)]
+            tps = statistics.median(rows[i].output_throughput for i in mine)
+            parts = [f"{name} {statistics.median(table[i] for i in mine if i in table):.2f}"
+                     for name, table in (("x llama", by_llama), ("x vllm", by_vllm)) if any(i in table for i in mine)]
+            spread = f"{min(rows[i].output_throughput for i in mine):.1f}-{max(rows[i].output_throughput for i in mine):.1f}"
+            print(f"  {mode:<14} c={conc:<3} {tps:8.1f} tok/s (runs {spread})  {'  '.join(parts)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=16, help="words per user message / prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", default="kubeinfer,llama-server,vllm")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the systems in turn this many times (A B C A B C ...): a shared host drifts "
+                        "by 15%% in minutes, so each round's ratios compare runs minutes apart, and the "
+                        "medians are printed")
     parser.add_argument("--kubeinfer-args", default=PEER_LIKE_KUBEINFER_ARGS,
                         help="extra `kubeinfer serve` flags (default: %(default)s: both peers keep a 16-bit KV cache, "
                         "llama-server f16, vLLM's CPU build bf16 as its dtype)")
@@ -196,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = args.input_len * 2 + max(level.output_len for level in levels) + 64
     print(f"CPU: {cpu_features.describe()}; {args.threads} threads; model {model.name}", flush=True)
     rows: list[Summary] = []
-    for system in args.systems.split(","):
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    for round_index, system in ((r, s) for r in range(1, args.rounds + 1) for s in args.systems.split(",")):
         if system == "kubeinfer":
             process, url = launch_server(f"--model {shlex.quote(str(model))} --max-num-seqs {most} "
                                          f"--max-model-len {max(ctx, 512)} {args.kubeinfer_args}")
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             measured = measure(system, url, args, levels)
             rss = resident_mib(process.pid)
             for row in measured:
-                row.server_rss_mib = rss
+                row.server_rss_mib, row.round = rss, round_index
             rows += measured
         finally:
             stop_server(process)
@@ -222,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if args.json_path:
         payload: dict[str, Any] = {"cpu": cpu_features.describe(), "model": str(model), "threads": args.threads,
+                                   "rounds": args.rounds,
                                    "workload": {"endpoint": args.endpoint, "input_len": args.input_len,
                                                 "levels": [lv.__dict__ for lv in levels]},
                                    "results": [r.__dict__ for r in rows]}

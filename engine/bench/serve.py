@@ -130,6 +130,7 @@ class Summary:
     e2e_ms_p50: float
     first_error: str = ""
     server_rss_mib: float = 0.0  # the server's processes after the run (`kubeinfer bench peers` fills it)
+    round: int = 1  # `kubeinfer bench peers --rounds`: which turn of the systems this run was
 
 
 def make_prompts(num: int, input_len: int, seed: int) -> list[str]:
