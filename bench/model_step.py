@@ -37,7 +37,7 @@ from kubeinfer.engine.bench.report import write_json
 from kubeinfer.engine.config import KV_CACHE_DTYPES
 from kubeinfer.engine.cuda_graphs import MAX_CPU_REPLAY_BATCH_SIZE, DecodeGraphs
 from kubeinfer.engine.layers import attention, ops
-from kubeinfer.engine.model_runner import HostBatch
+from kubeinfer.engine.model_runner import HostBatch, kv_cache_torch_dtype
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _recorded(model, kv, batch: int, md: AttentionMetadata, context: int) -> Dec
 def bench(loaded, phase: str, batch: int, context: int, steps: int, block_size: int = 16, eager: bool = False,
           kv_cache_dtype: str = "auto") -> Row:
     model, cfg = loaded.model, loaded.config
-    cache_dtype = cfg.dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype)
+    cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, cfg.dtype)
     rng = random.Random(0)
     if phase == "decode":
         seq_lens = [rng.randint(max(1, context // 4), context) for _ in range(batch)]

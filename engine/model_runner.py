@@ -98,6 +98,11 @@ class HostBatch:
         return move(self.input_ids), move(self.positions), md
 
 
+def kv_cache_torch_dtype(chosen: str, model_dtype: torch.dtype) -> torch.dtype:
+    """A ``--kv-cache-dtype`` value as a torch dtype: auto is the model's."""
+    return model_dtype if chosen == "auto" else getattr(torch, chosen)
+
+
 def _device_of_rank(config: EngineConfig, rank: int) -> torch.device:
     device = torch.device(config.resolved_device())
     if device.type == "cuda" and config.tensor_parallel_size > 1:
@@ -196,7 +201,7 @@ class ModelRunner:
         """``--kv-cache-dtype``: auto is the model's dtype. The CPU kernels read and write any of the three
         dtypes whatever the activations'; the GPU kernels need the model's own."""
         chosen = self.config.kv_cache_dtype
-        dtype = self.model_config.dtype if chosen == "auto" else getattr(torch, chosen)
+        dtype = kv_cache_torch_dtype(chosen, self.model_config.dtype)
         if dtype != self.model_config.dtype and self.device.type != "cpu":
             raise ValueError(f"kv_cache_dtype={chosen} differs from the model's dtype "
                              f"({str(self.model_config.dtype).removeprefix('torch.')}): only the CPU kernels "

@@ -30,7 +30,6 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
-#include <type_traits>
 #include <vector>
 
 #include "packed_calls.h"

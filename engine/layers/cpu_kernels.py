@@ -63,6 +63,14 @@ def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+def _cache_code(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """The dtype code of a K/V cache pair (``--kv-cache-dtype``: any dtype the kernels know, whatever the
+    activations')."""
+    if k_cache.dtype not in DTYPE_CODES or v_cache.dtype != k_cache.dtype:
+        raise ValueError("the K and V caches must be of one dtype the kernels know")
+    return DTYPE_CODES[k_cache.dtype]
+
+
 def _check(status: int, name: str) -> None:
     if status != 0:
         raise RuntimeError(f"CPU kernel {name} rejected its arguments (status {status})")
@@ -110,12 +118,11 @@ def rotary_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     positions = positions.to(torch.int64).contiguous()
     slots = slot_mapping.to(torch.int64).contiguous()
     table = cos_sin_cache.to(torch.float32).contiguous()
-    if k_cache.dtype not in DTYPE_CODES or v_cache.dtype != k_cache.dtype \
-            or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the K and V caches must be contiguous, of one dtype the kernels know")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
     out = torch.empty(q2.shape[0], num_heads, head_dim, dtype=q.dtype)
     _check(_lib().ki_rotary_and_store(
-        DTYPE_CODES[q.dtype], DTYPE_CODES[k_cache.dtype], q2.data_ptr(), q2.stride(0), k2.data_ptr(), k2.stride(0), v2.data_ptr(), v2.stride(0),
+        DTYPE_CODES[q.dtype], _cache_code(k_cache, v_cache), q2.data_ptr(), q2.stride(0), k2.data_ptr(), k2.stride(0), v2.data_ptr(), v2.stride(0),
         positions.data_ptr(), table.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         slots.data_ptr(), q2.shape[0], num_heads, num_kv_heads, head_dim), "rotary_and_store")
     return out
@@ -164,10 +171,8 @@ def paged_decode_attention(query: torch.Tensor, out: torch.Tensor, rows: torch.T
         raise ValueError("paged_decode_attention needs contiguous query, output and caches")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32 or rows.dtype != torch.int64:
         raise ValueError("block_tables and seq_lens must be int32, rows int64")
-    if k_cache.dtype not in DTYPE_CODES or v_cache.dtype != k_cache.dtype:
-        raise ValueError("the K and V caches must be of one dtype the kernels know")
     _check(_lib().ki_paged_decode_attention(
-        DTYPE_CODES[query.dtype], DTYPE_CODES[k_cache.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0), rows.data_ptr(),
+        DTYPE_CODES[query.dtype], _cache_code(k_cache, v_cache), query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0), rows.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
         seq_lens.data_ptr(), rows.shape[0], num_heads, num_kv_heads, head_dim, block_size, scale,
         attention_threads(rows.shape[0], num_kv_heads)), "paged_decode_attention")

@@ -57,13 +57,13 @@ def test_bf16_cache_logits_close_to_the_float32_cache(backend: str, monkeypatch)
 
     monkeypatch.setenv(attention.BACKEND_ENV, backend)
     monkeypatch.setattr(qk, "default_activations", float32_activations)
-    engine_free = load_model(None, dtype="float32")
-    tok = engine_free.tokenizer
+    loaded = load_model(None, dtype="float32")
+    tok = loaded.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False) for q in QUESTIONS[:3]]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
-    ref = generate_paged(engine_free.model, prompts, max_new_tokens=8, chunk=7)
-    got = generate_paged(engine_free.model, [s.tokens[:-1] for s in ref], max_new_tokens=1, chunk=7,
+    ref = generate_paged(loaded.model, prompts, max_new_tokens=8, chunk=7)
+    got = generate_paged(loaded.model, [s.tokens[:-1] for s in ref], max_new_tokens=1, chunk=7,
                          cache_dtype=torch.bfloat16)
     ref_logits = torch.cat([torch.stack(r.logits) for r in ref])
     got_logits = torch.cat([torch.stack(g.logits) for g in got])
