@@ -35,6 +35,7 @@ from kubeinfer.engine.cuda_graphs import (
     graphs_off_reason,
 )
 from kubeinfer.engine.distributed.workers import WorkerGroup, init_tensor_parallel
+from kubeinfer.engine.layers import cpu_kernels
 from kubeinfer.engine.ports import free_port
 from kubeinfer.engine.prompt_logprobs import PromptLogprobRows, PromptScores, score_prompt_rows
 from kubeinfer.engine.sequence import Sequence
@@ -393,10 +394,13 @@ class ModelRunner:
             input_ids, positions, md = batch.to_device(self.device)
             hidden = self.model(input_ids, positions, md, self.kv_caches)
         scores = score_prompt_rows(self.model, hidden, prompt_rows) if prompt_rows is not None else None
-        if logits_rows is None:
-            return None, scores
-        rows = torch.as_tensor(logits_rows, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows)), scores
+        logits = None
+        if logits_rows is not None:
+            rows = torch.as_tensor(logits_rows, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if self.device.type == "cpu":
+            cpu_kernels.park_workers()  # the step's kernels are done
+        return logits, scores
 
     def describe(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_size": self.block_size, "device": str(self.device),

@@ -22,17 +22,15 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include <omp.h>
+
 #include "packed_calls.h"
+#include "work_pool.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
@@ -223,10 +221,12 @@ inline V exp(V x) {
 }  // namespace vec
 #endif
 
-// The row-wise kernels below split their rows across the OpenMP threads from this many rows on (prefill
-// chunks); fewer rows (decode steps) cost less than a parallel region's fork and join. Each row's arithmetic
-// is the same either way, so the result does not depend on the threads.
+// The row-wise kernels below split their rows across the work pool's threads from this many rows on (prefill
+// chunks); fewer rows (decode steps) cost less than handing out a job. Each row's arithmetic is the same
+// either way, so the result does not depend on the threads.
 constexpr int64_t PARALLEL_ROWS = 64;
+
+inline int row_threads(int64_t rows) { return rows >= PARALLEL_ROWS ? omp_get_max_threads() : 1; }
 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm, optionally after a residual add: sum = T(x + residual); out = T(w * T(sum * rsqrt(mean(sum^2) + eps)))
@@ -234,11 +234,9 @@ template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride, T* sum_out,
               int64_t sum_stride, const T* weight, T* out, int64_t out_stride, int64_t rows, int64_t hidden,
               float eps) {
-#pragma omp parallel if (rows >= PARALLEL_ROWS)
-  {
+  work_pool::parallel_ranges(rows, row_threads(rows), [&](int64_t first, int64_t last) {
   std::vector<float> row(hidden);
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = first; r < last; ++r) {
     const T* xr = x + r * x_stride;
     int64_t i = 0;
     float sum_sq = 0.f;
@@ -286,15 +284,15 @@ void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_
 #endif
     for (; i < hidden; ++i) o[i] = from_float<T>(to_float(weight[i]) * round_to<T>(row[i] * inv_rms));
   }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
 // SiLU-and-mul over [gate | up] rows: out = T(T(silu(gate)) * up)
 template <typename T>
 void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int64_t rows, int64_t d) {
-#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
-  for (int64_t r = 0; r < rows; ++r) {
+  work_pool::parallel_ranges(rows, row_threads(rows), [&](int64_t first, int64_t last) {
+  for (int64_t r = first; r < last; ++r) {
     const T* gate = x + r * x_stride;
     const T* up = gate + d;
     T* o = out + r * out_stride;
@@ -313,6 +311,7 @@ void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t out_stride, int6
       o[i] = from_float<T>(silu * to_float(up[i]));
     }
   }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,8 +356,8 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
                       const int64_t* slots, int64_t tokens, int64_t num_heads, int64_t num_kv_heads,
                       int64_t head_dim) {
   const int64_t half = head_dim / 2, kv_width = num_kv_heads * head_dim;
-#pragma omp parallel for schedule(static) if (tokens >= PARALLEL_ROWS)
-  for (int64_t t = 0; t < tokens; ++t) {
+  work_pool::parallel_ranges(tokens, row_threads(tokens), [&](int64_t first, int64_t last) {
+  for (int64_t t = first; t < last; ++t) {
     const float* cos = cos_sin + positions[t] * head_dim;
     const float* sin = cos + half;
     for (int64_t h = 0; h < num_heads; ++h)
@@ -369,6 +368,7 @@ void rotary_and_store(const T* q, int64_t q_stride, const T* k, int64_t k_stride
       rope_row(k + t * k_stride + h * head_dim, k_cache + slot * kv_width + h * head_dim, cos, sin, half);
     store_values(v + t * v_stride, v_cache + slot * kv_width, kv_width);
   }
+  });
 }
 
 // Blocks are scattered in memory, so the hardware prefetcher stalls at every block boundary. The tiles ask for
@@ -611,12 +611,13 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
   // Each chunk of a split context: per head its max, its sum of exp(score - max) and its weighted values.
   const int64_t part_floats = num_heads * (head_dim + 2);
   std::vector<float> parts(first_part[num_seqs] * part_floats);
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<float> query(num_heads * head_dim), acc(num_heads * head_dim), scores(group * TILE_ROWS),
-        denom(num_heads), maxes(num_heads);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < first_item[num_seqs]; ++item) {
+  work_pool::parallel_for(first_item[num_seqs], num_threads, [&](int64_t item) {
+      thread_local std::vector<float> query, acc, scores, denom, maxes;  // each thread's, kept between calls
+      query.resize(num_heads * head_dim);
+      acc.resize(num_heads * head_dim);
+      scores.resize(group * TILE_ROWS);
+      denom.resize(num_heads);
+      maxes.resize(num_heads);
       const int64_t s = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
       const int64_t local = item - first_item[s], c = local / items_per_chunk;
       const int64_t kv0 = local % items_per_chunk * heads_per_item, kv1 = kv0 + heads_per_item;
@@ -662,25 +663,26 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
           part[h * (head_dim + 2) + 1] = denom[h];
           std::copy(acc.begin() + h * head_dim, acc.begin() + (h + 1) * head_dim, part + h * (head_dim + 2) + 2);
         }
-        continue;
+        return;
       }
       T* os = out + r * out_stride;
       for (int64_t h = h0; h < h1; ++h) {
         const float inv = 1.f / denom[h];
         for (int64_t d = 0; d < head_dim; ++d) os[h * head_dim + d] = from_float<T>(acc[h * head_dim + d] * inv);
       }
-    }
-    // (the implicit barrier of the loop above: every chunk is done) Split contexts, per (sequence, head):
-    // each chunk's values and sum rescaled by exp(its max - the overall max), added in chunk order.
-#pragma omp for schedule(static)
-    for (int64_t sh = 0; sh < num_seqs * num_heads; ++sh) {
+  });
+  if (first_part[num_seqs] == 0) return;
+  // (every chunk is done) Split contexts, per (sequence, head): each chunk's values and sum rescaled by
+  // exp(its max - the overall max), added in chunk order.
+  work_pool::parallel_for(num_seqs * num_heads, num_threads, [&](int64_t sh) {
       const int64_t s = sh / num_heads, h = sh % num_heads, chunks = first_part[s + 1] - first_part[s];
-      if (chunks == 0) continue;
+      if (chunks == 0) return;
       const float* part = parts.data() + first_part[s] * part_floats + h * (head_dim + 2);
       float m = -INFINITY, total = 0.f;
       for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part[c * part_floats]);
-      float* sum = acc.data();  // (this thread's buffer, free now)
-      std::fill(sum, sum + head_dim, 0.f);
+      thread_local std::vector<float> sum_buffer;
+      sum_buffer.assign(head_dim, 0.f);
+      float* sum = sum_buffer.data();
       for (int64_t c = 0; c < chunks; ++c) {
         const float* pc = part + c * part_floats;
         const float w = exp_approx(pc[0] - m);
@@ -690,8 +692,7 @@ void paged_decode_attention(const T* q, int64_t q_stride, T* out, int64_t out_st
       T* os = out + rows[s] * out_stride + h * head_dim;
       const float inv = 1.f / total;
       for (int64_t d = 0; d < head_dim; ++d) os[d] = from_float<T>(sum[d] * inv);
-    }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,113 +741,6 @@ inline void dot_rows(const T* x, int64_t x_stride, const T* w, int64_t nr, int64
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A small work pool for the decode-sized kernels. An OpenMP parallel region ends in a join that waits
-// for every thread of the team, also one that the OS has not scheduled yet: with sleeping threads
-// (OMP_WAIT_POLICY=PASSIVE) each region pays a wake-up, and on a busy host one late thread stalls the
-// whole region by a scheduler time slice. Here the caller works through the chunks with whichever
-// helpers show up and waits only for chunks already taken, so a late helper costs nothing: the worst
-// case is the caller doing the work alone. Helpers spin for ``KUBEINFER_POOL_SPIN_US`` (default 100 us,
-// the gap between two matmuls of a decode step) after each job, then sleep.
-class WorkPool {
- public:
-  using Fn = void (*)(const void* ctx, int64_t chunk);
-
-  static WorkPool& get() {
-    static WorkPool* pool = new WorkPool();  // never destroyed: helpers may still be asleep at exit
-    return *pool;
-  }
-
-  void run(Fn fn, const void* ctx, int64_t chunks, int threads) {
-    const int helpers = std::min<int64_t>(threads - 1, chunks - 1);
-    if (helpers <= 0) {
-      for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
-      return;
-    }
-    std::lock_guard<std::mutex> one_job_at_a_time(call_mutex_);
-    start_helpers(helpers);
-    fn_ = fn;
-    ctx_ = ctx;
-    wanted_.store(helpers, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    const uint64_t gen = (++generation_) & 0xffffffffu;
-    // state: generation (32 bits) | total chunks (16) | next chunk (16); claims compare the whole word
-    // seq_cst with the helpers' sleepers_ increment and re-check: neither side can miss the other
-    state_.store(gen << 32 | static_cast<uint64_t>(chunks) << 16);
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mutex_);
-      wake_.notify_all();
-    }
-    work(gen);
-    while (done_.load(std::memory_order_acquire) < chunks) pause();
-  }
-
-  static constexpr int64_t MAX_CHUNKS = 0xffff;
-
- private:
-  WorkPool() {
-    const char* spin = std::getenv("KUBEINFER_POOL_SPIN_US");
-    spin_ns_ = (spin != nullptr ? std::atoll(spin) : 100) * 1000;
-  }
-
-  static void pause() {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
-
-  void work(uint64_t gen) {
-    uint64_t v = state_.load(std::memory_order_acquire);
-    for (;;) {
-      const uint64_t total = (v >> 16) & 0xffff, next = v & 0xffff;
-      if ((v >> 32) != gen || next >= total) return;
-      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-      fn_(ctx_, static_cast<int64_t>(next));  // the caller waits for this chunk: fn_/ctx_ are this job's
-      done_.fetch_add(1, std::memory_order_release);
-      v = state_.load(std::memory_order_acquire);
-    }
-  }
-
-  void start_helpers(int helpers) {
-    while (static_cast<int>(threads_.size()) < helpers) {
-      const int id = static_cast<int>(threads_.size());
-      threads_.emplace_back([this, id] { helper(id); });
-      threads_.back().detach();
-    }
-  }
-
-  void helper(int id) {
-    uint64_t seen = state_.load(std::memory_order_acquire) >> 32;
-    for (;;) {
-      uint64_t gen = seen;
-      const auto spin_until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(spin_ns_);
-      while ((gen = state_.load(std::memory_order_acquire) >> 32) == seen &&
-             std::chrono::steady_clock::now() < spin_until)
-        for (int i = 0; i < 64; ++i) pause();
-      if (gen == seen) {
-        std::unique_lock<std::mutex> lock(sleep_mutex_);
-        sleepers_.fetch_add(1);
-        wake_.wait(lock, [&] { return (state_.load() >> 32) != seen; });
-        sleepers_.fetch_sub(1, std::memory_order_acq_rel);
-        gen = state_.load(std::memory_order_acquire) >> 32;
-      }
-      seen = gen;
-      if (id < wanted_.load(std::memory_order_relaxed)) work(gen);
-    }
-  }
-
-  std::mutex call_mutex_, sleep_mutex_;
-  std::condition_variable wake_;
-  std::vector<std::thread> threads_;
-  std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> sleepers_{0}, wanted_{0};
-  uint64_t generation_ = 0;
-  Fn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  int64_t spin_ns_ = 100000;
-};
-
 template <typename T>
 struct LinearJob {
   const T *x, *w, *bias;
@@ -879,9 +773,10 @@ void linear_small_batch(const T* x, int64_t x_stride, const T* w, const T* bias,
   const int64_t blocks = (N + 3) / 4;
   // chunks of ~64 KB of weights (at least one block): fine enough to balance, few enough to claim cheaply
   int64_t per_chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 4 * K * static_cast<int64_t>(sizeof(T))));
-  per_chunk = std::max(per_chunk, (blocks + WorkPool::MAX_CHUNKS - 1) / WorkPool::MAX_CHUNKS);
+  per_chunk = std::max(per_chunk, (blocks + work_pool::MAX_CHUNKS - 1) / work_pool::MAX_CHUNKS);
   const LinearJob<T> job{x, w, bias, out, x_stride, out_stride, M, N, K, per_chunk};
-  WorkPool::get().run(linear_chunk<T>, &job, (blocks + per_chunk - 1) / per_chunk, num_threads);
+  work_pool::runner().load(std::memory_order_relaxed)(linear_chunk<T>, &job, (blocks + per_chunk - 1) / per_chunk,
+                                                     num_threads);
 }
 
 }  // namespace
@@ -1010,6 +905,15 @@ KI_PACKED(ki_silu_and_mul)
 KI_PACKED(ki_rotary_and_store)
 KI_PACKED(ki_linear)
 KI_PACKED(ki_paged_decode_attention)
+
+// The work pool (work_pool.h): its run, for the quantized kernels to share (kq_use_work_pool), and the park
+// that sends its helpers to sleep at the end of a step.
+extern "C" void* ki_work_pool_run() { return reinterpret_cast<void*>(&work_pool::run_here); }
+extern "C" int ki_work_pool_park() {
+  work_pool::local_pool().park();
+  return 0;
+}
+extern "C" int ki_work_pool_use_openmp(int on) { return work_pool::on_openmp().exchange(on != 0) ? 1 : 0; }
 
 // A recorded decode step's kernel calls, from either library (packed_calls.h).
 extern "C" int ki_run_program(const uint64_t* program, int64_t length) {

@@ -35,9 +35,8 @@
 #include <type_traits>
 #include <vector>
 
-#include <omp.h>
-
 #include "packed_calls.h"
+#include "work_pool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #define KQ_X86 1
@@ -47,8 +46,8 @@
 namespace kq {
 
 // Activation rows are quantized (and summed) on one thread below this many: a decode batch's rows take a few
-// microseconds, less than a parallel region's fork and join, and one region fewer per matmul is one join
-// fewer that a preempted thread can hold up.
+// microseconds, less than handing out a job, and one job fewer per matmul is one fewer that a preempted
+// thread can hold up.
 constexpr int64_t QUANTIZE_PARALLEL_ROWS = 64;
 
 enum Type : int { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, INT8_ROW = 100 };
@@ -213,8 +212,8 @@ namespace scalar {
 
 void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* out, int nthreads) {
   const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= kq::QUANTIZE_PARALLEL_ROWS)
-  for (int64_t m = 0; m < M; ++m) {
+  work_pool::parallel_ranges(M, M >= kq::QUANTIZE_PARALLEL_ROWS ? nthreads : 1, [&](int64_t first, int64_t last) {
+  for (int64_t m = first; m < last; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + m * ldx + 32 * b;
       QBlock& o = out[m * nb + b];
@@ -232,6 +231,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* ou
       o.s[1] = d * sums[1];
     }
   }
+  });
 }
 
 template <int MT> void row_dot(int type, const uint8_t* w, int64_t block_bytes, int64_t groups_per_block,
@@ -254,14 +254,15 @@ template <int MT> void row_dot(int type, const uint8_t* w, int64_t block_bytes, 
 // F32 mode: per row, per group of 32, the sums of x over each half (for the weight offsets).
 void half_sums(const float* x, int64_t ldx, int64_t M, int64_t K, float* out, int nthreads) {
   const int64_t nb = K / 32;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= kq::QUANTIZE_PARALLEL_ROWS)
-  for (int64_t m = 0; m < M; ++m) {
+  work_pool::parallel_ranges(M, M >= kq::QUANTIZE_PARALLEL_ROWS ? nthreads : 1, [&](int64_t first, int64_t last) {
+  for (int64_t m = first; m < last; ++m) {
     for (int64_t h = 0; h < 2 * nb; ++h) {
       float sum = 0.f;
       for (int i = 0; i < 16; ++i) sum += x[m * ldx + 16 * h + i];
       out[m * 2 * nb + h] = sum;
     }
   }
+  });
 }
 
 template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_bytes, int64_t groups_per_block,
@@ -286,8 +287,8 @@ template <int MT> void row_dot_f32(int type, const uint8_t* w, int64_t block_byt
 }  // namespace scalar
 
 // A scratch buffer per thread and use: grows to the largest request seen, never shrinks (no allocation per
-// call once warm). Per thread, so concurrent callers (tests, TP ranks in threads) and the OpenMP workers of
-// one call never share one; the tag keeps a thread's different uses apart.
+// call once warm). Per thread, so concurrent callers (tests, TP ranks in threads) and the work pool's threads
+// in one call never share one; the tag keeps a thread's different uses apart.
 enum BufferUse { ACTIVATIONS, HALF_SUMS, PANELS, BF16_PAIRS, BF16_IN, BF16_OUT, Q8_CODES, Q8_SCALES, Q8_STAGING,
                  UNPACKED_ROW };
 template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
@@ -298,12 +299,11 @@ template <class T, BufferUse USE> T* thread_buffer(int64_t count) {
 
 constexpr int MAX_TEAM = 256;
 
-// body(p) for every panel p in [0, n) on up to `nthreads` OpenMP threads. Each thread works through its own
-// contiguous share first (as schedule(static): one stream per thread for the prefetchers, no shared counter
-// while every thread keeps up), then takes the panels the other threads have not started. On a busy host a
-// thread the OS preempts mid-region leaves its share to the others instead of making the whole team wait
-// for it to finish that share: the region still ends when it runs again (the join), but it finds its work done.
-// At most MAX_TEAM threads (the shares live on the stack).
+// body(p) for every panel p in [0, n) on up to `nthreads` threads of the work pool (work_pool.h). Whoever takes
+// share t works through its contiguous panels first (as schedule(static): one stream per thread for the
+// prefetchers, no shared counter while every thread keeps up), then takes the panels of the other shares not
+// started yet. On a busy host a thread the OS preempts mid-job leaves its share to the others, and one that
+// has not started yet is not waited for at all. At most MAX_TEAM shares (they live on the stack).
 template <class Body> void parallel_panels(int64_t n, int nthreads, Body&& body) {
   const int team = static_cast<int>(std::min<int64_t>({std::max(nthreads, 1), n, MAX_TEAM}));
   if (team <= 1) {
@@ -319,14 +319,12 @@ template <class Body> void parallel_panels(int64_t n, int nthreads, Body&& body)
     shares[t].next.store(n * t / team, std::memory_order_relaxed);
     shares[t].end = n * (t + 1) / team;
   }
-#pragma omp parallel num_threads(team)
-  {
-    const int me = omp_get_thread_num();  // a smaller team than asked still drains every share
+  work_pool::parallel_for(team, team, [&](int64_t me) {
     for (int k = 0; k < team; ++k) {
       Share& share = shares[(me + k) % team];
       for (int64_t p; (p = share.next.fetch_add(1, std::memory_order_relaxed)) < share.end;) body(p);
     }
-  }
+  });
 }
 
 #include "packed_panels.h"  // (the layout of packed weights and its scalar pack/unpack)
@@ -542,6 +540,14 @@ void round_bf16_rows(const float* y, int64_t M, int64_t N, uint16_t* out, int64_
 }  // namespace kq
 
 extern "C" {
+
+// Run the parallel kernels on another library's work pool (cpu_kernels' ki_work_pool_run): one set of helper
+// threads per process.
+int kq_use_work_pool(void* run) {
+  if (run == nullptr) return -1;
+  work_pool::runner().store(reinterpret_cast<work_pool::RunFn>(run));
+  return 0;
+}
 
 // The best path this CPU supports (0 scalar, 1 AVX2+FMA+F16C, 2 AVX-512BW/VL+VNNI, 3 that and AVX-512 BF16).
 int kq_supported_isa() { return kq::supported_isa(); }
@@ -802,8 +808,8 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* ou
   const int64_t nb = K / 32;
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= kq::QUANTIZE_PARALLEL_ROWS)
-  for (int64_t m = 0; m < M; ++m) {
+  work_pool::parallel_ranges(M, M >= kq::QUANTIZE_PARALLEL_ROWS ? nthreads : 1, [&](int64_t first, int64_t last) {
+  for (int64_t m = first; m < last; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + m * ldx + 32 * b;
       __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
@@ -829,6 +835,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, QBlock* ou
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.q), _mm256_permutevar8x32_epi32(packed, order));
     }
   }
+  });
 }
 
 // Decoders: fn(group within block, 32 weight bytes, scale lo/hi, offset lo/hi). SIGNED formats give int8 bytes.
@@ -1286,13 +1293,12 @@ void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, con
   if (M >= kq::g_wide_min_m) return wide_run<F>(w, row_bytes, row_scales, x, ldx, nblocks, K, M, N, y, ldy, nthreads);
   const int64_t npanels = (N + kq::PANEL_ROWS - 1) / kq::PANEL_ROWS;
   const int64_t chunk = std::max<int64_t>(TILE_M, kq::PANEL_X_BYTES / (K * 4) / TILE_M * TILE_M);
-#pragma omp parallel num_threads(nthreads) if (npanels > 1)
-  {
+  const int64_t team = std::min<int64_t>(std::max(nthreads, 1), npanels);
+  work_pool::parallel_for(team, static_cast<int>(team), [&](int64_t t) {
     float* panel = kq::thread_buffer<float, kq::PANELS>(kq::PANEL_ROWS * K);
-    for (int64_t mc = 0; mc < M; mc += chunk) {  // the same panels go to the same threads in every pass
+    for (int64_t mc = 0; mc < M; mc += chunk) {  // the same panels, share t's, in every pass
       const int64_t mc1 = std::min(M, mc + chunk);
-#pragma omp for schedule(static) nowait
-      for (int64_t p = 0; p < npanels; ++p) {
+      for (int64_t p = npanels * t / team; p < npanels * (t + 1) / team; ++p) {
         const int64_t n0 = p * kq::PANEL_ROWS, rows = std::min(kq::PANEL_ROWS, N - n0);
         for (int64_t r = 0; r < rows; ++r)
           dequantize_row<F>(w + (n0 + r) * row_bytes, nblocks, row_scales ? row_scales[n0 + r] : 1.f, panel + r * K);
@@ -1305,7 +1311,7 @@ void panel_run(const uint8_t* w, int64_t row_bytes, const float* row_scales, con
         }
       }
     }
-  }
+  });
 }
 
 #if KQ_SIMD_PASS == 2

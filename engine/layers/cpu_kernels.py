@@ -26,7 +26,11 @@ _SIGNATURES = {
                                   _F32, _INT],
     "ki_argmax_rows": [_P, _I64, _I64, _I64, _P],
     "ki_run_program": [_P, _I64],
+    "ki_work_pool_run": [],
+    "ki_work_pool_park": [],
+    "ki_work_pool_use_openmp": [_INT],
 }
+_RESTYPES = {"ki_work_pool_run": ctypes.c_void_p}  # (the others return an int status)
 
 
 VARIANT_NAMES = {code: name for name, code in build.VARIANT_CODES.items()}
@@ -36,7 +40,7 @@ def configure(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the entry points' signatures on a loaded kernel library (any variant)."""
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        fn.argtypes, fn.restype = argtypes, _RESTYPES.get(name, ctypes.c_int)
     return lib
 
 
@@ -48,6 +52,28 @@ def _lib() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return _lib() is not None
+
+
+def work_pool_run() -> int | None:
+    """The address of the work pool's entry point (``engine/csrc/work_pool.h``), for the quantized kernels to
+    run on the same helper threads; None without the library."""
+    lib = _lib()
+    return None if lib is None else lib.ki_work_pool_run()
+
+
+def park_workers() -> None:
+    """Send the work pool's spinning helpers to sleep: the step's kernels are done, and the cores are the
+    sampler's, the server's and other processes' until the next step."""
+    lib = _lib()
+    if lib is not None:
+        lib.ki_work_pool_park()
+
+
+def use_openmp_threads(on: bool) -> bool:
+    """Run the kernels' parallel jobs in OpenMP regions (on torch's threads) instead of on the work pool; returns
+    the previous setting. For models whose dense linears run in torch: one set of threads, not two."""
+    lib = _lib()
+    return False if lib is None else bool(lib.ki_work_pool_use_openmp(int(on)))
 
 
 def variant() -> str | None:
@@ -128,9 +154,8 @@ def rotary_and_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     return out
 
 
-# A parallel region costs a wake-up of each sleeping OpenMP thread (~45 us on a VM with
-# OMP_WAIT_POLICY=PASSIVE; less once the server's brief spin keeps them awake within a step): about the
-# time one core streams 1 MiB of weights.
+# A job on the work pool costs a wake-up of each sleeping helper (~45 us on a VM; nothing while they spin
+# within a step): about the time one core streams 1 MiB of weights.
 # Smaller matmuls run on fewer threads, and batch-1 decode wakes the pool less often.
 LINEAR_BYTES_PER_THREAD = 1 << 20
 

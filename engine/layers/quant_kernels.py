@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from kubeinfer.engine import cpu_features
 from kubeinfer.engine.csrc import build
+from kubeinfer.engine.layers import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ _SIGNATURES = {
     "kq_packed_bit": ([], _INT),
     "kq_set_packed_expand_min_rows": ([_INT, _I64], _I64),
     "kq_embedding": ([_INT, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _INT, _INT], _INT),
+    "kq_use_work_pool": ([_P], _INT),
 }
 
 
@@ -105,6 +107,9 @@ def _lib() -> ctypes.CDLL | None:
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    shared_pool = cpu_kernels.work_pool_run()
+    if shared_pool is not None:  # one set of helper threads for both libraries
+        lib.kq_use_work_pool(shared_pool)
     if lib.kq_packed_bit() != PACKED:
         raise RuntimeError(f"quantized CPU kernels mark packed types with {lib.kq_packed_bit()}, not {PACKED}")
     if not cpu_features.quantized_bf16_dot():  # slower than widening to float32 on this CPU: never

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from kubeinfer.engine.layers import onednn
+from kubeinfer.engine.layers import cpu_kernels, onednn
 from kubeinfer.engine.layers.gpu_quantization import to_device_kernels
+from kubeinfer.engine.layers.linear import LinearBase
 from kubeinfer.engine.layers.quantization import (
     PREQUANTIZED,
     QuantizedRows,
@@ -32,6 +34,8 @@ from kubeinfer.engine.models.llama import LlamaForCausalLM
 from kubeinfer.engine.tokenizer import end_of_generation_ids, load_tokenizer
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -55,18 +59,30 @@ def load_model(model: str | Path | None = None, *, dtype: str | torch.dtype = "a
                tp_size: int = 1, quantization: str | None = None) -> LoadedModel:
     """Load ``model`` (None = the bundled SmolLM2 GGUF): a checkpoint dir, a ``.gguf`` file or a Hub repo id.
     On the CPU the dense linear weights are then packed for oneDNN (``onednn.prepack_model``) and the quantized
-    ones, where int8 tiles multiply them, as int8 panels (``quantization.pack_panels``); on a GPU the quantized
+    ones, where int8 tiles multiply them, as int8 panels (``quantization.pack_panels``), and the C++ kernels' threads
+    are chosen (``_share_threads_with_torch_linears``); on a GPU the quantized
     ones move into the Triton kernels' layouts (``gpu_quantization.to_device_kernels``)."""
     loaded = _load(model, dtype=dtype, device=torch.device(device), revision=revision, tp_rank=tp_rank,
                    tp_size=tp_size, quantization=quantization)
     onednn.prepack_model(loaded.model)
     if torch.device(device).type == "cpu":
         pack_panels(loaded.model)
+        _share_threads_with_torch_linears(loaded.model)
     elif loaded.quantization != "none":
         to_device_kernels(loaded.model, torch.device(device), loaded.config.dtype, loaded.quantization)
     if tp_rank == 0:
         loaded.weights = log_weight_report(loaded.model, loaded.quantization)
     return loaded
+
+
+def _share_threads_with_torch_linears(model: torch.nn.Module) -> None:
+    """The CPU kernels' jobs run on their own work pool (spinning between a step's kernels, parked after it)
+    where they do all of a step's parallel work (quantized weights), and in OpenMP regions on torch's threads
+    where torch runs dense linears between them: two sets of threads would spin against each other."""
+    dense = sum(1 for module in model.modules() if isinstance(module, LinearBase) and module.quantized is None)
+    cpu_kernels.use_openmp_threads(dense > 0)
+    logger.info("CPU kernels' parallel jobs: %s", f"OpenMP threads ({dense} dense linears run in torch)" if dense
+                else "the kernels' work pool")
 
 
 def _load(model: str | Path | None, *, dtype: str | torch.dtype, device: torch.device, revision: str | None,

@@ -238,18 +238,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
 
 
-# Idle OpenMP threads spin this many iterations (tens of microseconds) before they sleep.
+# Idle OpenMP threads spin this many iterations (one pause each: ~0.75 ms on Zen 4) before they sleep.
 OPENMP_SPIN_COUNT = 30000
 
 
 def bounded_openmp_spin() -> None:
     """Idle OpenMP threads spin briefly, then sleep, unless the user chose a wait policy or a spin count.
 
-    A decode step runs ~150 parallel regions back to back: sleeping threads (``OMP_WAIT_POLICY=PASSIVE``) pay
-    a futex wake-up in each, 35 ms instead of 24 ms per served token of the bundled model on 2 cores of its
-    own; libgomp's default spin (300,000) or ``ACTIVE`` keep burning cores between steps, which stalled decode
-    7x when the cores were shared. The bounded spin costs ~20% when two CPU hogs share the 2 cores
-    (bench/RESULTS.md, "OpenMP waiting"). Must run before torch loads."""
+    It matters where torch's OpenMP threads do a step's parallel work (a dense model's linears, and with them
+    the C++ kernels' jobs; a quantized model's kernels run on their own pool, ``engine/csrc/work_pool.h``):
+    sleeping threads (``OMP_WAIT_POLICY=PASSIVE``) pay a futex wake-up in each of a step's parallel regions;
+    libgomp's default spin (300,000) or ``ACTIVE`` keep burning cores between steps, which stalled decode 7x
+    when the cores were shared (bench/RESULTS.md, "OpenMP waiting"). Must run before torch loads."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(OPENMP_SPIN_COUNT)
 
