@@ -119,9 +119,18 @@ def supported_kernel_variants(given: frozenset[str] | set[str] | None = None) ->
 
 
 def describe() -> str:
-    """One line for logs and benchmarks: model name and the flags that decide the engine's paths."""
+    """One line for logs and benchmarks: model name, the flags that decide the engine's paths, and the C++
+    kernel variant that loads (the best one, or the one ``$KUBEINFER_KERNEL_VARIANT`` forces)."""
+    from kubeinfer.engine.csrc import build  # (which imports this module)
+
     interesting = sorted(f for f in flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    return f"{model_name()} ({vendor()}) | {' '.join(interesting)} | kernels {kernel_variant()}"
+    best = kernel_variant(detected_flags())  # (the build follows the real CPU, not faked flags)
+    try:
+        chosen = build.choose_variant()
+    except ValueError:  # an unknown or unsupported forced variant: the load says so
+        chosen = best
+    kernels = chosen if chosen == best else f"{chosen} ({build.VARIANT_ENV}; best here {best})"
+    return f"{model_name()} ({vendor()}) | {' '.join(interesting)} | kernels {kernels}"
 
 
 if __name__ == "__main__":  # `python -m kubeinfer.engine.cpu_features`: what .ci/run prints

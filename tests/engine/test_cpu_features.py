@@ -95,6 +95,16 @@ def test_kernel_build_follows_the_real_cpu_not_the_faked_flags(monkeypatch) -> N
             build.choose_variant(name)
 
 
+def test_the_description_names_the_variant_that_loads(monkeypatch) -> None:
+    real = cpu_features.kernel_variant(cpu_features.detected_flags())
+    monkeypatch.delenv(build.VARIANT_ENV, raising=False)
+    monkeypatch.setenv(cpu_features.FLAGS_ENV, CPU_CLASSES["zen3"][1])  # faked flags build nothing else
+    assert cpu_features.describe().endswith(f"| kernels {real}")
+    monkeypatch.setenv(build.VARIANT_ENV, "scalar")
+    expected = "scalar" if real == "scalar" else f"scalar ({build.VARIANT_ENV}; best here {real})"
+    assert cpu_features.describe().endswith(f"| kernels {expected}")
+
+
 @pytest.mark.skipif(build.platform.machine() != "x86_64", reason="x86 -march names")
 def test_lower_variants_build_for_their_baseline_isa() -> None:
     real = cpu_features.kernel_variant(cpu_features.detected_flags())
